@@ -1,0 +1,162 @@
+// pybind11 bindings: convert numpy arrays into AttnParams, check what the kernel relies on, release the
+// GIL and call the core. The user-facing validation and messages live in python/fusedattn/_checks.py;
+// the checks here guard the C++ core against callers that bypass it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fusedattn/dispatch.h"
+#include "fusedattn/params.h"
+
+namespace py = pybind11;
+using fusedattn::AttnParams;
+using fusedattn::StridedTensor;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// A tensor whose last `inner` axes are (head, row[, col]) and whose leading axes are flattened into the
+// batch index; owns the per-batch offsets the StridedTensor points to.
+struct Converted {
+  StridedTensor tensor;
+  std::vector<int64_t> batch_offsets;
+};
+
+Converted convert(const py::array& a, const char* name, int inner, const std::vector<py::ssize_t>& lead_shape) {
+  const py::ssize_t item = a.itemsize();
+  const py::ssize_t lead = a.ndim() - inner;
+  if (lead != static_cast<py::ssize_t>(lead_shape.size()))
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(lead_shape.size() + inner) +
+                                " dimensions, got shape " + shape_str(a));
+  std::vector<int64_t> strides(a.ndim());
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.strides(d) % item != 0)
+      throw std::invalid_argument(std::string(name) + ": strides must be multiples of the item size");
+    strides[d] = a.strides(d) / item;
+    if (d < lead && a.shape(d) != lead_shape[d])
+      throw std::invalid_argument(std::string(name) + ": leading dimensions must match q's, got shape " + shape_str(a));
+  }
+  Converted c;
+  int64_t batch = 1;
+  for (py::ssize_t s : lead_shape) batch *= s;
+  c.batch_offsets.resize(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t rest = b, offset = 0;
+    for (py::ssize_t d = lead - 1; d >= 0; --d) {
+      offset += (rest % lead_shape[d]) * strides[d];
+      rest /= lead_shape[d];
+    }
+    c.batch_offsets[b] = offset;
+  }
+  c.tensor.data = const_cast<void*>(a.data());
+  c.tensor.batch_offsets = c.batch_offsets.data();
+  c.tensor.head_stride = strides[lead];
+  c.tensor.row_stride = inner > 1 ? strides[lead + 1] : 0;
+  c.tensor.col_stride = inner > 2 ? strides[lead + 2] : 0;
+  return c;
+}
+
+void require_shape(const py::array& a, const char* name, std::vector<py::ssize_t> expected_tail) {
+  const py::ssize_t offset = a.ndim() - static_cast<py::ssize_t>(expected_tail.size());
+  bool ok = offset >= 0;
+  for (size_t i = 0; ok && i < expected_tail.size(); ++i) ok = a.shape(offset + i) == expected_tail[i];
+  if (!ok) throw std::invalid_argument(std::string(name) + ": unexpected shape " + shape_str(a));
+}
+
+void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
+                       std::optional<int64_t> causal_offset, double scale, py::array out,
+                       std::optional<py::array> lse, int num_threads) {
+  const bool is_f32 = py::dtype::of<float>().is(q.dtype());
+  if (!is_f32 && !py::dtype::of<double>().is(q.dtype()))
+    throw py::type_error("q: dtype must be float32 or float64");
+  for (const py::array* a : std::initializer_list<const py::array*>{&k, &v, &out})
+    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v and out must share one dtype");
+  if (q.ndim() < 3) throw std::invalid_argument("q: expected (..., H, L, D), got shape " + shape_str(q));
+  if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+
+  AttnParams p;
+  p.dtype = is_f32 ? fusedattn::DType::kFloat32 : fusedattn::DType::kFloat64;
+  std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 3);
+  p.batch = 1;
+  for (py::ssize_t s : lead) p.batch *= s;
+  p.heads_q = q.shape(q.ndim() - 3);
+  p.len_q = q.shape(q.ndim() - 2);
+  p.head_dim = q.shape(q.ndim() - 1);
+  if (k.ndim() != q.ndim() || v.ndim() != q.ndim())
+    throw std::invalid_argument("k, v: must have as many dimensions as q");
+  p.heads_kv = k.shape(k.ndim() - 3);
+  p.len_k = k.shape(k.ndim() - 2);
+  p.value_dim = v.shape(v.ndim() - 1);
+  require_shape(k, "k", {p.heads_kv, p.len_k, p.head_dim});
+  require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
+  require_shape(out, "out", {p.heads_q, p.len_q, p.value_dim});
+
+  Converted cq = convert(q, "q", 3, lead), ck = convert(k, "k", 3, lead), cv = convert(v, "v", 3, lead);
+  Converted cout = convert(out, "out", 3, lead), cmask, clse;
+  p.q = cq.tensor;
+  p.k = ck.tensor;
+  p.v = cv.tensor;
+  p.out = cout.tensor;
+  if (mask) {
+    require_shape(*mask, "mask", {p.heads_q, p.len_q, p.len_k});
+    if (py::dtype::of<bool>().is(mask->dtype()))
+      p.mask_kind = fusedattn::MaskKind::kBool;
+    else if (mask->dtype().is(q.dtype()))
+      p.mask_kind = fusedattn::MaskKind::kAdditive;
+    else
+      throw py::type_error("mask: dtype must be bool or the dtype of q");
+    cmask = convert(*mask, "mask", 3, lead);
+    p.mask = cmask.tensor;
+  }
+  if (lse) {
+    if (!lse->dtype().is(q.dtype())) throw py::type_error("lse: dtype must be the dtype of q");
+    if (!lse->writeable()) throw std::invalid_argument("lse: array is read-only");
+    require_shape(*lse, "lse", {p.heads_q, p.len_q});
+    clse = convert(*lse, "lse", 2, lead);
+    p.lse = clse.tensor;
+  }
+  p.causal = causal_offset.has_value();
+  p.causal_offset = causal_offset.value_or(0);
+  p.scale = scale;
+  p.num_threads = num_threads;
+  py::gil_scoped_release release;
+  fusedattn::attention_forward(p);
+}
+
+std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
+  std::vector<std::string> result;
+  for (fusedattn::Isa isa : isas) result.emplace_back(fusedattn::isa_name(isa));
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedattn's compiled core (private: use the fusedattn package)";
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
+        py::arg("causal_offset"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
+        "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given).");
+  m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
+  m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });
+  m.def("current_isa", [] { return std::string(fusedattn::isa_name(fusedattn::current_isa())); });
+  m.def("set_isa", [](const std::string& name) {
+    fusedattn::Isa isa;
+    if (!fusedattn::isa_from_name(name, &isa)) throw std::invalid_argument("unknown ISA '" + name + "'");
+    fusedattn::set_isa(isa);
+  });
+  m.def("max_threads", &fusedattn::max_threads);
+  m.def("openmp", &fusedattn::openmp_enabled);
+  m.def("cuda_built", [] { return false; });
+#ifdef FUSEDATTN_VERSION
+  m.attr("__version__") = FUSEDATTN_VERSION;
+#endif
+}

@@ -1,0 +1,43 @@
+// The C++ entry point: checks the params' invariants the kernels rely on, then dispatches.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "fusedattn/dispatch.h"
+
+namespace fusedattn {
+namespace detail {
+void run_forward_kernel(const AttnParams& params);
+}
+
+namespace {
+
+constexpr int64_t kMaxHeadDim = 512;
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
+}  // namespace
+
+void attention_forward(const AttnParams& p) {
+  require(p.batch >= 0 && p.len_q >= 0 && p.len_k >= 0, "attention: negative batch or sequence length");
+  require(p.heads_kv >= 1 && p.heads_q >= 1 && p.heads_q % p.heads_kv == 0,
+          "attention: heads_q (" + std::to_string(p.heads_q) + ") must be a positive multiple of heads_kv (" +
+              std::to_string(p.heads_kv) + ")");
+  require(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim,
+          "attention: head_dim must be in [1, 512], got " + std::to_string(p.head_dim));
+  require(p.value_dim >= 1 && p.value_dim <= kMaxHeadDim,
+          "attention: value_dim must be in [1, 512], got " + std::to_string(p.value_dim));
+  require(std::isfinite(p.scale), "attention: scale must be finite");
+  require(p.num_threads >= 1, "attention: num_threads must be >= 1");
+  if (p.batch == 0 || p.len_q == 0) return;  // nothing to write
+  require(p.q.data && p.k.data && p.v.data && p.out.data && p.q.batch_offsets && p.k.batch_offsets &&
+              p.v.batch_offsets && p.out.batch_offsets,
+          "attention: missing tensor");
+  require(p.mask_kind == MaskKind::kNone || (p.mask.data && p.mask.batch_offsets), "attention: missing mask");
+  require(!p.lse.data || p.lse.batch_offsets, "attention: lse without batch offsets");
+  detail::run_forward_kernel(p);
+}
+
+}  // namespace fusedattn

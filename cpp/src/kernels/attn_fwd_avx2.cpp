@@ -1,0 +1,21 @@
+// Compiled with -mavx2 -mfma; reached only through the dispatcher after CPUID says AVX2 and FMA.
+// Instantiation only: the kernel is attn_fwd_impl.h.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <immintrin.h>
+
+#include "fusedattn/params.h"
+#include "kernels/kernels.h"
+#include "runtime.h"
+
+#define FUSEDATTN_KERNEL_NS isa_avx2
+#include "kernels/vec_avx2.h"
+#include "kernels/attn_fwd_impl.h"
+
+namespace fusedattn::kernels {
+
+void attention_forward_avx2(const AttnParams& params) { isa_avx2::forward<isa_avx2::VecAvx2>(params); }
+
+}  // namespace fusedattn::kernels

@@ -1,0 +1,21 @@
+// Compiled with AVX-512 flags; reached only through the dispatcher after CPUID says AVX-512F/DQ/BW/VL.
+// Instantiation only: the kernel is attn_fwd_impl.h.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <immintrin.h>
+
+#include "fusedattn/params.h"
+#include "kernels/kernels.h"
+#include "runtime.h"
+
+#define FUSEDATTN_KERNEL_NS isa_avx512
+#include "kernels/vec_avx512.h"
+#include "kernels/attn_fwd_impl.h"
+
+namespace fusedattn::kernels {
+
+void attention_forward_avx512(const AttnParams& params) { isa_avx512::forward<isa_avx512::VecAvx512>(params); }
+
+}  // namespace fusedattn::kernels

@@ -1,0 +1,20 @@
+// The portable path: compiled without ISA flags, it runs on any CPU (and alone on non-x86 hosts).
+// Instantiation only: the kernel is attn_fwd_impl.h.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "fusedattn/params.h"
+#include "kernels/kernels.h"
+#include "runtime.h"
+
+#define FUSEDATTN_KERNEL_NS isa_scalar
+#include "kernels/vec_scalar.h"
+#include "kernels/attn_fwd_impl.h"
+
+namespace fusedattn::kernels {
+
+void attention_forward_scalar(const AttnParams& params) { isa_scalar::forward<isa_scalar::VecScalar>(params); }
+
+}  // namespace fusedattn::kernels

@@ -1,0 +1,81 @@
+// AVX2 + FMA: 8 floats / 4 doubles per register, 16 registers.
+#pragma once
+
+#include "kernels/exp2_poly.h"
+
+namespace fusedattn::FUSEDATTN_KERNEL_NS {
+
+// 4 rows x 2 vectors = 8 accumulators: enough independent FMA chains to hide the 4-cycle latency at two
+// FMAs per cycle, leaving registers for the 2 loads and the broadcast (16 ymm in all).
+template <class Scalar>
+struct VecAvx2;
+
+template <>
+struct VecAvx2<float> {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int kTileRows = 4;
+  static constexpr int kTileVecs = 2;
+
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(T x) { return _mm256_set1_ps(x); }
+  static V load(const T* p) { return _mm256_load_ps(p); }
+  static void store(T* p, V x) { _mm256_store_ps(p, x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V neginf_to_zero(V x) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-INFINITY), _CMP_EQ_OQ), x);
+  }
+  static bool all_equal(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)) == 0xff; }
+
+  static V exp2(V x) {
+    // Clamp to the normal range; min/max take x as the second operand so a NaN passes through.
+    const V clamped = _mm256_max_ps(set1(-126.0f), _mm256_min_ps(set1(127.0f), x));
+    const V n = _mm256_round_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V p = exp2_reduced<VecAvx2<float>>(_mm256_sub_ps(clamped, n));
+    const __m256i biased = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V result = _mm256_mul_ps(p, _mm256_castsi256_ps(biased));
+    // Below 2^-126 (masked scores are -inf) the answer is 0; the ordered compare keeps NaN as NaN.
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-126.0f), _CMP_LT_OQ), result);
+  }
+};
+
+template <>
+struct VecAvx2<double> {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  static constexpr int kTileRows = 4;
+  static constexpr int kTileVecs = 2;
+
+  static V zero() { return _mm256_setzero_pd(); }
+  static V set1(T x) { return _mm256_set1_pd(x); }
+  static V load(const T* p) { return _mm256_load_pd(p); }
+  static void store(T* p, V x) { _mm256_store_pd(p, x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  static V neginf_to_zero(V x) {
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, set1(-INFINITY), _CMP_EQ_OQ), x);
+  }
+  static bool all_equal(V a, V b) { return _mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_EQ_OQ)) == 0xf; }
+
+  static V exp2(V x) {
+    const V clamped = _mm256_max_pd(set1(-1022.0), _mm256_min_pd(set1(1023.0), x));
+    const V n = _mm256_round_pd(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V p = exp2_reduced<VecAvx2<double>>(_mm256_sub_pd(clamped, n));
+    // AVX2 has no double -> int64 conversion: go through int32, which holds [-1022, 1023] exactly.
+    const __m256i exponent = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
+    const __m256i biased = _mm256_slli_epi64(_mm256_add_epi64(exponent, _mm256_set1_epi64x(1023)), 52);
+    const V result = _mm256_mul_pd(p, _mm256_castsi256_pd(biased));
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, set1(-1022.0), _CMP_LT_OQ), result);
+  }
+};
+
+}  // namespace fusedattn::FUSEDATTN_KERNEL_NS

@@ -1,0 +1,11 @@
+"""fusedattn: fused, tiled, SIMD + OpenMP softmax attention for NumPy.
+
+>>> import numpy as np, fusedattn as fa
+>>> q = k = v = np.random.rand(2, 8, 128, 64).astype(np.float32)
+>>> fa.attention(q, k, v).shape
+(2, 8, 128, 64)
+"""
+from . import reference
+from .api import __version__, attention, backend_info, get_num_threads, set_num_threads
+
+__all__ = ["attention", "backend_info", "get_num_threads", "set_num_threads", "reference", "__version__"]

@@ -1,0 +1,371 @@
+"""Measurement helpers shared by ``fusedattn bench`` and the pytest benchmarks in ``benchmarks/``.
+
+Both front ends build their inputs, baselines, correctness checks and repetition counts here, so
+the numbers they report are measured the same way. torch is optional and only imported on demand.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "Case", "Shape", "Timing", "Check",
+    "DEFAULT_CASES", "QUICK_CASES", "LIBRARIES", "NAIVE_SCORE_LIMIT_BYTES", "TOLERANCES",
+    "attention_flops", "cases_from", "causal_keep_mask", "check_against_naive", "gflops", "limit_threads",
+    "load_torch", "make_inputs", "make_runner", "naive_attention", "naive_fits", "parse_shape",
+    "plan_repetitions", "score_bytes", "time_best",
+]
+
+# Torch runs first so a fusedattn measurement can be compared to a torch time taken just before it.
+LIBRARIES = ("torch", "fusedattn", "naive")
+
+# The naive baseline materialises the (B, H, Lq, Lk) scores; past this it would swap rather than measure.
+NAIVE_SCORE_LIMIT_BYTES = 1 << 30
+
+# float32 accumulates over up to ~10^4 keys in a different order than NumPy's BLAS: 1e-4 leaves room for
+# that and still catches a wrong mask or scale, whose errors are O(1e-2) or larger.
+TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention problem: q is (batch, heads, lq, d), k and v are (batch, heads, lk, d).
+
+    ``causal`` uses the bottom-right alignment (query i sees keys ``j <= i + lk - lq``), the KV-cache
+    convention, which equals torch's ``is_causal`` when ``lq == lk``.
+    """
+
+    batch: int
+    heads: int
+    lq: int
+    lk: int
+    d: int
+    causal: bool = False
+
+    def __post_init__(self):
+        if min(self.batch, self.heads, self.lq, self.lk, self.d) < 1:
+            raise ValueError(f"every dimension must be >= 1, got {self.dims}")
+        if self.causal and self.lq > self.lk:
+            # Bottom-right alignment would leave the first lq - lk query rows with no key at all.
+            raise ValueError(f"a causal shape needs lq <= lk, got lq={self.lq}, lk={self.lk}")
+
+    @property
+    def dims(self) -> Tuple[int, int, int, int, int]:
+        return (self.batch, self.heads, self.lq, self.lk, self.d)
+
+    @property
+    def label(self) -> str:
+        """The ``--shapes`` spelling, e.g. ``1x8x2048x2048x64c``; :func:`parse_shape` reads it back."""
+        return "x".join(map(str, self.dims)) + ("c" if self.causal else "")
+
+
+_SHAPE_RE = re.compile(r"^\s*(\d+)x(\d+)x(\d+)x(\d+)x(\d+)(c?)\s*$", re.IGNORECASE)
+
+
+def parse_shape(text: str) -> Shape:
+    """Parse ``BxHxLqxLkxD`` with an optional trailing ``c`` for causal, e.g. ``1x8x1024x1024x64c``."""
+    match = _SHAPE_RE.match(text)
+    if match is None:
+        raise ValueError(f"bad shape {text!r}: expected BxHxLqxLkxD with an optional trailing 'c' (causal)")
+    b, h, lq, lk, d = (int(g) for g in match.groups()[:5])
+    return Shape(b, h, lq, lk, d, causal=bool(match.group(6)))
+
+
+class Case(NamedTuple):
+    """A shape and the floating-point dtype to run it in."""
+
+    shape: Shape
+    dtype: np.dtype
+
+    @property
+    def label(self) -> str:
+        return f"{self.shape.label}-{np.dtype(self.dtype).name}"
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+DEFAULT_CASES = (
+    Case(Shape(1, 8, 512, 512, 64), _F32),
+    Case(Shape(1, 8, 2048, 2048, 64), _F32),
+    Case(Shape(1, 8, 2048, 2048, 64, causal=True), _F32),
+    Case(Shape(1, 8, 2048, 2048, 128), _F32),
+    Case(Shape(4, 16, 256, 256, 64), _F32),
+    Case(Shape(1, 32, 1, 8192, 128), _F32),  # single-token decode against a long KV cache
+    Case(Shape(1, 8, 1024, 1024, 64), _F64),
+)
+
+# Small enough that all three libraries finish in well under a minute on two cores.
+QUICK_CASES = (
+    Case(Shape(1, 8, 512, 512, 64), _F32),
+    Case(Shape(4, 16, 256, 256, 64), _F32),
+    Case(Shape(1, 8, 1024, 1024, 64, causal=True), _F32),
+    Case(Shape(1, 32, 1, 4096, 128), _F32),
+)
+
+
+def attention_flops(shape: Shape) -> float:
+    """Floating-point operations of one forward pass: ``4*B*H*Lq*Lk*D``, halved when causal.
+
+    Counts the two matrix products (q k^T and p v, a multiply and an add each) and ignores the
+    softmax, the usual convention, so GFLOP/s figures compare with those of other attention kernels.
+    """
+    b, h, lq, lk, d = shape.dims
+    flops = 4.0 * b * h * lq * lk * d
+    return flops / 2 if shape.causal else flops
+
+
+def gflops(shape: Shape, seconds: float) -> float:
+    """Throughput in GFLOP/s of one forward pass of ``shape`` that took ``seconds``."""
+    return attention_flops(shape) / seconds / 1e9
+
+
+def score_bytes(shape: Shape, dtype) -> int:
+    """Bytes of the (B, H, Lq, Lk) score matrix that the naive baseline materialises."""
+    b, h, lq, lk, _ = shape.dims
+    return b * h * lq * lk * np.dtype(dtype).itemsize
+
+
+def naive_fits(shape: Shape, dtype, limit: int = NAIVE_SCORE_LIMIT_BYTES) -> bool:
+    """Whether the naive baseline's score matrix stays under ``limit`` bytes."""
+    return score_bytes(shape, dtype) <= limit
+
+
+def make_inputs(shape: Shape, dtype=np.float32, seed: int = 0):
+    """Random contiguous ``(q, k, v)`` for ``shape`` in ``dtype``, reproducible through ``seed``.
+
+    Standard-normal entries with the default ``1/sqrt(D)`` scale keep the scores O(1), the regime of
+    trained models, so the softmax is neither uniform nor a one-hot that would hide errors.
+    """
+    rng = np.random.default_rng(seed)
+    b, h, lq, lk, d = shape.dims
+    q = rng.standard_normal((b, h, lq, d), dtype=np.float64).astype(dtype)
+    k = rng.standard_normal((b, h, lk, d), dtype=np.float64).astype(dtype)
+    v = rng.standard_normal((b, h, lk, d), dtype=np.float64).astype(dtype)
+    return q, k, v
+
+
+def causal_keep_mask(lq: int, lk: int) -> np.ndarray:
+    """Boolean ``(lq, lk)`` mask, True where query i may attend key j (``j <= i + lk - lq``)."""
+    return np.arange(lk)[None, :] <= np.arange(lq)[:, None] + (lk - lq)
+
+
+def naive_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None) -> np.ndarray:
+    """The textbook baseline ``softmax(q @ k^T * scale) @ v``, materialising the scores.
+
+    Computed in the inputs' dtype with a max-subtracted (numerically stable) softmax, in place where
+    NumPy allows, so it is as fast as straightforward NumPy gets. ``causal`` uses the bottom-right
+    alignment of :class:`Shape`. k and v must have as many heads as q.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = q @ np.swapaxes(k, -1, -2)
+    scores *= scale
+    if causal:
+        np.copyto(scores, -np.inf, where=~causal_keep_mask(q.shape[-2], k.shape[-2]))
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores @ v
+
+
+def load_torch():
+    """Import torch if it is installed: returns ``(module, None)`` or ``(None, one-line reason)``."""
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"torch is not installed ({exc.msg}); pip install torch to compare against it"
+    except Exception as exc:  # a broken install should cost the column, not the whole benchmark
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"torch failed to import: {first_line}"
+    return torch, None
+
+
+def make_runner(library: str, q, k, v, *, causal: bool, threads: int, torch=None) -> Callable[[], object]:
+    """A zero-argument callable running one forward pass of ``library`` on ``(q, k, v)``.
+
+    Everything that is not part of the attention itself (tensor wrapping, mask building) happens here,
+    outside the timed callable. ``library`` is one of :data:`LIBRARIES`; ``torch`` is the module from
+    :func:`load_torch`. The scale is pinned to ``1/sqrt(D)`` for all so no default can differ.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    lq, lk = q.shape[-2], k.shape[-2]
+    if library == "fusedattn":
+        import fusedattn
+
+        mode = "bottom_right" if causal else False
+        return lambda: fusedattn.attention(q, k, v, causal=mode, scale=scale, num_threads=threads)
+    if library == "naive":
+        return lambda: naive_attention(q, k, v, causal=causal, scale=scale)
+    if library == "torch":
+        if torch is None:
+            raise ValueError("make_runner('torch', ...) needs the torch module from load_torch()")
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # zero-copy views
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if causal and lq != lk:
+            # is_causal is top-left aligned; the bottom-right region needs an explicit mask.
+            keep = torch.from_numpy(causal_keep_mask(lq, lk))
+            return lambda: _torch_call(torch, sdpa, tq, tk, tv, attn_mask=keep, scale=scale)
+        return lambda: _torch_call(torch, sdpa, tq, tk, tv, is_causal=causal, scale=scale)
+    raise ValueError(f"unknown library {library!r}; expected one of {LIBRARIES}")
+
+
+def _torch_call(torch, sdpa, *args, **kwargs):
+    # inference_mode skips autograd bookkeeping, as a user timing inference would.
+    with torch.inference_mode():
+        return sdpa(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int) -> Iterator[str]:
+    """Bound torch's and NumPy's BLAS thread pools to ``threads`` for the duration of the block.
+
+    fusedattn takes ``num_threads=`` per call instead. torch is only touched if it is already
+    imported; NumPy's BLAS needs the optional ``threadpoolctl``. Yields a one-line description of
+    what the NumPy baseline runs with, for the report header.
+    """
+    torch = sys.modules.get("torch")
+    previous_torch = torch.get_num_threads() if torch is not None else None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    try:
+        if torch is not None:
+            torch.set_num_threads(threads)
+        if threadpool_limits is None:
+            yield "NumPy BLAS threads not limited (pip install threadpoolctl to pin them)"
+        else:
+            with threadpool_limits(limits=threads, user_api="blas"):
+                yield f"NumPy BLAS threads: {threads} (threadpoolctl)"
+    finally:
+        if torch is not None:
+            torch.set_num_threads(previous_torch)
+
+
+class Check(NamedTuple):
+    """The outcome of comparing a library's output with the naive baseline."""
+
+    ok: Optional[bool]  # None when the comparison could not be made
+    max_abs_err: Optional[float]
+    scope: str  # "full", "first head" or the reason it was not checked
+
+    @property
+    def status(self) -> str:
+        if self.ok is None:
+            return f"unchecked ({self.scope})"
+        details = [] if self.scope == "full" else [self.scope]
+        if self.max_abs_err is not None:
+            details.append(f"max err {self.max_abs_err:.1e}")
+        return f"{'ok' if self.ok else 'MISMATCH'} ({', '.join(details)})"
+
+
+def check_against_naive(libraries: Sequence[str], case: Case, q, k, v, *, threads: int,
+                        torch=None) -> Dict[str, Check]:
+    """Compare each library's output on ``(q, k, v)`` with :func:`naive_attention`.
+
+    Uses :data:`TOLERANCES` for the dtype. When the full score matrix would be too large, checks the
+    first (batch, head) slice alone, which runs the same kernel code path. A library that raises is
+    reported as a mismatch carrying the error, so one broken case does not end a whole run.
+    """
+    shape = case.shape
+    if naive_fits(shape, case.dtype):
+        scope = "full"
+    elif naive_fits(Shape(1, 1, shape.lq, shape.lk, shape.d, shape.causal), case.dtype):
+        q, k, v = (x[:1, :1] for x in (q, k, v))
+        scope = "first head"
+    else:
+        return {lib: Check(None, None, "too large for the naive check") for lib in libraries}
+    want = naive_attention(q, k, v, causal=shape.causal)
+    tol = TOLERANCES[np.dtype(case.dtype)]
+    checks = {}
+    for lib in libraries:
+        try:
+            got = np.asarray(make_runner(lib, q, k, v, causal=shape.causal, threads=threads, torch=torch)())
+        except Exception as exc:
+            checks[lib] = Check(False, None, f"raised {type(exc).__name__}: {exc}")
+            continue
+        if got.shape != want.shape:
+            checks[lib] = Check(False, None, f"shape {got.shape} != {want.shape}")
+            continue
+        with np.errstate(invalid="ignore"):
+            err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.size else 0.0
+        checks[lib] = Check(bool(np.allclose(got, want, rtol=tol, atol=tol)), err, scope)
+    return checks
+
+
+class Timing(NamedTuple):
+    """Best-of-``reps`` time of one call, each rep timing ``inner`` back-to-back calls."""
+
+    best_s: float
+    reps: int
+    inner: int
+
+
+def plan_repetitions(fn: Callable[[], object], *, target_s: float = 0.3, min_reps: int = 3,
+                     max_reps: int = 200, min_sample_s: float = 1e-3) -> Tuple[int, int]:
+    """Warm ``fn`` up and choose ``(reps, inner)`` so all reps together take about ``target_s``.
+
+    ``inner`` calls are timed as one sample when a single call is shorter than ``min_sample_s``, so
+    timer resolution and loop overhead stay negligible. A call slower than ``target_s`` still gets
+    ``max(1, min_reps // 2)`` reps: a best-of needs more than one sample where it is affordable, but
+    seconds-long naive cases should not dominate the run.
+    """
+    start = time.perf_counter()
+    fn()  # first call: page faults, thread-pool start-up, lazy initialisation
+    t0 = time.perf_counter() - start
+    if t0 < min_sample_s:
+        # One fast call is too noisy an estimate; re-estimate from the best of a few.
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            t0 = min(t0, time.perf_counter() - start)
+    t0 = max(t0, 1e-7)
+    inner = max(1, int(min_sample_s / t0))
+    per_rep = inner * t0
+    if per_rep > target_s:
+        return max(1, min_reps // 2), inner
+    return int(min(max_reps, max(min_reps, target_s // per_rep))), inner
+
+
+def time_best(fn: Callable[[], object], *, target_s: float = 0.3, reps: Optional[int] = None,
+              inner: Optional[int] = None) -> Timing:
+    """Best-of-N wall time of one call to ``fn``, after a warm-up.
+
+    The minimum is the estimate least disturbed by other processes and frequency ramps. N adapts
+    via :func:`plan_repetitions` unless ``reps`` and ``inner`` are both given.
+    """
+    if reps is None or inner is None:
+        reps, inner = plan_repetitions(fn, target_s=target_s)
+    else:
+        fn()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return Timing(best, reps, inner)
+
+
+def cases_from(shapes: Optional[Sequence[Shape]], dtype: Optional[str], quick: bool = False) -> list:
+    """The cases a command line asks for: explicit ``shapes`` or a preset, in ``dtype``.
+
+    Explicit shapes default to float32; a preset keeps its own dtypes unless ``dtype`` overrides them.
+    """
+    if shapes:
+        cases = [Case(s, np.dtype(dtype or "float32")) for s in shapes]
+    else:
+        preset = QUICK_CASES if quick else DEFAULT_CASES
+        cases = [Case(c.shape, np.dtype(dtype)) if dtype else c for c in preset]
+    unique = []
+    for case in cases:  # an override can collapse two preset cases into one
+        if case not in unique:
+            unique.append(case)
+    return unique

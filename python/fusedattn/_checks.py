@@ -1,0 +1,166 @@
+"""Validation and normalisation of attention arguments, shared by the kernel API and the reference.
+
+Everything a user can get wrong is caught here, with a message that names the argument, what was
+expected and what was received, so that the C++ core only ever sees consistent inputs.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MAX_HEAD_DIM = 512
+_CAUSAL_CHOICES = (False, True, "top_left", "bottom_right")
+_TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
+
+
+@dataclass
+class Prepared:
+    """Inputs in the kernel's layout: ``(*lead, H, L, D)`` views of the user's arrays (never copies)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    mask: Optional[np.ndarray]  # None, or bool / q-dtype array broadcast (zero strides) to (*lead, Hq, Lq, Lk)
+    causal_offset: Optional[int]  # None, or: query i may attend key j iff j <= i + causal_offset
+    scale: float
+    out_shape: tuple  # user-facing shapes, so 2-D / 3-D inputs get 2-D / 3-D results
+    lse_shape: tuple
+    user_rank: int
+
+
+def _as_float_array(x, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists, objects numpy cannot hold
+            raise TypeError(f"{name} must be a float32 or float64 array; could not convert {type(x).__name__}: {exc}") from None
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (L, D), (B, L, D) or (..., H, L, D) (at least 2 dimensions), "
+            f"got shape {x.shape}"
+        )
+    return x
+
+
+def head_view(x: np.ndarray, user_rank: int) -> np.ndarray:
+    """Insert the implicit head axis of 2-D ``(L, D)`` and 3-D ``(B, L, D)`` inputs, as a view.
+
+    ``user_rank`` is the rank of the user's q; the same rule maps q/k/v/mask/out (rank ``user_rank``)
+    and lse (rank ``user_rank - 1``) into the kernel's ``(*lead, H, ...)`` layout.
+    """
+    if user_rank == 2:
+        return x[np.newaxis]
+    if user_rank == 3:
+        return np.expand_dims(x, 1)
+    return x
+
+
+def check_num_threads(num_threads) -> Optional[int]:
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be a positive int or None, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return int(num_threads)
+
+
+def causal_offset(causal, lq: int, lk: int) -> Optional[int]:
+    """Translate the ``causal`` argument into the diagonal offset of the allowed region."""
+    if isinstance(causal, (bool, np.bool_)):
+        return 0 if causal else None
+    if isinstance(causal, str) and causal in _CAUSAL_CHOICES:
+        return 0 if causal == "top_left" else lk - lq
+    raise ValueError(f"causal must be one of False, True, 'top_left', 'bottom_right'; got {causal!r}")
+
+
+def prepare(q, k, v, *, mask=None, causal=False, scale=None) -> Prepared:
+    q = _as_float_array(q, "q")
+    k = _as_float_array(k, "k")
+    v = _as_float_array(v, "v")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k and v must have the same number of dimensions, got q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"k and v must agree on all but the last axis (..., Hkv, Lk), got k {k.shape} and v {v.shape}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim D (last axis), got q {q.shape} and k {k.shape}")
+    for name, dim in (("D (last axis of q and k)", q.shape[-1]), ("Dv (last axis of v)", v.shape[-1])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    qh, kh, vh = (head_view(x, q.ndim) for x in (q, k, v))
+    if qh.shape[:-3] != kh.shape[:-3]:
+        raise ValueError(
+            f"q and k must have the same leading (batch) dimensions, got q {q.shape} and k {k.shape}"
+        )
+    hq, hkv = qh.shape[-3], kh.shape[-3]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of key/value heads "
+            f"(grouped-query attention), got Hq={hq} (q {q.shape}) and Hkv={hkv} (k {k.shape})"
+        )
+    lq, lk = q.shape[-2], k.shape[-2]
+    offset = causal_offset(causal, lq, lk)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    scores_shape = q.shape[:-1] + (lk,)
+    prepared_mask = None
+    if mask is not None:
+        if not isinstance(mask, np.ndarray):
+            mask = np.asarray(mask)
+        if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.floating):
+            raise TypeError(f"mask must be a bool array (True = may attend) or a float array (added to scores), got dtype {mask.dtype}")
+        if mask.dtype != np.bool_ and mask.dtype != q.dtype:
+            mask = mask.astype(q.dtype)  # the small, un-broadcast mask; broadcasting below stays a view
+        try:
+            mask = np.broadcast_to(mask, scores_shape)
+        except ValueError:
+            raise ValueError(
+                f"mask of shape {mask.shape} is not broadcastable to the scores' shape {scores_shape} "
+                f"(..., Hq, Lq, Lk)"
+            ) from None
+        prepared_mask = head_view(mask, q.ndim)
+
+    return Prepared(qh, kh, vh, prepared_mask, offset, scale, q.shape[:-1] + (v.shape[-1],), q.shape[:-1], q.ndim)
+
+
+def check_out(out, prepared: Prepared, inputs) -> np.ndarray:
+    """Validate a user-supplied ``out`` array: shape, dtype, writeable, and not aliasing any input."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != prepared.out_shape:
+        raise ValueError(f"out must have shape {prepared.out_shape} (q's shape with v's last axis), got {out.shape}")
+    if out.dtype != prepared.q.dtype:
+        raise TypeError(f"out must have dtype {prepared.q.dtype} (the inputs' dtype), got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    for name, arr in inputs:
+        if arr is not None and _overlaps(out, arr):
+            raise ValueError(f"out must not overlap {name}: the kernel reads {name} while writing out")
+    return out
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=1_000_000))
+    except _TooHardError:
+        return True  # cannot prove disjointness cheaply: refuse rather than risk a silent wrong answer
