@@ -31,6 +31,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 constexpr int64_t kBlockQ = 64;  // queries per work item: the lanes of the score tile
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
+constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep one output row on the stack
 
 // ---------------------------------------------------------------------------------------------------
 // Micro-kernel: c[r][lane] (+)= sum_k a(r, k) * b[k][lane] for `kRows` rows and kVecs vectors of lanes,
@@ -94,195 +95,374 @@ void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const type
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Mask policies: how a tile of log2-scaled scores S^T[key][query] is restricted before the softmax.
+// The rows of a work item: `heads` consecutive query heads x queries [q0, q0 + nq) of one batch entry.
+// Prefill items hold one head and up to kBlockQ queries; decode items hold every query head that shares
+// one kv head (grouped-query attention), so each K/V element is read once for the whole group.
+struct RowBlock {
+  int64_t batch, head0, heads, q0, nq;
+  int64_t rows() const { return heads * nq; }
+  int64_t head(int64_t r) const { return head0 + r / nq; }
+  int64_t query(int64_t r) const { return q0 + r % nq; }
+};
 
+// Mask policies: restrict a tile of log2-scaled scores, score(r, j) = scores[r * row_stride + j * key_stride].
 struct NoMask {
   template <class T>
-  static void apply(const AttnParams&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t) {}
+  static void apply(const AttnParams&, const RowBlock&, int64_t, int64_t, T*, int64_t, int64_t) {}
 };
 
 struct BoolMask {  // numpy bool (one byte): true = may attend
   template <class T>
-  static void apply(const AttnParams& p, int64_t batch, int64_t head, int64_t q0, int64_t nq, int64_t k0,
-                    int64_t nk, T* scores, int64_t lanes) {
-    for (int64_t i = 0; i < nq; ++i) {
-      const uint8_t* allowed = p.mask.row<const uint8_t>(batch, head, q0 + i) + k0 * p.mask.col_stride;
+  static void apply(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores,
+                    int64_t row_stride, int64_t key_stride) {
+    for (int64_t r = 0; r < block.rows(); ++r) {
+      const uint8_t* allowed =
+          p.mask.row<const uint8_t>(block.batch, block.head(r), block.query(r)) + k0 * p.mask.col_stride;
       for (int64_t j = 0; j < nk; ++j)
-        if (!allowed[j * p.mask.col_stride]) scores[j * lanes + i] = -std::numeric_limits<T>::infinity();
+        if (!allowed[j * p.mask.col_stride])
+          scores[r * row_stride + j * key_stride] = -std::numeric_limits<T>::infinity();
     }
   }
 };
 
 struct AdditiveMask {  // same dtype as the scores, added after scaling (so converted to log2 units)
   template <class T>
-  static void apply(const AttnParams& p, int64_t batch, int64_t head, int64_t q0, int64_t nq, int64_t k0,
-                    int64_t nk, T* scores, int64_t lanes) {
+  static void apply(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores,
+                    int64_t row_stride, int64_t key_stride) {
     const T log2e = static_cast<T>(1.4426950408889634);
+    for (int64_t r = 0; r < block.rows(); ++r) {
+      const T* bias = p.mask.row<const T>(block.batch, block.head(r), block.query(r)) + k0 * p.mask.col_stride;
+      for (int64_t j = 0; j < nk; ++j) scores[r * row_stride + j * key_stride] += bias[j * p.mask.col_stride] * log2e;
+    }
+  }
+};
+
+// Hides key k0 + j from row r when k0 + j > query(r) + causal_offset. Only tiles that cross the
+// diagonal get here; tiles wholly past it are never computed, tiles wholly before it need nothing.
+template <class T>
+void apply_causal(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores,
+                  int64_t row_stride, int64_t key_stride) {
+  if (!p.causal || k0 + nk - 1 <= block.q0 + p.causal_offset) return;
+  for (int64_t r = 0; r < block.rows(); ++r) {
+    int64_t first_hidden = block.query(r) + p.causal_offset + 1 - k0;
+    for (int64_t j = first_hidden < 0 ? 0 : first_hidden; j < nk; ++j)
+      scores[r * row_stride + j * key_stride] = -std::numeric_limits<T>::infinity();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+// Per-row softmax state of one work item: the unnormalised output o(r, e) = o[r * o_row + e * o_col],
+// the running max m[r] (log2 units) and the running sum l[r].
+template <class T>
+struct Accumulators {
+  T* o;
+  T* m;
+  T* l;
+};
+
+template <class Vec>
+struct ForwardPlan {
+  using T = typename Vec::T;
+  const AttnParams* p;
+  bool decode;             // layout: DimLanes (decode) or QueryLanes (prefill)
+  int64_t q_blocks;        // prefill: ceil(Lq / kBlockQ)
+  int64_t row_blocks;      // prefill: batch * Hq * q_blocks; decode: batch * Hkv
+  int64_t rows;            // rows of the accumulators: lanes (prefill) or group * Lq (decode)
+  int64_t o_row, o_col;    // accumulator layout
+  int64_t dim_pad, value_dim_pad;
+  int64_t k_splits;        // > 1: keys split across work items and merged by logsumexp (flash-decoding)
+  int64_t keys_per_split;  // a multiple of kBlockK
+  T scale_log2e;
+  T* scratch;              // per thread: the layout's tiles, then (when k_splits == 1) the accumulators
+  int64_t scratch_per_thread;
+  T* partials;             // k_splits > 1: the accumulators of every work item, kept for the merge
+  int64_t accumulator_size;
+
+  RowBlock row_block(int64_t index) const {
+    if (decode) {
+      const int64_t group = p->heads_q / p->heads_kv;
+      return {index / p->heads_kv, (index % p->heads_kv) * group, group, 0, p->len_q};
+    }
+    const int64_t q_block = index % q_blocks;
+    const int64_t q0 = q_block * kBlockQ;
+    return {index / q_blocks / p->heads_q, (index / q_blocks) % p->heads_q, 1, q0, min_i64(kBlockQ, p->len_q - q0)};
+  }
+
+  Accumulators<T> accumulators(int64_t item, int thread_id) const {
+    T* base = k_splits > 1 ? partials + item * accumulator_size
+                           : scratch + thread_id * scratch_per_thread + scratch_per_thread - accumulator_size;
+    return {base, base + rows * value_dim_pad, base + rows * value_dim_pad + rows};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill layout: queries in lanes (see the top of this file).
+struct QueryLanes {
+  template <class Vec>
+  static int64_t scratch_size(const AttnParams& p, int64_t lanes) {
+    return lanes * (p.head_dim + kBlockK);  // Q^T | S^T
+  }
+
+  template <class Vec, class Mask>
+  static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
+                  const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
+    using T = typename Vec::T;
+    using V = typename Vec::V;
+    constexpr int W = Vec::W;
+    const AttnParams& p = *plan.p;
+    const int64_t lanes = plan.rows, dim = p.head_dim, value_dim = p.value_dim, nq = block.nq;
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    T* q_t = scratch;
+    T* s_t = q_t + dim * lanes;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+
+    // Q^T, pre-scaled into log2 units; padding lanes are zero so they stay finite and are never stored.
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t i = nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
     for (int64_t i = 0; i < nq; ++i) {
-      const T* bias = p.mask.row<const T>(batch, head, q0 + i) + k0 * p.mask.col_stride;
-      for (int64_t j = 0; j < nk; ++j) scores[j * lanes + i] += bias[j * p.mask.col_stride] * log2e;
+      const T* q_row = p.q.row<const T>(block.batch, block.head0, block.q0 + i);
+      for (int64_t d = 0; d < dim; ++d) q_t[d * lanes + i] = q_row[d * p.q.col_stride] * plan.scale_log2e;
+    }
+
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+      const int64_t nk = min_i64(kBlockK, k_end - k0);
+      strided_times_packed<Vec>(nk, lanes, dim, p.k.row<const T>(block.batch, kv_head, k0), p.k.row_stride,
+                                p.k.col_stride, q_t, s_t, /*accumulate=*/false);
+      Mask::apply(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
+      apply_causal(p, block, k0, nk, s_t, 1, lanes);
+
+      for (int64_t lane = 0; lane < lanes; lane += W) {
+        T* column = s_t + lane;
+        V block_max = Vec::set1(neg_inf);
+        for (int64_t j = 0; j < nk; ++j) block_max = Vec::max(block_max, Vec::load(column + j * lanes));
+        const V old_max = Vec::load(acc.m + lane);
+        const V new_max = Vec::max(old_max, block_max);
+        const V reference = Vec::neginf_to_zero(new_max);
+        V block_sum = Vec::zero();
+        for (int64_t j = 0; j < nk; ++j) {
+          const V prob = Vec::exp2(Vec::sub(Vec::load(column + j * lanes), reference));
+          Vec::store(column + j * lanes, prob);
+          block_sum = Vec::add(block_sum, prob);
+        }
+        V sum = Vec::load(acc.l + lane);
+        if (!Vec::all_equal(old_max, new_max)) {  // the common case after the first blocks skips this
+          const V rescale = Vec::exp2(Vec::sub(old_max, reference));
+          sum = Vec::mul(sum, rescale);
+          for (int64_t e = 0; e < value_dim; ++e)
+            Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), rescale));
+        }
+        Vec::store(acc.l + lane, Vec::add(sum, block_sum));
+        Vec::store(acc.m + lane, new_max);
+      }
+
+      strided_times_packed<Vec>(value_dim, lanes, nk, p.v.row<const T>(block.batch, kv_head, k0), p.v.col_stride,
+                                p.v.row_stride, s_t, acc.o, /*accumulate=*/true);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Decode layout: few queries, so the head dimension is in lanes. Each score is a dot product over D
+// (four keys at a time, for four independent FMA chains), the softmax runs along a row of keys, and
+// o(r, :) += p(r, j) * v(j, :) keeps up to kOutVecs vectors of the output row in registers. Every K/V
+// element is loaded once per group of query rows, which is what a memory-bound decode step needs.
+struct DimLanes {
+  static constexpr int kDotKeys = 4;
+  static constexpr int kOutVecs = 8;
+
+  template <class Vec>
+  static int64_t scratch_size(const AttnParams& p, int64_t rows) {
+    const int64_t dim_pad = round_up(p.head_dim, Vec::W), value_dim_pad = round_up(p.value_dim, Vec::W);
+    // scaled Q rows | scores | packed K block | packed V block
+    return rows * dim_pad + rows * kBlockK + kBlockK * dim_pad + kBlockK * value_dim_pad;
+  }
+
+  // Makes a block of K or V readable with aligned-width vector loads: used in place when rows are
+  // contiguous and a whole number of vectors, else copied into zero-padded scratch.
+  template <class Vec>
+  static const typename Vec::T* rows_for_vectors(const StridedTensor& t, const RowBlock& block, int64_t kv_head,
+                                                 int64_t k0, int64_t nk, int64_t width, int64_t width_pad,
+                                                 typename Vec::T* pack, int64_t* stride) {
+    using T = typename Vec::T;
+    const T* first = t.row<const T>(block.batch, kv_head, k0);
+    if (t.col_stride == 1 && width == width_pad) {
+      *stride = t.row_stride;
+      return first;
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = first[j * t.row_stride + e * t.col_stride];
+      for (int64_t e = width; e < width_pad; ++e) pack[j * width_pad + e] = T(0);
+    }
+    *stride = width_pad;
+    return pack;
+  }
+
+  template <class Vec, int kKeys>
+  static void dot_keys(const typename Vec::T* q_row, const typename Vec::T* keys, int64_t key_stride,
+                       int64_t vecs, typename Vec::T* scores) {
+    using V = typename Vec::V;
+    V acc[kKeys];
+    for (int t = 0; t < kKeys; ++t) acc[t] = Vec::zero();
+    for (int64_t c = 0; c < vecs; ++c) {
+      const V q = Vec::load(q_row + c * Vec::W);
+      for (int t = 0; t < kKeys; ++t) acc[t] = Vec::fmadd(q, Vec::loadu(keys + t * key_stride + c * Vec::W), acc[t]);
+    }
+    for (int t = 0; t < kKeys; ++t) scores[t] = Vec::reduce_add(acc[t]);
+  }
+
+  template <class Vec, int kVecs>
+  static void accumulate_values(const typename Vec::T* probs, int64_t nk, const typename Vec::T* values,
+                                int64_t value_stride, typename Vec::T* out) {
+    using V = typename Vec::V;
+    V acc[kVecs];
+    for (int c = 0; c < kVecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
+    for (int64_t j = 0; j < nk; ++j) {
+      const V prob = Vec::set1(probs[j]);
+      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, Vec::loadu(values + j * value_stride + c * Vec::W), acc[c]);
+    }
+    for (int c = 0; c < kVecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
+  }
+
+  template <class Vec, int kVecs = kOutVecs>
+  static void accumulate_values_any(int64_t vecs, const typename Vec::T* probs, int64_t nk,
+                                    const typename Vec::T* values, int64_t value_stride, typename Vec::T* out) {
+    if constexpr (kVecs > 1) {
+      if (vecs < kVecs) return accumulate_values_any<Vec, kVecs - 1>(vecs, probs, nk, values, value_stride, out);
+    }
+    accumulate_values<Vec, kVecs>(probs, nk, values, value_stride, out);
+  }
+
+  template <class Vec, class Mask>
+  static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
+                  const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
+    using T = typename Vec::T;
+    using V = typename Vec::V;
+    constexpr int W = Vec::W;
+    const AttnParams& p = *plan.p;
+    const int64_t rows = block.rows(), dim = p.head_dim, dim_pad = plan.dim_pad, value_dim_pad = plan.value_dim_pad;
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    T* q_rows = scratch;
+    T* scores = q_rows + rows * dim_pad;
+    T* k_pack = scores + rows * kBlockK;
+    T* v_pack = k_pack + kBlockK * dim_pad;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* q_row = p.q.row<const T>(block.batch, block.head(r), block.query(r));
+      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = q_row[d * p.q.col_stride] * plan.scale_log2e;
+      for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
+    }
+
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+      const int64_t nk = min_i64(kBlockK, k_end - k0), nk_pad = round_up(nk, W);
+      int64_t k_stride, v_stride;
+      const T* keys = rows_for_vectors<Vec>(p.k, block, kv_head, k0, nk, dim, dim_pad, k_pack, &k_stride);
+      const T* values = rows_for_vectors<Vec>(p.v, block, kv_head, k0, nk, p.value_dim, value_dim_pad, v_pack, &v_stride);
+
+      for (int64_t r = 0; r < rows; ++r) {
+        T* row_scores = scores + r * kBlockK;
+        int64_t j = 0;
+        for (; j + kDotKeys <= nk; j += kDotKeys)
+          dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
+        for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
+        for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp2(-inf) = 0
+      }
+      Mask::apply(p, block, k0, nk, scores, /*row_stride=*/kBlockK, /*key_stride=*/1);
+      apply_causal(p, block, k0, nk, scores, kBlockK, 1);
+
+      for (int64_t r = 0; r < rows; ++r) {
+        T* row_scores = scores + r * kBlockK;
+        V block_max = Vec::set1(neg_inf);
+        for (int64_t j = 0; j < nk_pad; j += W) block_max = Vec::max(block_max, Vec::load(row_scores + j));
+        const T old_max = acc.m[r], candidate = Vec::reduce_max(block_max);
+        const T new_max = candidate > old_max ? candidate : old_max;
+        const T reference = new_max == neg_inf ? T(0) : new_max;
+        V block_sum = Vec::zero();
+        const V reference_vec = Vec::set1(reference);
+        for (int64_t j = 0; j < nk_pad; j += W) {
+          const V prob = Vec::exp2(Vec::sub(Vec::load(row_scores + j), reference_vec));
+          Vec::store(row_scores + j, prob);
+          block_sum = Vec::add(block_sum, prob);
+        }
+        T sum = acc.l[r];
+        if (!(old_max == new_max)) {
+          const T rescale = std::exp2(old_max - reference);
+          sum *= rescale;
+          const V rescale_vec = Vec::set1(rescale);
+          for (int64_t e = 0; e < value_dim_pad; e += W)
+            Vec::store(acc.o + r * value_dim_pad + e, Vec::mul(Vec::load(acc.o + r * value_dim_pad + e), rescale_vec));
+        }
+        acc.l[r] = sum + Vec::reduce_add(block_sum);
+        acc.m[r] = new_max;
+        for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
+          accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), row_scores, nk, values + c * W,
+                                     v_stride, acc.o + r * value_dim_pad + c * W);
+      }
     }
   }
 };
 
 // ---------------------------------------------------------------------------------------------------
 
-template <class Vec>
-struct ForwardPlan {
-  using T = typename Vec::T;
-  const AttnParams* p;
-  int64_t q_blocks;        // ceil(Lq / kBlockQ)
-  int64_t lanes;           // query lanes per tile, a multiple of W
-  int64_t k_splits;        // > 1: keys split across work items and merged by logsumexp (flash-decoding)
-  int64_t keys_per_split;  // a multiple of kBlockK
-  T scale_log2e;
-  T* scratch;              // per thread: Q^T (D x lanes) | S^T (kBlockK x lanes) | O^T (Dv x lanes) | m | l
-  int64_t scratch_per_thread;
-  T* partials;             // k_splits > 1: per work item O^T (Dv x lanes) | m | l
-  int64_t partial_size;
-};
-
-// One work item: queries [q0, q0 + nq) of (batch, head) against the keys of one split.
-template <class Vec, class Mask>
-void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
-  using T = typename Vec::T;
-  using V = typename Vec::V;
-  constexpr int W = Vec::W;
-  const AttnParams& p = *plan.p;
-  const int64_t split = item % plan.k_splits;
-  const int64_t query_block = item / plan.k_splits;
-  const int64_t q_block = query_block % plan.q_blocks;
-  const int64_t head = (query_block / plan.q_blocks) % p.heads_q;
-  const int64_t batch = query_block / plan.q_blocks / p.heads_q;
-  const int64_t kv_head = head / (p.heads_q / p.heads_kv);
-  const int64_t q0 = q_block * kBlockQ;
-  const int64_t nq = min_i64(kBlockQ, p.len_q - q0);
-  const int64_t lanes = plan.lanes;
-  const int64_t dim = p.head_dim, value_dim = p.value_dim;
-
-  T* q_t = plan.scratch + thread_id * plan.scratch_per_thread;
-  T* s_t = q_t + dim * lanes;
-  T* o_t = s_t + kBlockK * lanes;
-  T* row_max = o_t + value_dim * lanes;
-  T* row_sum = row_max + lanes;
-  if (plan.k_splits > 1) {
-    o_t = plan.partials + item * plan.partial_size;
-    row_max = o_t + value_dim * lanes;
-    row_sum = row_max + lanes;
-  }
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < lanes; ++i) {
-    row_max[i] = neg_inf;
-    row_sum[i] = T(0);
-  }
-  for (int64_t e = 0; e < value_dim * lanes; ++e) o_t[e] = T(0);
-
-  int64_t k_begin = split * plan.keys_per_split;
-  int64_t k_end = min_i64(p.len_k, k_begin + plan.keys_per_split);
-  if (p.causal) k_end = min_i64(k_end, q0 + nq + p.causal_offset);  // keys past the last row's diagonal
-
-  if (k_begin < k_end) {
-    // Q^T, pre-scaled into log2 units; padding lanes are zero so they stay finite and are never stored.
-    for (int64_t d = 0; d < dim; ++d)
-      for (int64_t i = nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
-    for (int64_t i = 0; i < nq; ++i) {
-      const T* q_row = p.q.row<const T>(batch, head, q0 + i);
-      for (int64_t d = 0; d < dim; ++d) q_t[d * lanes + i] = q_row[d * p.q.col_stride] * plan.scale_log2e;
-    }
-  }
-
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
-    const int64_t nk = min_i64(kBlockK, k_end - k0);
-    strided_times_packed<Vec>(nk, lanes, dim, p.k.row<const T>(batch, kv_head, k0), p.k.row_stride,
-                              p.k.col_stride, q_t, s_t, /*accumulate=*/false);
-    Mask::apply(p, batch, head, q0, nq, k0, nk, s_t, lanes);
-    // Only tiles that cross the diagonal need causal masking; the rest are fully visible.
-    if (p.causal && k0 + nk - 1 > q0 + p.causal_offset) {
-      for (int64_t j = 0; j < nk; ++j) {
-        // key k0 + j is hidden from queries q0 + i with i < k0 + j - causal_offset - q0
-        const int64_t hidden = min_i64(nq, k0 + j - p.causal_offset - q0);
-        for (int64_t i = 0; i < hidden; ++i) s_t[j * lanes + i] = neg_inf;
-      }
-    }
-
-    for (int64_t lane = 0; lane < lanes; lane += W) {
-      T* column = s_t + lane;
-      V block_max = Vec::set1(neg_inf);
-      for (int64_t j = 0; j < nk; ++j) block_max = Vec::max(block_max, Vec::load(column + j * lanes));
-      const V old_max = Vec::load(row_max + lane);
-      const V new_max = Vec::max(old_max, block_max);
-      const V reference = Vec::neginf_to_zero(new_max);
-      V block_sum = Vec::zero();
-      for (int64_t j = 0; j < nk; ++j) {
-        const V prob = Vec::exp2(Vec::sub(Vec::load(column + j * lanes), reference));
-        Vec::store(column + j * lanes, prob);
-        block_sum = Vec::add(block_sum, prob);
-      }
-      V sum = Vec::load(row_sum + lane);
-      if (!Vec::all_equal(old_max, new_max)) {  // the common case after the first blocks skips this
-        const V rescale = Vec::exp2(Vec::sub(old_max, reference));
-        sum = Vec::mul(sum, rescale);
-        for (int64_t e = 0; e < value_dim; ++e)
-          Vec::store(o_t + e * lanes + lane, Vec::mul(Vec::load(o_t + e * lanes + lane), rescale));
-      }
-      Vec::store(row_sum + lane, Vec::add(sum, block_sum));
-      Vec::store(row_max + lane, new_max);
-    }
-
-    strided_times_packed<Vec>(value_dim, lanes, nk, p.v.row<const T>(batch, kv_head, k0), p.v.col_stride,
-                              p.v.row_stride, s_t, o_t, /*accumulate=*/true);
-  }
-
-  if (plan.k_splits > 1) return;  // the merge normalises and writes
-  const T ln2 = static_cast<T>(0.6931471805599453);
-  for (int64_t i = 0; i < nq; ++i) {
-    // l == 0: the row may attend nothing; its O^T column is 0, so a factor of 0 gives the output 0.
-    const T inv_sum = row_sum[i] == T(0) ? T(0) : T(1) / row_sum[i];
-    T* out_row = p.out.row<T>(batch, head, q0 + i);
-    for (int64_t e = 0; e < value_dim; ++e) out_row[e * p.out.col_stride] = o_t[e * lanes + i] * inv_sum;
-    if (p.lse.data)
-      *p.lse.row<T>(batch, head, q0 + i) = row_sum[i] == T(0) ? neg_inf : (row_max[i] + std::log2(row_sum[i])) * ln2;
-  }
+// Normalised output and logsumexp of row r, from its accumulators.
+template <class T>
+void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const T* o, int64_t o_col, T m, T l) {
+  // l == 0: the row may attend nothing; its o is 0, so a factor of 0 gives the output 0 and lse -inf.
+  const T inv_sum = l == T(0) ? T(0) : T(1) / l;
+  T* out_row = p.out.row<T>(block.batch, block.head(r), block.query(r));
+  for (int64_t e = 0; e < p.value_dim; ++e) out_row[e * p.out.col_stride] = o[e * o_col] * inv_sum;
+  if (p.lse.data)
+    *p.lse.row<T>(block.batch, block.head(r), block.query(r)) =
+        l == T(0) ? -std::numeric_limits<T>::infinity() : (m + std::log2(l)) * static_cast<T>(0.6931471805599453);
 }
 
-// Combines the k_splits partial results of one query block: weights exp2(m_s - M) with M the largest m_s.
-template <class Vec>
-void merge_splits(const ForwardPlan<Vec>& plan, int64_t query_block) {
+// One work item: the rows of one row block against the keys of one split.
+template <class Vec, class Mask, class Layout>
+void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
   const AttnParams& p = *plan.p;
-  const int64_t q_block = query_block % plan.q_blocks;
-  const int64_t head = (query_block / plan.q_blocks) % p.heads_q;
-  const int64_t batch = query_block / plan.q_blocks / p.heads_q;
-  const int64_t q0 = q_block * kBlockQ;
-  const int64_t nq = min_i64(kBlockQ, p.len_q - q0);
-  const int64_t lanes = plan.lanes, value_dim = p.value_dim;
-  const T* first = plan.partials + query_block * plan.k_splits * plan.partial_size;
+  const RowBlock block = plan.row_block(item / plan.k_splits);
+  const int64_t split = item % plan.k_splits;
+  const Accumulators<T> acc = plan.accumulators(item, thread_id);
+  for (int64_t r = 0; r < plan.rows; ++r) {
+    acc.m[r] = -std::numeric_limits<T>::infinity();
+    acc.l[r] = T(0);
+  }
+  for (int64_t e = 0; e < plan.rows * plan.value_dim_pad; ++e) acc.o[e] = T(0);
+
+  const int64_t k_begin = split * plan.keys_per_split;
+  int64_t k_end = min_i64(p.len_k, k_begin + plan.keys_per_split);
+  if (p.causal) k_end = min_i64(k_end, block.q0 + block.nq + p.causal_offset);  // past the last row's diagonal
+  if (k_begin < k_end)
+    Layout::template run<Vec, Mask>(plan, block, k_begin, k_end, acc, plan.scratch + thread_id * plan.scratch_per_thread);
+  if (plan.k_splits > 1) return;  // the merge normalises and writes
+  for (int64_t r = 0; r < block.rows(); ++r) emit_row(p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
+}
+
+// Combines the k_splits partial results of one row block: weights exp2(m_s - M), M the largest m_s.
+template <class Vec>
+void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
+  using T = typename Vec::T;
+  const RowBlock block = plan.row_block(block_index);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < nq; ++i) {
+  T merged[kMaxMergeDim];
+  for (int64_t r = 0; r < block.rows(); ++r) {
     T global_max = neg_inf;
     for (int64_t s = 0; s < plan.k_splits; ++s) {
-      const T m = first[s * plan.partial_size + value_dim * lanes + i];
+      const T m = plan.accumulators(block_index * plan.k_splits + s, 0).m[r];
       if (m > global_max || m != m) global_max = m;  // NaN wins, so it propagates to the output
     }
     const T reference = global_max == neg_inf ? T(0) : global_max;
     T total = 0;
+    for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] = T(0);
     for (int64_t s = 0; s < plan.k_splits; ++s) {
-      const T* part = first + s * plan.partial_size;
-      total += part[value_dim * lanes + lanes + i] * std::exp2(part[value_dim * lanes + i] - reference);
+      const Accumulators<T> part = plan.accumulators(block_index * plan.k_splits + s, 0);
+      const T weight = std::exp2(part.m[r] - reference);
+      total += part.l[r] * weight;
+      for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] += part.o[r * plan.o_row + e * plan.o_col] * weight;
     }
-    const T inv_total = total == T(0) ? T(0) : T(1) / total;
-    T* out_row = p.out.row<T>(batch, head, q0 + i);
-    for (int64_t e = 0; e < value_dim; ++e) {
-      T acc = 0;
-      for (int64_t s = 0; s < plan.k_splits; ++s) {
-        const T* part = first + s * plan.partial_size;
-        acc += part[e * lanes + i] * std::exp2(part[value_dim * lanes + i] - reference);
-      }
-      out_row[e * p.out.col_stride] = acc * inv_total;
-    }
-    if (p.lse.data)
-      *p.lse.row<T>(batch, head, q0 + i) =
-          total == T(0) ? neg_inf : (reference + std::log2(total)) * static_cast<T>(0.6931471805599453);
+    emit_row(*plan.p, block, r, merged, 1, reference, total);
   }
 }
 
@@ -295,56 +475,85 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-template <class Vec, class Mask>
+template <class Vec, class Mask, class Layout>
 void run_forward(const AttnParams& p) {
   using T = typename Vec::T;
   constexpr int W = Vec::W;
+  constexpr bool kDecode = std::is_same_v<Layout, DimLanes>;
   ForwardPlan<Vec> plan{};
   plan.p = &p;
+  plan.decode = kDecode;
   plan.q_blocks = ceil_div(p.len_q, kBlockQ);
-  plan.lanes = round_up(min_i64(p.len_q, kBlockQ), W);
   plan.scale_log2e = static_cast<T>(p.scale * 1.4426950408889634);
+  plan.dim_pad = round_up(p.head_dim, W);
+  if constexpr (kDecode) {
+    plan.row_blocks = p.batch * p.heads_kv;
+    plan.rows = (p.heads_q / p.heads_kv) * p.len_q;
+    plan.value_dim_pad = round_up(p.value_dim, W);
+    plan.o_row = plan.value_dim_pad;
+    plan.o_col = 1;
+  } else {
+    plan.row_blocks = p.batch * p.heads_q * plan.q_blocks;
+    plan.rows = round_up(min_i64(p.len_q, kBlockQ), W);  // lanes
+    plan.value_dim_pad = p.value_dim;
+    plan.o_row = 1;
+    plan.o_col = plan.rows;
+  }
   const int threads = p.num_threads;
-  const int64_t query_blocks = p.batch * p.heads_q * plan.q_blocks;
 
-  // Too few query blocks to occupy every thread (decoding): split the keys too, several chunks per
+  // Too few row blocks to occupy every thread (decoding): split the keys too, several chunks per
   // thread so that uneven chunk costs even out, and merge the partial results by their logsumexp.
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
-  if (threads > 1 && query_blocks < 2 * threads && p.len_k > kBlockK) {
-    const int64_t wanted = min_i64(ceil_div(4 * threads, query_blocks), ceil_div(p.len_k, kBlockK));
+  if (threads > 1 && plan.row_blocks < 2 * threads && p.len_k > kBlockK) {
+    const int64_t wanted = min_i64(ceil_div(4 * threads, plan.row_blocks), ceil_div(p.len_k, kBlockK));
     plan.keys_per_split = round_up(ceil_div(p.len_k, wanted), kBlockK);
     plan.k_splits = ceil_div(p.len_k, plan.keys_per_split);
   }
 
   const int64_t align = 64 / sizeof(T);
-  plan.scratch_per_thread = round_up(plan.lanes * (p.head_dim + kBlockK + p.value_dim + 2), align);
+  plan.accumulator_size = round_up(plan.rows * (plan.value_dim_pad + 2), align);
+  const int64_t tiles = round_up(Layout::template scratch_size<Vec>(p, plan.rows), align);
+  plan.scratch_per_thread = tiles + (plan.k_splits > 1 ? 0 : plan.accumulator_size);
   AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * threads);
   plan.scratch = static_cast<T*>(scratch.data);
-  plan.partial_size = round_up(plan.lanes * (p.value_dim + 2), align);
-  AlignedBuffer partials(plan.k_splits > 1 ? sizeof(T) * plan.partial_size * query_blocks * plan.k_splits : 0);
+  AlignedBuffer partials(plan.k_splits > 1 ? sizeof(T) * plan.accumulator_size * plan.row_blocks * plan.k_splits : 0);
   plan.partials = static_cast<T*>(partials.data);
 
   parallel_for(
-      query_blocks * plan.k_splits, threads,
+      plan.row_blocks * plan.k_splits, threads,
       [](void* context, int64_t item, int thread_id) {
-        forward_item<Vec, Mask>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
+        forward_item<Vec, Mask, Layout>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
       },
       &plan);
   if (plan.k_splits > 1) {
     parallel_for(
-        query_blocks, threads,
+        plan.row_blocks, threads,
         [](void* context, int64_t item, int) { merge_splits<Vec>(*static_cast<const ForwardPlan<Vec>*>(context), item); },
         &plan);
   }
 }
 
+// Decode (DimLanes) when the queries would fill less than a quarter of the query lanes of a tile.
+template <class Vec>
+bool use_decode_layout(const AttnParams& p) {
+  return p.len_q * 4 <= Vec::W || p.len_q == 1;
+}
+
+template <class Vec, class Mask>
+void run_forward_layout(const AttnParams& p) {
+  if (use_decode_layout<Vec>(p))
+    run_forward<Vec, Mask, DimLanes>(p);
+  else
+    run_forward<Vec, Mask, QueryLanes>(p);
+}
+
 template <class Vec>
 void forward_dtype(const AttnParams& p) {
   switch (p.mask_kind) {
-    case MaskKind::kNone: return run_forward<Vec, NoMask>(p);
-    case MaskKind::kBool: return run_forward<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return run_forward<Vec, AdditiveMask>(p);
+    case MaskKind::kNone: return run_forward_layout<Vec, NoMask>(p);
+    case MaskKind::kBool: return run_forward_layout<Vec, BoolMask>(p);
+    case MaskKind::kAdditive: return run_forward_layout<Vec, AdditiveMask>(p);
   }
 }
 

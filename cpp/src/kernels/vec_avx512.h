@@ -21,6 +21,7 @@ struct VecAvx512<float> {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(T x) { return _mm512_set1_ps(x); }
   static V load(const T* p) { return _mm512_load_ps(p); }
+  static V loadu(const T* p) { return _mm512_loadu_ps(p); }
   static void store(T* p, V x) { _mm512_store_ps(p, x); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
@@ -31,6 +32,8 @@ struct VecAvx512<float> {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-INFINITY), _CMP_EQ_OQ), x, zero());
   }
   static bool all_equal(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ) == 0xffff; }
+  static T reduce_max(V x) { return _mm512_reduce_max_ps(x); }
+  static T reduce_add(V x) { return _mm512_reduce_add_ps(x); }
 
   static V exp2(V x) {
     // -200 is far enough below 2^-149 that scalef underflows to exactly 0 (masked scores are -inf);
@@ -52,6 +55,7 @@ struct VecAvx512<double> {
   static V zero() { return _mm512_setzero_pd(); }
   static V set1(T x) { return _mm512_set1_pd(x); }
   static V load(const T* p) { return _mm512_load_pd(p); }
+  static V loadu(const T* p) { return _mm512_loadu_pd(p); }
   static void store(T* p, V x) { _mm512_store_pd(p, x); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
@@ -62,6 +66,8 @@ struct VecAvx512<double> {
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, set1(-INFINITY), _CMP_EQ_OQ), x, zero());
   }
   static bool all_equal(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ) == 0xff; }
+  static T reduce_max(V x) { return _mm512_reduce_max_pd(x); }
+  static T reduce_add(V x) { return _mm512_reduce_add_pd(x); }
 
   static V exp2(V x) {
     const V clamped = _mm512_max_pd(set1(-1100.0), _mm512_min_pd(set1(1024.0), x));

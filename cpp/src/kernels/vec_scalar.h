@@ -15,6 +15,7 @@ struct VecScalar {
   static V zero() { return T(0); }
   static V set1(T x) { return x; }
   static V load(const T* p) { return *p; }
+  static V loadu(const T* p) { return *p; }
   static void store(T* p, V x) { *p = x; }
   static V fmadd(V a, V b, V c) { return std::fma(a, b, c); }
   static V mul(V a, V b) { return a * b; }
@@ -24,6 +25,8 @@ struct VecScalar {
   static V exp2(V x) { return std::exp2(x); }
   static V neginf_to_zero(V x) { return x == -std::numeric_limits<T>::infinity() ? T(0) : x; }
   static bool all_equal(V a, V b) { return a == b; }
+  static T reduce_max(V x) { return x; }
+  static T reduce_add(V x) { return x; }
 };
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS
