@@ -20,12 +20,15 @@ Two ways of judging a result against the float64 NumPy reference (``fusedattn.re
   ~1e4 * 6e-8 ~ 1e-3, which the softmax turns into output errors of the same order), or
   HF-style ``finfo.min`` masks. There the only fair yardstick is how well *the same precision* can
   do at all: we compute a naive, textbook implementation in the inputs' own dtype with NumPy
-  (materialised scores, max-subtracted softmax), measure its error against the float64 truth on the
-  *same* inputs, and require the kernel's error to be at most 2x that, plus a small absolute floor.
-  The 2x allows a different (tiled, online-softmax) evaluation order, whose error is of the same
-  order but not identical; the floor (a few ulps of the output's magnitude) covers cases where the
-  naive version happens to be exact (e.g. Lk = 1, where the output is v itself) while a correct
-  kernel may still be off by an ulp or two through its exp approximation or rescaling.
+  (materialised scores, max-subtracted softmax), measure its error against the truth on the *same*
+  inputs (float64 for float32 inputs; long double for float64 inputs, since a float64 "truth" is no
+  better than a float64 kernel), and require the kernel's error to be at most 2x that, plus a small
+  floor. The 2x allows a different (tiled, online-softmax, exp2-based) evaluation order, whose error
+  is of the same order but not identical; the floor covers inputs on which the naive version
+  happens to be exact (e.g. Lk = 1, where the output is v itself). Errors are compared after
+  dividing each by its condition (how far rounding can move that element): raw maximum errors are
+  dominated by a single near-tie row and vary 30x between equally correct implementations (see
+  assert_relative_oracle).
 """
 from __future__ import annotations
 
@@ -194,10 +197,10 @@ def _mask_in_dtype(mask, dtype):
 
 
 def exact_f64(q, k, v, *, mask=None, causal=False, scale=None):
-    """Float64 truth for the given (possibly float32) inputs: the reference run on float64 copies.
+    """Float64 result for the given (possibly float32) inputs: the reference run on float64 copies.
 
-    The float mask is first rounded to the inputs' dtype, exactly as the kernel receives it, so the
-    truth is for the very numbers the kernel saw.
+    The float mask is first rounded to the inputs' dtype, exactly as the kernel receives it, so this
+    is the result for the very numbers the kernel saw.
     """
     dtype = np.asarray(q).dtype
     m = _mask_in_dtype(mask, dtype)
@@ -207,63 +210,173 @@ def exact_f64(q, k, v, *, mask=None, causal=False, scale=None):
                                mask=m, causal=causal, scale=scale, return_lse=True)
 
 
+# x86's 80-bit long double has a 64-bit mantissa (eps ~1e-19): a truth for float64 inputs that is
+# ~2000x more precise than float64 itself. Where long double is just double, no such truth exists.
+LONGDOUBLE_IS_EXTENDED = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
+
+
+def exact(q, k, v, *, mask=None, causal=False, scale=None):
+    """The truth for judging a result computed in the inputs' precision.
+
+    float32 inputs: float64 is ~1e9x more precise, so the float64 reference is the truth. float64
+    inputs: the float64 reference is no more precise than the kernel itself, so the truth is the
+    textbook formula evaluated in long double (rows that attend nothing, which the textbook formula
+    turns into NaN, are taken from the reference: 0 and -inf). Returns None when no truth more
+    precise than the inputs is available.
+    """
+    dtype = np.asarray(q).dtype
+    ref_out, ref_lse = exact_f64(q, k, v, mask=mask, causal=causal, scale=scale)
+    if dtype == np.float32:
+        return ref_out, ref_lse
+    if not LONGDOUBLE_IS_EXTENDED:
+        return None
+    out, lse = _textbook(q, k, v, mask=mask, causal=causal, scale=scale, compute=np.longdouble)
+    dead = np.isneginf(ref_lse)
+    return (np.where(dead[..., None], ref_out.astype(np.longdouble), out),
+            np.where(dead, ref_lse.astype(np.longdouble), lse))
+
+
 def naive_same_precision(q, k, v, *, mask=None, causal=False, scale=None):
     """Textbook attention evaluated entirely in the inputs' dtype (NaN for fully-masked rows)."""
+    return _textbook(q, k, v, mask=mask, causal=causal, scale=scale, compute=np.asarray(q).dtype)
+
+
+def _scores(q, k, v, *, mask, causal, scale, compute):
+    """Scores ``q k^T * scale (+ float mask)`` with -inf where masked, in the (..., Hq, Lq, Lk) layout.
+
+    Every operation in ``compute``. Also returns the heads-layout q, k, v (kv heads repeated for GQA),
+    the scale in ``compute`` and |float mask| (0 where the mask is -inf or absent).
+    """
     q, k, v = (np.asarray(x) for x in (q, k, v))
     dtype = q.dtype
+    compute = np.dtype(compute)
     rank = q.ndim
-    qh, kh, vh = (_expand_heads(x, rank) for x in (q, k, v))
+    qh, kh, vh = (_expand_heads(x, rank).astype(compute) for x in (q, k, v))
     hq, lq, d = qh.shape[-3:]
     hkv, lk, _ = kh.shape[-3:]
     group = hq // hkv
     kh = np.repeat(kh, group, axis=-3)
     vh = np.repeat(vh, group, axis=-3)
-    scale = dtype.type(1.0 / math.sqrt(d) if scale is None else scale)
+    scale = compute.type(1.0 / math.sqrt(d) if scale is None else float(scale))
     s = (qh @ np.swapaxes(kh, -1, -2)) * scale
+    mask_abs = np.zeros((), compute)
     m = _mask_in_dtype(mask, dtype)
     if m is not None:
         m = _expand_heads(np.broadcast_to(m, q.shape[:-1] + (lk,)), rank)
-        s = np.where(m, s, dtype.type(-np.inf)) if m.dtype == np.bool_ else s + m
+        if m.dtype == np.bool_:
+            s = np.where(m, s, compute.type(-np.inf))
+        else:
+            m = m.astype(compute)
+            s = s + m
+            mask_abs = np.where(np.isfinite(m), np.abs(m), 0)
     if causal is not False:
         offset = 0 if causal in (True, "top_left") else lk - lq
         allowed = np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset
-        s = np.where(allowed, s, dtype.type(-np.inf))
+        s = np.where(allowed, s, compute.type(-np.inf))
+    return s, qh, kh, vh, scale, mask_abs
+
+
+def _textbook(q, k, v, *, mask, causal, scale, compute):
+    """softmax(q k^T * scale + mask) v with materialised scores, every operation in ``compute``."""
+    s, _, _, vh, _, _ = _scores(q, k, v, mask=mask, causal=causal, scale=scale, compute=compute)
+    compute = np.dtype(compute)
+    lk = s.shape[-1]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        mx = s.max(axis=-1, keepdims=True) if lk else np.full(s.shape[:-1] + (1,), -np.inf, dtype)
+        mx = s.max(axis=-1, keepdims=True) if lk else np.full(s.shape[:-1] + (1,), -np.inf, compute)
         e = np.exp(s - mx)
         z = e.sum(axis=-1, keepdims=True)
         out = (e @ vh) / z
         lse = (mx + np.log(z))[..., 0]
-    return out.reshape(q.shape[:-1] + (v.shape[-1],)).astype(dtype), lse.reshape(q.shape[:-1]).astype(dtype)
+    q = np.asarray(q)
+    return out.reshape(q.shape[:-1] + (np.shape(v)[-1],)), lse.reshape(q.shape[:-1])
 
 
-def _max_err(a, b, where):
+def _condition(q, k, v, true_out, true_lse, *, mask, causal, scale):
+    """First-order sensitivity of out and lse to rounding at unit roundoff 1 (a float64 estimate).
+
+    A score s_j = scale * sum_d q_d k_jd (+ m_j) carries a rounding error proportional to
+    A_j = |scale| * sum_d |q_d k_jd| + |m_j| + 1 (the magnitudes summed, plus 1 for the relative
+    error of exp and of the normalisation). Through the softmax, an error ds_j moves the output by
+    w_j (v_j - out) ds_j and lse by w_j ds_j; the products w_j v_j are summed again with their own
+    rounding. So, with the true weights w_j:
+        cond_out[c] = sum_j w_j A_j |v_jc - out_c| + sum_j w_j |v_jc| + |out_c|
+        cond_lse    = sum_j w_j A_j + |lse| + 1
+    (|v_jc - out_c|, not |v_jc| + |out_c|: a row dominated by one key is insensitive to its scores.)
+    """
+    s, qh, kh, vh, sc, mask_abs = _scores(q, k, v, mask=mask, causal=causal, scale=scale, compute=np.float64)
+    a = abs(float(sc)) * (np.abs(qh) @ np.swapaxes(np.abs(kh), -1, -2)) + mask_abs + 1.0
+    lse = np.asarray(true_lse, np.float64).reshape(s.shape[:-1])
+    live = np.isfinite(lse)[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.where(live & np.isfinite(s), np.exp(np.where(live, s - np.where(live, lse[..., None], 0), -np.inf)), 0.0)
+    wa = w * a
+    lq, lk, dv = s.shape[-2], s.shape[-1], vh.shape[-1]
+    out = np.asarray(true_out, np.float64).reshape(s.shape[:-1] + (dv,))
+    # sum_j wa_j |v_jc - out_c|, a few query rows at a time to bound the (rows, Lk, Dv) temporary.
+    n = int(np.prod(s.shape[:-2]))
+    wa3, v3, o3 = wa.reshape(n, lq, lk), np.broadcast_to(vh, s.shape[:-2] + (lk, dv)).reshape(n, lk, dv), out.reshape(n, lq, dv)
+    spread = np.empty((n, lq, dv))
+    rows = max(1, (1 << 22) // max(1, n * lk * dv))
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        diff = np.abs(v3[:, None, :, :] - o3[:, r0:r1, None, :])
+        spread[:, r0:r1] = np.einsum("nrj,nrjc->nrc", wa3[:, r0:r1], diff)
+    cond_out = spread.reshape(out.shape) + w @ np.abs(vh) + np.abs(out)
+    cond_lse = wa.sum(-1) + np.abs(np.where(np.isfinite(lse), lse, 0)) + 1.0
+    q = np.asarray(q)
+    return cond_out.reshape(q.shape[:-1] + (np.shape(v)[-1],)), cond_lse.reshape(q.shape[:-1])
+
+
+# Allowance of the relative oracle, in units of eps * condition (see assert_relative_oracle).
+# Measured on ~1700 random and huge-score inputs (D = 1..512, Lk up to 777, masks, causal, every
+# ISA, both dtypes): at most ~2.4 for the kernel and ~2 for the naive implementation, the kernel
+# within 1.3x of naive on each configuration. An error of 8 ulps in every output already scores
+# ~15-20, a lossy exp or a lower working precision scores in the hundreds.
+RELATIVE_ORACLE_FLOOR = 4.0
+
+
+def _scaled_err(a, true, cond, where):
     if not where.any():
         return 0.0
-    return float(np.max(np.abs(a.astype(np.float64)[where] - b[where])))
+    err = np.abs(a[where].astype(true.dtype) - true[where]).astype(np.float64)
+    # Rows that attend nothing have condition 0 and must be exact (0 / tiny = 0, anything else huge).
+    return float(np.max(err / np.maximum(cond[where], np.finfo(np.float64).tiny)))
 
 
 def assert_relative_oracle(out, lse, q, k, v, *, mask=None, causal=False, scale=None, factor=2.0, **_ignored):
-    """Kernel error vs float64 truth <= factor * (naive same-precision error) + floor.
+    """The kernel is at most ``factor`` x less accurate than naive same-precision NumPy, plus a floor.
 
-    Compared only where the truth is finite (fully-masked rows and NaN rows are checked exactly
-    elsewhere). The floor is 8 ulps of the largest |output| (resp. |lse|, at least 1): enough for
-    the last-bit differences of a correct kernel where the naive version happens to be exact.
+    Errors are measured against the truth (:func:`exact`), where it is finite (fully-masked and NaN
+    rows are checked exactly elsewhere). Why not simply compare max absolute errors: where scores are
+    huge, the error of out is dominated by the one row whose top two scores nearly tie, where it is
+    w (1 - w) |v1 - v2| times the *rounding luck* of that score difference. Two equally correct
+    implementations then differ by 30x in either direction from seed to seed (measured: ratios
+    0.03 .. 34, median ~0.9). So each element's error is first divided by eps times its condition
+    (:func:`_condition`: how much rounding at that magnitude can move it), which removes the
+    conditioning and leaves "how many roundings' worth" of error: the kernel's largest must be
+    <= factor x the naive implementation's largest + RELATIVE_ORACLE_FLOOR. The floor covers inputs
+    on which the naive implementation happens to be exact (Lk = 1: the output is v itself).
+    Without a truth more precise than the inputs (float64 where long double is double), only the
+    pattern of finite values is checked; the plain tolerances still apply.
     """
-    true_out, true_lse = exact_f64(q, k, v, mask=mask, causal=causal, scale=scale)
+    dtype = np.asarray(q).dtype
+    ref_out, ref_lse = exact_f64(q, k, v, mask=mask, causal=causal, scale=scale)
+    truth = exact(q, k, v, mask=mask, causal=causal, scale=scale)
     naive_out, naive_lse = naive_same_precision(q, k, v, mask=mask, causal=causal, scale=scale)
-    eps = float(np.finfo(np.asarray(q).dtype).eps)
-    for name, got, true, naive in (("out", out, true_out, naive_out), ("lse", lse, true_lse, naive_lse)):
-        finite = np.isfinite(true)
+    cond = None
+    if truth is not None:
+        cond = _condition(q, k, v, truth[0], truth[1], mask=mask, causal=causal, scale=scale)
+    eps = float(np.finfo(dtype).eps)
+    for i, (name, got, naive, ref) in enumerate((("out", out, naive_out, ref_out), ("lse", lse, naive_lse, ref_lse))):
+        finite = np.isfinite(ref)
         assert np.array_equal(np.isfinite(got), finite), f"{name}: non-finite values where the truth is finite (or vice versa)"
-        magnitude = float(np.max(np.abs(true[finite]))) if finite.any() else 0.0
-        floor = 8 * eps * max(1.0, magnitude)
-        naive_ok = finite & np.isfinite(naive)
-        err_kernel = _max_err(got, true, finite)
-        err_naive = _max_err(naive, true, naive_ok)
-        assert err_kernel <= factor * err_naive + floor, (
-            f"{name}: kernel max error {err_kernel:.3e} exceeds {factor} x naive same-precision error "
-            f"{err_naive:.3e} + floor {floor:.3e}"
+        if truth is None:
+            continue
+        err_kernel = _scaled_err(got, truth[i], cond[i], finite) / eps
+        err_naive = _scaled_err(naive, truth[i], cond[i], finite & np.isfinite(naive)) / eps
+        assert err_kernel <= factor * err_naive + RELATIVE_ORACLE_FLOOR, (
+            f"{name}: kernel error {err_kernel:.3g} x eps x condition exceeds {factor} x the naive same-precision "
+            f"error ({err_naive:.3g}) + {RELATIVE_ORACLE_FLOOR}"
         )
 
 

@@ -56,6 +56,56 @@ def test_dv_differs_from_d(isa, rng, dtype, d, dv):
     assert out.shape == (1, 2, 19, dv)
 
 
+# Few queries (decoding): a kernel may switch to a different layout (head dim in SIMD lanes, the
+# query heads of one kv head sharing each K/V load). Cover its edges: 1..4 queries, GQA groups, head
+# dims that are not a multiple of any vector width, Dv wider than a register block, key counts
+# around a tile boundary, K/V rows that are or are not contiguous, masks and causal alignment.
+DECODE_CASES = [
+    # lq, hq, hkv, d, dv, lk, layout, option
+    (1, 8, 2, 64, 64, 777, "contiguous", None),
+    (1, 8, 1, 17, 17, 65, "contiguous", "mask"),
+    (1, 4, 4, 1, 1, 63, "strided", None),
+    (1, 8, 2, 80, 512, 130, "transposed", "causal"),
+    (1, 8, 8, 128, 96, 1, "contiguous", None),
+    (2, 8, 2, 3, 40, 64, "strided", "mask_causal"),
+    (2, 8, 1, 96, 96, 200, "transposed", "float_mask"),
+    (3, 6, 2, 33, 7, 129, "contiguous", "causal"),
+    (3, 8, 4, 256, 256, 70, "reversed", "mask"),
+    (4, 8, 2, 40, 24, 777, "contiguous", "mask_causal"),
+    (4, 2, 1, 512, 512, 66, "strided", None),
+    (4, 4, 1, 8, 136, 5, "transposed", "causal"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)).replace("None", "plain"))
+def test_few_queries(isa, rng, dtype, case):
+    lq, hq, hkv, d, dv, lk, layout, option = case
+    b = 2
+    q = randn(rng, (b, hq, lq, d), dtype)
+    if layout == "contiguous":
+        k, v = randn(rng, (b, hkv, lk, d), dtype), randn(rng, (b, hkv, lk, dv), dtype)
+    elif layout == "strided":  # last-axis stride 2
+        k, v = randn(rng, (b, hkv, lk, 2 * d), dtype)[..., ::2], randn(rng, (b, hkv, lk, 2 * dv), dtype)[..., ::2]
+    elif layout == "transposed":  # (B, L, H, D) storage: rows contiguous, far apart
+        k, v = _bl_hd(rng, b, lk, hkv, d, dtype), _bl_hd(rng, b, lk, hkv, dv, dtype)
+    else:  # reversed keys: negative row stride
+        k, v = randn(rng, (b, hkv, lk, d), dtype)[:, :, ::-1], randn(rng, (b, hkv, lk, dv), dtype)[:, :, ::-1]
+    kwargs = {}
+    if option in ("mask", "mask_causal"):
+        kwargs["mask"] = rng.random((b, hq, lq, lk)) < 0.7
+        kwargs["mask"][0, 1, 0] = False  # one fully-masked row
+    if option == "float_mask":
+        kwargs["mask"] = (rng.standard_normal((hq, 1, lk)) * 2).astype(dtype)
+        kwargs["mask"][2, :, :] = -np.inf
+    if option in ("causal", "mask_causal"):
+        kwargs["causal"] = "bottom_right"
+    out, lse = check_attention(q, k, v, oracle="both", **kwargs)
+    # The same for every thread count (a split of the keys across threads is merged exactly enough).
+    for n in (1, 3):
+        assert_close(fusedattn.attention(q, k, v, num_threads=n, **kwargs), out, f"num_threads={n}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouped-query attention
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +188,24 @@ def test_float_mask_of_other_dtype(isa, rng, q_dtype, mask_dtype):
     assert out.dtype == q_dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("value", ["finfo_min", "minus_1e30", "half_finfo_min"])
+def test_float_mask_large_finite_values(isa, rng, dtype, value):
+    # HF-style padding masks use finfo(dtype).min rather than -inf. Such a value is added to the
+    # scores like any other: keys with it get weight ~0 next to unmasked keys, and a row where every
+    # key has it is NOT fully masked -- all its scores are equal (the score vanishes next to the
+    # mask), so it averages v, with a huge negative but finite lse.
+    big = {"finfo_min": np.finfo(dtype).min, "minus_1e30": dtype(-1e30),
+           "half_finfo_min": np.finfo(dtype).min / 2}[value]
+    q, k, v = make_qkv(rng, 6, 10, 8, batch=(1,), hq=2, dtype=dtype)
+    mask = np.zeros((6, 10), dtype)
+    mask[:, 7:] = big  # some keys padded
+    mask[2, :] = big  # a row whose every key is padded
+    out, lse = check_attention(q, k, v, mask=mask)
+    assert np.isfinite(lse[0, :, 2]).all() and np.all(lse[0, :, 2] < -1e29)
+    np.testing.assert_allclose(out[0, :, 2], np.broadcast_to(v[0].mean(axis=-2), (2, 8)), **tol(dtype))
+
+
 def test_long_masked_rows(isa, rng):
     # Masks that change inside and across key tiles of a long row, plus bool/float equivalence:
     # a bool mask and the float mask with 0 / -inf entries define the same attention.
@@ -214,11 +282,12 @@ def test_fully_masked_rows(isa, rng, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_single_key(isa, rng, dtype):
-    # One key: every weight is 1, the output is that key's value (no rounding in a correct kernel
-    # beyond exp(0) = 1 and a division by 1, so it is compared exactly), lse the single score.
+    # One key: its weight is 1, so the output is that key's value up to the rounding of
+    # (p * v) / p with p = exp(0) ~ 1 (a few ulps: rtol = 4 eps), and lse is the single score.
     q, k, v = make_qkv(rng, 9, 1, 16, 12, batch=(2,), hq=4, hkv=2, dtype=dtype)
     out, lse = check_attention(q, k, v)
-    np.testing.assert_array_equal(out, np.repeat(np.broadcast_to(v, (2, 2, 9, 12)), 2, axis=1))
+    np.testing.assert_allclose(out, np.repeat(np.broadcast_to(v, (2, 2, 9, 12)), 2, axis=1),
+                               rtol=4 * np.finfo(dtype).eps, atol=0)
     s = (q.astype(np.float64) @ np.swapaxes(np.repeat(k, 2, axis=1), -1, -2).astype(np.float64))[..., 0] / 4.0
     np.testing.assert_allclose(lse, s, **tol(dtype))
 
@@ -353,7 +422,6 @@ def test_out_parameter(isa, rng, dtype):
 @pytest.mark.parametrize("variant", ["strided_view", "transposed", "reversed"])
 def test_out_noncontiguous(isa, rng, variant):
     q, k, v = make_qkv(rng, 13, 31, 16, 8, batch=(2,), hq=4, dtype=np.float32)
-    expected = reference.attention(q, k, v, mask=rng.random((13, 31)) < 0.2)
     mask = rng.random((13, 31)) < 0.2
     expected = reference.attention(q, k, v, mask=mask)
     sentinel = np.float32(12345.0)
@@ -507,21 +575,42 @@ def test_default_scale_and_zero_scale(isa, rng):
 # Threads and determinism
 # ---------------------------------------------------------------------------------------------
 
+def _ulps_close(actual, desired, dtype, ulps=16):
+    """Equal up to `ulps` units in the last place of the largest |value| (NaN/inf must match)."""
+    finite = np.isfinite(desired)
+    np.testing.assert_array_equal(np.isfinite(actual), finite)
+    np.testing.assert_array_equal(actual[~finite], desired[~finite])
+    if finite.any():
+        bound = ulps * np.finfo(dtype).eps * max(1.0, float(np.abs(desired[finite]).max()))
+        np.testing.assert_allclose(actual[finite], desired[finite], rtol=0, atol=bound)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_num_threads_same_result(isa, rng, dtype):
-    # Each output row is computed by one thread from the same data in the same order, whatever the
-    # thread count, so results must be bitwise identical (and deterministic from call to call).
-    q, k, v = make_qkv(rng, 150, 130, 32, batch=(2,), hq=4, hkv=2, dtype=dtype)
-    kwargs = dict(mask=rng.random((150, 130)) < 0.9, causal="bottom_right", return_lse=True)
+@pytest.mark.parametrize("shape", ["prefill", "decode"])
+def test_num_threads_same_result(isa, rng, dtype, shape):
+    # The thread count only changes how the work is divided. Rows computed whole by one thread are
+    # the same computation whatever the count; a kernel may also split one row's keys across threads
+    # (decoding) and merge the parts by their logsumexp, which reorders a few roundings: so results
+    # for different counts must agree to a few ulps (16 ulps of the largest value; a wrong merge is
+    # off by orders of magnitude more), and for one count they must be bitwise reproducible.
+    if shape == "prefill":
+        q, k, v = make_qkv(rng, 150, 130, 32, batch=(2,), hq=4, hkv=2, dtype=dtype)
+        kwargs = dict(mask=rng.random((150, 130)) < 0.9, causal="bottom_right", return_lse=True)
+    else:
+        q, k, v = make_qkv(rng, 1, 777, 64, batch=(1,), hq=2, hkv=1, dtype=dtype)
+        kwargs = dict(mask=rng.random((1, 777)) < 0.9, return_lse=True)
     out1, lse1 = fusedattn.attention(q, k, v, num_threads=1, **kwargs)
-    assert_close(out1, reference.attention(q, k, v, **kwargs)[0])
+    ref_out, ref_lse = reference.attention(q, k, v, **kwargs)
+    assert_close(out1, ref_out)
+    assert_close(lse1, ref_lse)
     for n in (2, 3, 16):
         out_n, lse_n = fusedattn.attention(q, k, v, num_threads=n, **kwargs)
-        np.testing.assert_array_equal(out_n, out1, err_msg=f"num_threads={n}")
-        np.testing.assert_array_equal(lse_n, lse1, err_msg=f"num_threads={n}")
-    out_d, lse_d = fusedattn.attention(q, k, v, **kwargs)
-    np.testing.assert_array_equal(out_d, out1)
-    np.testing.assert_array_equal(lse_d, lse1)
+        assert_close(out_n, ref_out, f"num_threads={n}")
+        _ulps_close(out_n, out1, dtype)
+        _ulps_close(lse_n, lse1, dtype)
+        again_out, again_lse = fusedattn.attention(q, k, v, num_threads=n, **kwargs)
+        np.testing.assert_array_equal(again_out, out_n, err_msg=f"num_threads={n} not reproducible")
+        np.testing.assert_array_equal(again_lse, lse_n, err_msg=f"num_threads={n} not reproducible")
 
 
 def test_set_num_threads(isa, rng):
@@ -543,7 +632,11 @@ def test_concurrent_calls_from_python_threads(isa, rng):
     # The GIL is released while the kernel runs: concurrent calls must not interfere.
     cases = [make_qkv(rng, 30 + i, 50 + 3 * i, 16, batch=(1,), hq=2, dtype=(np.float32, np.float64)[i % 2])
              for i in range(6)]
-    expected = [fusedattn.attention(q, k, v, causal="bottom_right", num_threads=1) for q, k, v in cases]
+    # For one thread count a call is bitwise reproducible (test_num_threads_same_result).
+    expected = {(i, n): fusedattn.attention(q, k, v, causal="bottom_right", num_threads=n)
+                for i, (q, k, v) in enumerate(cases) for n in (1, 2)}
+    for i, (q, k, v) in enumerate(cases):
+        assert_close(expected[i, 1], reference.attention(q, k, v, causal="bottom_right"))
     results = [[None] * len(cases) for _ in range(4)]
     errors = []
 
@@ -551,7 +644,8 @@ def test_concurrent_calls_from_python_threads(isa, rng):
         try:
             for _ in range(3):
                 for i, (q, k, v) in enumerate(cases):
-                    results[t][i] = fusedattn.attention(q, k, v, causal="bottom_right", num_threads=1 + (t + i) % 2)
+                    n = 1 + (t + i) % 2
+                    results[t][i] = (n, fusedattn.attention(q, k, v, causal="bottom_right", num_threads=n))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -563,7 +657,8 @@ def test_concurrent_calls_from_python_threads(isa, rng):
     assert not errors, errors
     for t in range(4):
         for i in range(len(cases)):
-            np.testing.assert_array_equal(results[t][i], expected[i])
+            n, result = results[t][i]
+            np.testing.assert_array_equal(result, expected[i, n])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +706,9 @@ def attention_cases(draw):
         hq = hkv * draw(st.sampled_from([1, 2, 4]))
     causal = draw(st.sampled_from([False, True, "top_left", "bottom_right"]))
     mask_kind = draw(st.sampled_from([None, "bool", "float"]))
-    scale = draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False)))
+    # Up to 2x the default scale either way: well-conditioned enough for the plain tolerances.
+    scale = draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False).map(
+        lambda f: f / np.sqrt(d))))
     layout = draw(st.sampled_from(["contiguous", "reversed", "strided"]))
     scores_shape = lead + (() if hq is None else (hq,)) + (lq, lk)
     # A broadcast mask: drop some leading axes, and set some of the remaining ones to 1.
@@ -622,6 +719,9 @@ def attention_cases(draw):
                 mask_kind=mask_kind, mask_shape=mask_shape, scale=scale, layout=layout)
 
 
+# Hypothesis' failure report imports code that emits a DeprecationWarning on some installs, which
+# the suite's filterwarnings=error would turn into an INTERNALERROR hiding the falsifying example.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=attention_cases())
@@ -637,6 +737,6 @@ def test_property_matches_reference(isa, case):
     if case["mask_kind"] == "bool":
         mask = rng.random(case["mask_shape"]) < 0.75
     elif case["mask_kind"] == "float":
-        mask = rng.standard_normal(case["mask_shape"]) * 2
-        mask[rng.random(case["mask_shape"]) < 0.2] = -np.inf
-    check_attention(q, k, v, mask=mask, causal=case["causal"], scale=case["scale"])
+        mask = np.asarray(rng.standard_normal(case["mask_shape"]) * 2)
+        mask[np.asarray(rng.random(case["mask_shape"])) < 0.2] = -np.inf
+    check_attention(q, k, v, mask=mask, causal=case["causal"], scale=case["scale"], oracle="both")

@@ -22,8 +22,8 @@ void require(bool condition, const std::string& message) {
 
 void attention_forward(const AttnParams& p) {
   require(p.batch >= 0 && p.len_q >= 0 && p.len_k >= 0, "attention: negative batch or sequence length");
-  require(p.heads_kv >= 1 && p.heads_q >= 1 && p.heads_q % p.heads_kv == 0,
-          "attention: heads_q (" + std::to_string(p.heads_q) + ") must be a positive multiple of heads_kv (" +
+  require(p.heads_kv >= 1 && p.heads_q >= 0 && p.heads_q % p.heads_kv == 0,
+          "attention: heads_q (" + std::to_string(p.heads_q) + ") must be a multiple of heads_kv (" +
               std::to_string(p.heads_kv) + ")");
   require(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim,
           "attention: head_dim must be in [1, 512], got " + std::to_string(p.head_dim));
@@ -31,7 +31,7 @@ void attention_forward(const AttnParams& p) {
           "attention: value_dim must be in [1, 512], got " + std::to_string(p.value_dim));
   require(std::isfinite(p.scale), "attention: scale must be finite");
   require(p.num_threads >= 1, "attention: num_threads must be >= 1");
-  if (p.batch == 0 || p.len_q == 0) return;  // nothing to write
+  if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return;  // nothing to write
   require(p.q.data && p.k.data && p.v.data && p.out.data && p.q.batch_offsets && p.k.batch_offsets &&
               p.v.batch_offsets && p.out.batch_offsets,
           "attention: missing tensor");

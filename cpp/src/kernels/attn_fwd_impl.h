@@ -15,12 +15,14 @@
 // lane-major tile in L1. The Lq x Lk score matrix never exists; per thread the scratch is
 // O(kBlockQ * (D + Dv + kBlockK)).
 //
-// Scores are kept in log2 units (Q is pre-multiplied by scale * log2(e)), so exp becomes exp2.
-// Invariants of the online softmax (per query lane):
+// Scores stay in natural units (Q is pre-multiplied by `scale`, float masks are added as given): a
+// padding mask of finfo.min must stay finite, and it would overflow if the scores were kept in log2
+// units. Only the difference score - m, which is <= 0, is converted for exp2.
+// Invariants of the online softmax (per query row):
 //   m = max of the scores seen so far (-inf if none may be attended),
-//   l = sum of exp2(score - m), O = sum of exp2(score - m) * v;
-//   a new block with max m' rescales l and O by exp2(m - m'); the reference point is 0 instead of m'
-//   while m' is -inf, so exp2(-inf - (-inf)) is never evaluated; a row with l = 0 outputs 0, lse -inf.
+//   l = sum of exp(score - m), O = sum of exp(score - m) * v;
+//   a new block with max m' rescales l and O by exp(m - m'); the reference point is 0 instead of m'
+//   while m' is -inf, so exp(-inf - (-inf)) is never evaluated; a row with l = 0 outputs 0, lse -inf.
 #pragma once
 
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
@@ -28,6 +30,14 @@ namespace fusedattn::FUSEDATTN_KERNEL_NS {
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// e^(x - reference) for x <= reference, as exp2 of the difference times log2(e).
+template <class Vec>
+inline typename Vec::V exp_minus(typename Vec::V x, typename Vec::V reference) {
+  return Vec::exp2(Vec::mul(Vec::sub(x, reference), Vec::set1(static_cast<typename Vec::T>(kLog2e))));
+}
 
 constexpr int64_t kBlockQ = 64;  // queries per work item: the lanes of the score tile
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
@@ -105,7 +115,7 @@ struct RowBlock {
   int64_t query(int64_t r) const { return q0 + r % nq; }
 };
 
-// Mask policies: restrict a tile of log2-scaled scores, score(r, j) = scores[r * row_stride + j * key_stride].
+// Mask policies: restrict a tile of scaled scores, score(r, j) = scores[r * row_stride + j * key_stride].
 struct NoMask {
   template <class T>
   static void apply(const AttnParams&, const RowBlock&, int64_t, int64_t, T*, int64_t, int64_t) {}
@@ -125,14 +135,13 @@ struct BoolMask {  // numpy bool (one byte): true = may attend
   }
 };
 
-struct AdditiveMask {  // same dtype as the scores, added after scaling (so converted to log2 units)
+struct AdditiveMask {  // same dtype as the scores, added after scaling
   template <class T>
   static void apply(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores,
                     int64_t row_stride, int64_t key_stride) {
-    const T log2e = static_cast<T>(1.4426950408889634);
     for (int64_t r = 0; r < block.rows(); ++r) {
       const T* bias = p.mask.row<const T>(block.batch, block.head(r), block.query(r)) + k0 * p.mask.col_stride;
-      for (int64_t j = 0; j < nk; ++j) scores[r * row_stride + j * key_stride] += bias[j * p.mask.col_stride] * log2e;
+      for (int64_t j = 0; j < nk; ++j) scores[r * row_stride + j * key_stride] += bias[j * p.mask.col_stride];
     }
   }
 };
@@ -153,7 +162,7 @@ void apply_causal(const AttnParams& p, const RowBlock& block, int64_t k0, int64_
 // ---------------------------------------------------------------------------------------------------
 
 // Per-row softmax state of one work item: the unnormalised output o(r, e) = o[r * o_row + e * o_col],
-// the running max m[r] (log2 units) and the running sum l[r].
+// the running max m[r] and the running sum l[r].
 template <class T>
 struct Accumulators {
   T* o;
@@ -173,7 +182,6 @@ struct ForwardPlan {
   int64_t dim_pad, value_dim_pad;
   int64_t k_splits;        // > 1: keys split across work items and merged by logsumexp (flash-decoding)
   int64_t keys_per_split;  // a multiple of kBlockK
-  T scale_log2e;
   T* scratch;              // per thread: the layout's tiles, then (when k_splits == 1) the accumulators
   int64_t scratch_per_thread;
   T* partials;             // k_splits > 1: the accumulators of every work item, kept for the merge
@@ -213,16 +221,17 @@ struct QueryLanes {
     const AttnParams& p = *plan.p;
     const int64_t lanes = plan.rows, dim = p.head_dim, value_dim = p.value_dim, nq = block.nq;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    const T scale = static_cast<T>(p.scale);
     T* q_t = scratch;
     T* s_t = q_t + dim * lanes;
     const T neg_inf = -std::numeric_limits<T>::infinity();
 
-    // Q^T, pre-scaled into log2 units; padding lanes are zero so they stay finite and are never stored.
+    // Q^T, pre-scaled; padding lanes are zero so they stay finite and are never stored.
     for (int64_t d = 0; d < dim; ++d)
       for (int64_t i = nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
     for (int64_t i = 0; i < nq; ++i) {
       const T* q_row = p.q.row<const T>(block.batch, block.head0, block.q0 + i);
-      for (int64_t d = 0; d < dim; ++d) q_t[d * lanes + i] = q_row[d * p.q.col_stride] * plan.scale_log2e;
+      for (int64_t d = 0; d < dim; ++d) q_t[d * lanes + i] = q_row[d * p.q.col_stride] * scale;
     }
 
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
@@ -241,13 +250,13 @@ struct QueryLanes {
         const V reference = Vec::neginf_to_zero(new_max);
         V block_sum = Vec::zero();
         for (int64_t j = 0; j < nk; ++j) {
-          const V prob = Vec::exp2(Vec::sub(Vec::load(column + j * lanes), reference));
+          const V prob = exp_minus<Vec>(Vec::load(column + j * lanes), reference);
           Vec::store(column + j * lanes, prob);
           block_sum = Vec::add(block_sum, prob);
         }
         V sum = Vec::load(acc.l + lane);
         if (!Vec::all_equal(old_max, new_max)) {  // the common case after the first blocks skips this
-          const V rescale = Vec::exp2(Vec::sub(old_max, reference));
+          const V rescale = exp_minus<Vec>(old_max, reference);
           sum = Vec::mul(sum, rescale);
           for (int64_t e = 0; e < value_dim; ++e)
             Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), rescale));
@@ -342,6 +351,7 @@ struct DimLanes {
     const AttnParams& p = *plan.p;
     const int64_t rows = block.rows(), dim = p.head_dim, dim_pad = plan.dim_pad, value_dim_pad = plan.value_dim_pad;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    const T scale = static_cast<T>(p.scale);
     T* q_rows = scratch;
     T* scores = q_rows + rows * dim_pad;
     T* k_pack = scores + rows * kBlockK;
@@ -350,7 +360,7 @@ struct DimLanes {
 
     for (int64_t r = 0; r < rows; ++r) {
       const T* q_row = p.q.row<const T>(block.batch, block.head(r), block.query(r));
-      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = q_row[d * p.q.col_stride] * plan.scale_log2e;
+      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = q_row[d * p.q.col_stride] * scale;
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
@@ -366,7 +376,7 @@ struct DimLanes {
         for (; j + kDotKeys <= nk; j += kDotKeys)
           dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
         for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
-        for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp2(-inf) = 0
+        for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp(-inf) = 0
       }
       Mask::apply(p, block, k0, nk, scores, /*row_stride=*/kBlockK, /*key_stride=*/1);
       apply_causal(p, block, k0, nk, scores, kBlockK, 1);
@@ -381,13 +391,13 @@ struct DimLanes {
         V block_sum = Vec::zero();
         const V reference_vec = Vec::set1(reference);
         for (int64_t j = 0; j < nk_pad; j += W) {
-          const V prob = Vec::exp2(Vec::sub(Vec::load(row_scores + j), reference_vec));
+          const V prob = exp_minus<Vec>(Vec::load(row_scores + j), reference_vec);
           Vec::store(row_scores + j, prob);
           block_sum = Vec::add(block_sum, prob);
         }
         T sum = acc.l[r];
         if (!(old_max == new_max)) {
-          const T rescale = std::exp2(old_max - reference);
+          const T rescale = std::exp(old_max - reference);
           sum *= rescale;
           const V rescale_vec = Vec::set1(rescale);
           for (int64_t e = 0; e < value_dim_pad; e += W)
@@ -414,7 +424,7 @@ void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const T* o,
   for (int64_t e = 0; e < p.value_dim; ++e) out_row[e * p.out.col_stride] = o[e * o_col] * inv_sum;
   if (p.lse.data)
     *p.lse.row<T>(block.batch, block.head(r), block.query(r)) =
-        l == T(0) ? -std::numeric_limits<T>::infinity() : (m + std::log2(l)) * static_cast<T>(0.6931471805599453);
+        l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
 }
 
 // One work item: the rows of one row block against the keys of one split.
@@ -440,7 +450,7 @@ void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   for (int64_t r = 0; r < block.rows(); ++r) emit_row(p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
 }
 
-// Combines the k_splits partial results of one row block: weights exp2(m_s - M), M the largest m_s.
+// Combines the k_splits partial results of one row block: weights exp(m_s - M), M the largest m_s.
 template <class Vec>
 void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
   using T = typename Vec::T;
@@ -458,7 +468,7 @@ void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
     for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] = T(0);
     for (int64_t s = 0; s < plan.k_splits; ++s) {
       const Accumulators<T> part = plan.accumulators(block_index * plan.k_splits + s, 0);
-      const T weight = std::exp2(part.m[r] - reference);
+      const T weight = std::exp(part.m[r] - reference);
       total += part.l[r] * weight;
       for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] += part.o[r * plan.o_row + e * plan.o_col] * weight;
     }
@@ -484,7 +494,6 @@ void run_forward(const AttnParams& p) {
   plan.p = &p;
   plan.decode = kDecode;
   plan.q_blocks = ceil_div(p.len_q, kBlockQ);
-  plan.scale_log2e = static_cast<T>(p.scale * 1.4426950408889634);
   plan.dim_pad = round_up(p.head_dim, W);
   if constexpr (kDecode) {
     plan.row_blocks = p.batch * p.heads_kv;
