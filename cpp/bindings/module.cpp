@@ -153,6 +153,12 @@ PYBIND11_MODULE(_core, m) {
     if (!fusedattn::isa_from_name(name, &isa)) throw std::invalid_argument("unknown ISA '" + name + "'");
     fusedattn::set_isa(isa);
   });
+  m.def("measure_fma_peak_gflops", &fusedattn::measure_fma_peak_gflops, py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "fp32 FMA throughput of the selected ISA on num_threads threads, GFLOP/s");
+  m.def("measure_read_bandwidth_gbs", &fusedattn::measure_read_bandwidth_gbs, py::arg("num_threads"),
+        py::arg("bytes") = int64_t(512) << 20, py::call_guard<py::gil_scoped_release>(),
+        "streaming read bandwidth over a buffer of `bytes`, GB/s");
   m.def("max_threads", &fusedattn::max_threads);
   m.def("openmp", &fusedattn::openmp_enabled);
   m.def("cuda_built", [] { return false; });

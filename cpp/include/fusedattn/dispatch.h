@@ -24,6 +24,13 @@ void set_isa(Isa isa);
 // Validates `params` (std::invalid_argument on inconsistency) and runs the selected kernel.
 void attention_forward(const AttnParams& params);
 
+// The fp32 FMA throughput of the selected ISA path on `num_threads` threads, in GFLOP/s (best of a few
+// short runs of independent FMA chains): the "peak" the benchmark reports compute-bound figures against.
+double measure_fma_peak_gflops(int num_threads);
+// Streaming read bandwidth over a `bytes` buffer (make it far larger than the caches), in GB/s: the
+// ceiling of memory-bound work such as decoding against a long KV cache.
+double measure_read_bandwidth_gbs(int num_threads, int64_t bytes);
+
 int max_threads();
 bool openmp_enabled();
 

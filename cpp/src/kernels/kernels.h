@@ -5,12 +5,22 @@
 
 namespace fusedattn::kernels {
 
+// fp32 FMA chains and a streaming read, compiled with the same ISA as the kernels they measure.
+struct MachineProbe {
+  double (*fma_chains)(int64_t iterations);  // returns a checksum
+  double flops_per_iteration;
+  double (*sum_stream)(const float* data, int64_t count);  // 64-byte aligned data
+};
+
 void attention_forward_scalar(const AttnParams& params);
+MachineProbe machine_probe_scalar();
 #ifdef FUSEDATTN_HAVE_AVX2
 void attention_forward_avx2(const AttnParams& params);
+MachineProbe machine_probe_avx2();
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512
 void attention_forward_avx512(const AttnParams& params);
+MachineProbe machine_probe_avx512();
 #endif
 
 }  // namespace fusedattn::kernels
