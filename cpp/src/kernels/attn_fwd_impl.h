@@ -39,7 +39,7 @@ inline typename Vec::V exp_minus(typename Vec::V x, typename Vec::V reference) {
   return Vec::exp2(Vec::mul(Vec::sub(x, reference), Vec::set1(static_cast<typename Vec::T>(kLog2e))));
 }
 
-constexpr int64_t kBlockQ = 64;  // queries per work item: the lanes of the score tile
+constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
 constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep one output row on the stack
 
@@ -47,16 +47,25 @@ constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep 
 // Micro-kernel: c[r][lane] (+)= sum_k a(r, k) * b[k][lane] for `kRows` rows and kVecs vectors of lanes,
 // all accumulators in registers. a(r, k) = a[r * a_row_stride + k * a_depth_stride] is broadcast, so `a`
 // can be the user's K or V in any layout; b and c are packed, aligned, `b_stride`/`c_stride` apart.
-template <class Vec, int kRows, int kVecs>
+// kAccumulate is a template parameter, not a flag: a run-time choice here made GCC shuttle the
+// accumulators through the stack around the loop.
+template <class Vec, bool kAccumulate, int kRows, int kVecs>
 inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_stride, int64_t a_depth_stride,
-                        const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride,
-                        bool accumulate) {
+                        const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   V acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate ? Vec::load(c + r * c_stride + v * W) : Vec::zero();
-  for (int64_t k = 0; k < depth; ++k) {
+    for (int v = 0; v < kVecs; ++v) {
+      if constexpr (kAccumulate)
+        acc[r][v] = Vec::load(c + r * c_stride + v * W);
+      else
+        acc[r][v] = Vec::zero();
+    }
+  // depth >= 1 always (D >= 1, a key block holds >= 1 key); a do-while tells GCC so, and spares the
+  // prologue that parks every accumulator on the stack for the zero-trip case.
+  int64_t k = 0;
+  do {
     const typename Vec::T* b_row = b + k * b_stride;
     const typename Vec::T* a_col = a + k * a_depth_stride;
     V b_vec[kVecs];
@@ -65,41 +74,41 @@ inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_s
       const V a_bcast = Vec::set1(a_col[r * a_row_stride]);
       for (int v = 0; v < kVecs; ++v) acc[r][v] = Vec::fmadd(a_bcast, b_vec[v], acc[r][v]);
     }
-  }
+  } while (++k < depth);
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < kVecs; ++v) Vec::store(c + r * c_stride + v * W, acc[r][v]);
 }
 
 // Run-time (rows, vecs) -> the compile-time tile, for the edges of a panel.
-template <class Vec, int kRows, int kVecs = Vec::kTileVecs, class... Args>
+template <class Vec, bool kAccumulate, int kRows, int kVecs = Vec::kTileVecs, class... Args>
 inline void tile_kernel_vecs(int vecs, Args... args) {
   if constexpr (kVecs > 1) {
-    if (vecs < kVecs) return tile_kernel_vecs<Vec, kRows, kVecs - 1>(vecs, args...);
+    if (vecs < kVecs) return tile_kernel_vecs<Vec, kAccumulate, kRows, kVecs - 1>(vecs, args...);
   }
-  tile_kernel<Vec, kRows, kVecs>(args...);
+  tile_kernel<Vec, kAccumulate, kRows, kVecs>(args...);
 }
 
-template <class Vec, int kRows = Vec::kTileRows, class... Args>
+template <class Vec, bool kAccumulate, int kRows = Vec::kTileRows, class... Args>
 inline void tile_kernel_any(int rows, int vecs, Args... args) {
   if constexpr (kRows > 1) {
-    if (rows < kRows) return tile_kernel_any<Vec, kRows - 1>(rows, vecs, args...);
+    if (rows < kRows) return tile_kernel_any<Vec, kAccumulate, kRows - 1>(rows, vecs, args...);
   }
-  tile_kernel_vecs<Vec, kRows>(vecs, args...);
+  tile_kernel_vecs<Vec, kAccumulate, kRows>(vecs, args...);
 }
 
 // C (rows x lanes) (+)= A (rows x depth, strided, broadcast) . B (depth x lanes, packed).
-template <class Vec>
+template <class Vec, bool kAccumulate>
 void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const typename Vec::T* a,
                           int64_t a_row_stride, int64_t a_depth_stride, const typename Vec::T* b,
-                          typename Vec::T* c, bool accumulate) {
+                          typename Vec::T* c) {
   constexpr int W = Vec::W;
   const int64_t vecs = lanes / W;
   for (int64_t r = 0; r < rows; r += Vec::kTileRows) {
     const int tile_rows = static_cast<int>(min_i64(Vec::kTileRows, rows - r));
     for (int64_t v = 0; v < vecs; v += Vec::kTileVecs) {
       const int tile_vecs = static_cast<int>(min_i64(Vec::kTileVecs, vecs - v));
-      tile_kernel_any<Vec>(tile_rows, tile_vecs, depth, a + r * a_row_stride, a_row_stride, a_depth_stride,
-                           b + v * W, lanes, c + r * lanes + v * W, lanes, accumulate);
+      tile_kernel_any<Vec, kAccumulate>(tile_rows, tile_vecs, depth, a + r * a_row_stride, a_row_stride,
+                                        a_depth_stride, b + v * W, lanes, c + r * lanes + v * W, lanes);
     }
   }
 }
@@ -236,8 +245,8 @@ struct QueryLanes {
 
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0);
-      strided_times_packed<Vec>(nk, lanes, dim, p.k.row<const T>(block.batch, kv_head, k0), p.k.row_stride,
-                                p.k.col_stride, q_t, s_t, /*accumulate=*/false);
+      strided_times_packed<Vec, /*kAccumulate=*/false>(nk, lanes, dim, p.k.row<const T>(block.batch, kv_head, k0),
+                                                       p.k.row_stride, p.k.col_stride, q_t, s_t);
       Mask::apply(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
       apply_causal(p, block, k0, nk, s_t, 1, lanes);
 
@@ -265,8 +274,8 @@ struct QueryLanes {
         Vec::store(acc.m + lane, new_max);
       }
 
-      strided_times_packed<Vec>(value_dim, lanes, nk, p.v.row<const T>(block.batch, kv_head, k0), p.v.col_stride,
-                                p.v.row_stride, s_t, acc.o, /*accumulate=*/true);
+      strided_times_packed<Vec, /*kAccumulate=*/true>(value_dim, lanes, nk, p.v.row<const T>(block.batch, kv_head, k0),
+                                                      p.v.col_stride, p.v.row_stride, s_t, acc.o);
     }
   }
 };
