@@ -113,6 +113,23 @@ void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const type
   }
 }
 
+// dst(c, r) = src(r, c) * row_factor(r) for a rows x cols matrix; element (r, c) of a matrix lives at
+// base + r * row_stride + c * col_stride. Whole W x W blocks go through the ISA's register transpose when
+// both sides are contiguous along c / r; the edges (and other layouts) are copied one by one.
+template <class Vec>
+void transpose_copy(int64_t rows, int64_t cols, const typename Vec::T* src, int64_t src_row, int64_t src_col,
+                    typename Vec::T* dst, int64_t dst_row, int64_t dst_col) {
+  constexpr int W = Vec::W;
+  const bool blocks = src_col == 1 && dst_col == 1;
+  const int64_t full_rows = blocks ? rows / W * W : 0, full_cols = blocks ? cols / W * W : 0;
+  for (int64_t r = 0; r < full_rows; r += W)
+    for (int64_t c = 0; c < full_cols; c += W) Vec::transpose(src + r * src_row + c, src_row, dst + c * dst_row + r, dst_row);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t first_col = r < full_rows ? full_cols : 0;
+    for (int64_t c = first_col; c < cols; ++c) dst[c * dst_row + r * dst_col] = src[r * src_row + c * src_col];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The rows of a work item: `heads` consecutive query heads x queries [q0, q0 + nq) of one batch entry.
 // Prefill items hold one head and up to kBlockQ queries; decode items hold every query head that shares
@@ -213,6 +230,22 @@ struct ForwardPlan {
   }
 };
 
+// The logsumexp of a row from its accumulators; -inf when it may attend nothing (l == 0).
+template <class T>
+T row_lse(T m, T l) {
+  return l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
+}
+
+// Normalised output and logsumexp of row r, from its accumulators.
+template <class T>
+void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const T* o, int64_t o_col, T m, T l) {
+  // l == 0: the row may attend nothing; its o is 0, so a factor of 0 gives the output 0.
+  const T inv_sum = l == T(0) ? T(0) : T(1) / l;
+  T* out_row = p.out.row<T>(block.batch, block.head(r), block.query(r));
+  for (int64_t e = 0; e < p.value_dim; ++e) out_row[e * p.out.col_stride] = o[e * o_col] * inv_sum;
+  if (p.lse.data) *p.lse.row<T>(block.batch, block.head(r), block.query(r)) = row_lse(m, l);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Prefill layout: queries in lanes (see the top of this file).
 struct QueryLanes {
@@ -238,10 +271,10 @@ struct QueryLanes {
     // Q^T, pre-scaled; padding lanes are zero so they stay finite and are never stored.
     for (int64_t d = 0; d < dim; ++d)
       for (int64_t i = nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
-    for (int64_t i = 0; i < nq; ++i) {
-      const T* q_row = p.q.row<const T>(block.batch, block.head0, block.q0 + i);
-      for (int64_t d = 0; d < dim; ++d) q_t[d * lanes + i] = q_row[d * p.q.col_stride] * scale;
-    }
+    transpose_copy<Vec>(nq, dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
+                        q_t, lanes, 1);
+    const V scale_vec = Vec::set1(scale);
+    for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale_vec));
 
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0);
@@ -264,7 +297,9 @@ struct QueryLanes {
           block_sum = Vec::add(block_sum, prob);
         }
         V sum = Vec::load(acc.l + lane);
-        if (!Vec::all_equal(old_max, new_max)) {  // the common case after the first blocks skips this
+        // Skipped when no lane's max moved (the common case after the first blocks) and on a lane vector's
+        // first visible block (O and l are still 0).
+        if (!Vec::all_equal(old_max, new_max) && !Vec::all_equal(old_max, Vec::set1(neg_inf))) {
           const V rescale = exp_minus<Vec>(old_max, reference);
           sum = Vec::mul(sum, rescale);
           for (int64_t e = 0; e < value_dim; ++e)
@@ -277,6 +312,24 @@ struct QueryLanes {
       strided_times_packed<Vec, /*kAccumulate=*/true>(value_dim, lanes, nk, p.v.row<const T>(block.batch, kv_head, k0),
                                                       p.v.col_stride, p.v.row_stride, s_t, acc.o);
     }
+  }
+
+  // Normalises O^T in place (one multiply per lane vector) and transposes it into the output rows.
+  template <class Vec>
+  static void emit(const ForwardPlan<Vec>& plan, const RowBlock& block, const Accumulators<typename Vec::T>& acc) {
+    using T = typename Vec::T;
+    constexpr int W = Vec::W;
+    const AttnParams& p = *plan.p;
+    const int64_t lanes = plan.rows;
+    for (int64_t i = 0; i < lanes; ++i) {
+      if (p.lse.data && i < block.nq) *p.lse.row<T>(block.batch, block.head0, block.q0 + i) = row_lse(acc.m[i], acc.l[i]);
+      acc.l[i] = acc.l[i] == T(0) ? T(0) : T(1) / acc.l[i];  // l == 0: attends nothing, o is 0, output 0
+    }
+    for (int64_t e = 0; e < p.value_dim; ++e)
+      for (int64_t lane = 0; lane < lanes; lane += W)
+        Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), Vec::load(acc.l + lane)));
+    transpose_copy<Vec>(p.value_dim, block.nq, acc.o, lanes, 1, p.out.row<T>(block.batch, block.head0, block.q0),
+                        p.out.row_stride, p.out.col_stride);
   }
 };
 
@@ -420,21 +473,15 @@ struct DimLanes {
       }
     }
   }
+
+  template <class Vec>
+  static void emit(const ForwardPlan<Vec>& plan, const RowBlock& block, const Accumulators<typename Vec::T>& acc) {
+    for (int64_t r = 0; r < block.rows(); ++r)
+      emit_row(*plan.p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------
-
-// Normalised output and logsumexp of row r, from its accumulators.
-template <class T>
-void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const T* o, int64_t o_col, T m, T l) {
-  // l == 0: the row may attend nothing; its o is 0, so a factor of 0 gives the output 0 and lse -inf.
-  const T inv_sum = l == T(0) ? T(0) : T(1) / l;
-  T* out_row = p.out.row<T>(block.batch, block.head(r), block.query(r));
-  for (int64_t e = 0; e < p.value_dim; ++e) out_row[e * p.out.col_stride] = o[e * o_col] * inv_sum;
-  if (p.lse.data)
-    *p.lse.row<T>(block.batch, block.head(r), block.query(r)) =
-        l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
-}
 
 // One work item: the rows of one row block against the keys of one split.
 template <class Vec, class Mask, class Layout>
@@ -455,8 +502,7 @@ void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   if (p.causal) k_end = min_i64(k_end, block.q0 + block.nq + p.causal_offset);  // past the last row's diagonal
   if (k_begin < k_end)
     Layout::template run<Vec, Mask>(plan, block, k_begin, k_end, acc, plan.scratch + thread_id * plan.scratch_per_thread);
-  if (plan.k_splits > 1) return;  // the merge normalises and writes
-  for (int64_t r = 0; r < block.rows(); ++r) emit_row(p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
+  if (plan.k_splits == 1) Layout::emit(plan, block, acc);  // else the merge normalises and writes
 }
 
 // Combines the k_splits partial results of one row block: weights exp(m_s - M), M the largest m_s.

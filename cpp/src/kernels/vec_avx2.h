@@ -43,6 +43,28 @@ struct VecAvx2<float> {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
   }
 
+  // dst[c * dst_stride + r] = src[r * src_stride + c] for an 8 x 8 block.
+  static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+    V r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3
+      const __m256d lo = _mm256_castps_pd(t[4 * i]), lo2 = _mm256_castps_pd(t[4 * i + 2]);
+      const __m256d hi = _mm256_castps_pd(t[4 * i + 1]), hi2 = _mm256_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm256_castpd_ps(_mm256_unpacklo_pd(lo, lo2));
+      r[4 * i + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(lo, lo2));
+      r[4 * i + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(hi, hi2));
+      r[4 * i + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(hi, hi2));
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(dst + j * dst_stride, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+      _mm256_storeu_ps(dst + (4 + j) * dst_stride, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+    }
+  }
+
   static V exp2(V x) {
     // Clamp to the normal range; min/max take x as the second operand so a NaN passes through.
     const V clamped = _mm256_max_ps(set1(-126.0f), _mm256_min_ps(set1(127.0f), x));
@@ -84,6 +106,18 @@ struct VecAvx2<double> {
   static T reduce_add(V x) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+
+  // dst[c * dst_stride + r] = src[r * src_stride + c] for a 4 x 4 block.
+  static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+    const V r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + src_stride);
+    const V r2 = _mm256_loadu_pd(src + 2 * src_stride), r3 = _mm256_loadu_pd(src + 3 * src_stride);
+    const V even01 = _mm256_unpacklo_pd(r0, r1), odd01 = _mm256_unpackhi_pd(r0, r1);  // columns 0/2, 1/3
+    const V even23 = _mm256_unpacklo_pd(r2, r3), odd23 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(even01, even23, 0x20));
+    _mm256_storeu_pd(dst + 2 * dst_stride, _mm256_permute2f128_pd(even01, even23, 0x31));
+    _mm256_storeu_pd(dst + dst_stride, _mm256_permute2f128_pd(odd01, odd23, 0x20));
+    _mm256_storeu_pd(dst + 3 * dst_stride, _mm256_permute2f128_pd(odd01, odd23, 0x31));
   }
 
   static V exp2(V x) {

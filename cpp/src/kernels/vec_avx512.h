@@ -35,6 +35,33 @@ struct VecAvx512<float> {
   static T reduce_max(V x) { return _mm512_reduce_max_ps(x); }
   static T reduce_add(V x) { return _mm512_reduce_add_ps(x); }
 
+  // dst[c * dst_stride + r] = src[r * src_stride + c] for a 16 x 16 block: pairs of rows interleaved, then
+  // pairs of pairs, then 128-bit lanes gathered across the four row groups.
+  static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+    V r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3
+      const __m512d lo = _mm512_castps_pd(t[4 * i]), lo2 = _mm512_castps_pd(t[4 * i + 2]);
+      const __m512d hi = _mm512_castps_pd(t[4 * i + 1]), hi2 = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, lo2));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, lo2));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi, hi2));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi, hi2));
+    }
+    for (int j = 0; j < 4; ++j) {
+      const V even01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), odd01 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+      const V even23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), odd23 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+      _mm512_storeu_ps(dst + j * dst_stride, _mm512_shuffle_f32x4(even01, even23, 0x88));
+      _mm512_storeu_ps(dst + (8 + j) * dst_stride, _mm512_shuffle_f32x4(even01, even23, 0xdd));
+      _mm512_storeu_ps(dst + (4 + j) * dst_stride, _mm512_shuffle_f32x4(odd01, odd23, 0x88));
+      _mm512_storeu_ps(dst + (12 + j) * dst_stride, _mm512_shuffle_f32x4(odd01, odd23, 0xdd));
+    }
+  }
+
   static V exp2(V x) {
     // -200 is far enough below 2^-149 that scalef underflows to exactly 0 (masked scores are -inf);
     // max/min take x as the second operand so a NaN passes through.
@@ -68,6 +95,24 @@ struct VecAvx512<double> {
   static bool all_equal(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ) == 0xff; }
   static T reduce_max(V x) { return _mm512_reduce_max_pd(x); }
   static T reduce_add(V x) { return _mm512_reduce_add_pd(x); }
+
+  // dst[c * dst_stride + r] = src[r * src_stride + c] for an 8 x 8 block.
+  static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+    V r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_pd(src + i * src_stride);
+    for (int i = 0; i < 4; ++i) {  // t[2i + j], 128-bit lane L: column 2L + j of rows 2i, 2i + 1
+      t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+    }
+    for (int j = 0; j < 2; ++j) {
+      const V even01 = _mm512_shuffle_f64x2(t[j], t[2 + j], 0x88), odd01 = _mm512_shuffle_f64x2(t[j], t[2 + j], 0xdd);
+      const V even23 = _mm512_shuffle_f64x2(t[4 + j], t[6 + j], 0x88), odd23 = _mm512_shuffle_f64x2(t[4 + j], t[6 + j], 0xdd);
+      _mm512_storeu_pd(dst + j * dst_stride, _mm512_shuffle_f64x2(even01, even23, 0x88));
+      _mm512_storeu_pd(dst + (4 + j) * dst_stride, _mm512_shuffle_f64x2(even01, even23, 0xdd));
+      _mm512_storeu_pd(dst + (2 + j) * dst_stride, _mm512_shuffle_f64x2(odd01, odd23, 0x88));
+      _mm512_storeu_pd(dst + (6 + j) * dst_stride, _mm512_shuffle_f64x2(odd01, odd23, 0xdd));
+    }
+  }
 
   static V exp2(V x) {
     const V clamped = _mm512_max_pd(set1(-1100.0), _mm512_min_pd(set1(1024.0), x));

@@ -27,6 +27,7 @@ struct VecScalar {
   static V neginf_to_zero(V x) { return x == -std::numeric_limits<T>::infinity() ? T(0) : x; }
   static bool all_equal(V a, V b) { return a == b; }
   static T reduce_max(V x) { return x; }
+  static void transpose(const T* src, int64_t, T* dst, int64_t) { *dst = *src; }
   static T reduce_add(V x) { return x; }
 };
 
