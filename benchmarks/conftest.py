@@ -34,10 +34,16 @@ def pinned_threads(threads, torch_module):
 
 
 @pytest.fixture(scope="session")
-def torch_best_s() -> dict:
-    """Case label -> torch's best time in seconds, filled as torch's benchmarks run.
+def machine(threads) -> _bench.Machine:
+    """The fp32 peak and read bandwidth on ``threads`` threads, probed once per session (~3 s)."""
+    return _bench.measure_machine(threads)
 
-    The parametrisation runs torch before fusedattn on each case, so fusedattn's benchmark can report
-    its speed-up over a torch time measured in the same session, on the same machine state.
+
+@pytest.fixture(scope="session")
+def best_s() -> dict:
+    """``(case label, library)`` -> best time in seconds, filled as the benchmarks run.
+
+    The parametrisation runs torch, then fusedattn, then its forced-ISA variants on each case, so a
+    later benchmark can report its ratio to a time measured in the same session and machine state.
     """
     return {}

@@ -6,8 +6,11 @@ the numbers they report are measured the same way. torch is optional and only im
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -15,16 +18,31 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 
+from . import _backend
+
 __all__ = [
-    "Case", "Shape", "Timing", "Check",
-    "DEFAULT_CASES", "QUICK_CASES", "LIBRARIES", "NAIVE_SCORE_LIMIT_BYTES", "TOLERANCES",
-    "attention_flops", "cases_from", "causal_keep_mask", "check_against_naive", "gflops", "limit_threads",
-    "load_torch", "make_inputs", "make_runner", "naive_attention", "naive_fits", "parse_shape",
-    "plan_repetitions", "score_bytes", "time_best",
+    "Case", "Shape", "Timing", "Check", "Machine",
+    "DEFAULT_CASES", "QUICK_CASES", "LIBRARIES", "ISAS", "MEMORY_BOUND_MAX_LQ", "BANDWIDTH_PROBE_BYTES",
+    "MEMORY_CASE", "MEMORY_LIMIT_BYTES", "NAIVE_SCORE_LIMIT_BYTES", "TOLERANCES",
+    "attention_flops", "bytes_moved", "cases_from", "causal_keep_mask", "check_against_naive", "fused_variant",
+    "gflops", "isa_for", "isa_unavailable", "is_memory_bound", "library_isa", "limit_threads", "load_torch",
+    "make_inputs", "make_runner", "measure_extra_memory", "measure_machine", "naive_attention", "naive_fits",
+    "parse_shape", "plan_repetitions", "score_bytes", "time_best", "timing_budget", "utilisation",
 ]
 
 # Torch runs first so a fusedattn measurement can be compared to a torch time taken just before it.
 LIBRARIES = ("torch", "fusedattn", "naive")
+
+# The kernel's instruction-set paths, slowest first. ``fusedattn[NAME]`` (see :func:`fused_variant`) is
+# fusedattn forced onto one of them; plain ``fusedattn`` is whichever path the dispatcher selected.
+ISAS = ("scalar", "avx2", "avx512")
+
+# Up to this many query rows, attention streams K and V once for very little arithmetic per byte: it is
+# bounded by memory bandwidth, so its GFLOP/s say nothing and its bytes per second say everything.
+MEMORY_BOUND_MAX_LQ = 16
+
+# Far past every cache level, and steadier than the probe's 512 MiB default for ~1 s of streaming.
+BANDWIDTH_PROBE_BYTES = 1 << 30
 
 # The naive baseline materialises the (B, H, Lq, Lk) scores; past this it would swap rather than measure.
 NAIVE_SCORE_LIMIT_BYTES = 1 << 30
@@ -137,18 +155,34 @@ def naive_fits(shape: Shape, dtype, limit: int = NAIVE_SCORE_LIMIT_BYTES) -> boo
     return score_bytes(shape, dtype) <= limit
 
 
+def bytes_moved(shape: Shape, dtype) -> int:
+    """Bytes one forward pass must move at least: q, k and v read once, the output written once.
+
+    The yardstick of memory-bound (decode) shapes, whose time is this traffic over the bandwidth.
+    """
+    b, h, lq, lk, d = shape.dims
+    return (2 * lq + 2 * lk) * b * h * d * np.dtype(dtype).itemsize
+
+
+def is_memory_bound(shape: Shape) -> bool:
+    """Whether ``shape`` is judged by memory bandwidth rather than by FLOPs (decode: few query rows)."""
+    return shape.lq <= MEMORY_BOUND_MAX_LQ
+
+
 def make_inputs(shape: Shape, dtype=np.float32, seed: int = 0):
     """Random contiguous ``(q, k, v)`` for ``shape`` in ``dtype``, reproducible through ``seed``.
 
     Standard-normal entries with the default ``1/sqrt(D)`` scale keep the scores O(1), the regime of
-    trained models, so the softmax is neither uniform nor a one-hot that would hide errors.
+    trained models, so the softmax is neither uniform nor a one-hot that would hide errors. The values
+    are drawn straight into the final arrays: a float64 temporary would raise the peak RSS that
+    :func:`measure_extra_memory` takes as its baseline, and could hide the kernel's own allocations.
     """
     rng = np.random.default_rng(seed)
     b, h, lq, lk, d = shape.dims
-    q = rng.standard_normal((b, h, lq, d), dtype=np.float64).astype(dtype)
-    k = rng.standard_normal((b, h, lk, d), dtype=np.float64).astype(dtype)
-    v = rng.standard_normal((b, h, lk, d), dtype=np.float64).astype(dtype)
-    return q, k, v
+    arrays = (np.empty((b, h, lq, d), dtype), np.empty((b, h, lk, d), dtype), np.empty((b, h, lk, d), dtype))
+    for x in arrays:
+        rng.standard_normal(dtype=x.dtype, out=x)
+    return arrays
 
 
 def causal_keep_mask(lq: int, lk: int) -> np.ndarray:
@@ -191,12 +225,14 @@ def make_runner(library: str, q, k, v, *, causal: bool, threads: int, torch=None
     """A zero-argument callable running one forward pass of ``library`` on ``(q, k, v)``.
 
     Everything that is not part of the attention itself (tensor wrapping, mask building) happens here,
-    outside the timed callable. ``library`` is one of :data:`LIBRARIES`; ``torch`` is the module from
-    :func:`load_torch`. The scale is pinned to ``1/sqrt(D)`` for all so no default can differ.
+    outside the timed callable. ``library`` is one of :data:`LIBRARIES` or a :func:`fused_variant`,
+    whose ISA the caller selects around the calls with :func:`isa_for` (forcing it inside the callable
+    would time the switch too); ``torch`` is the module from :func:`load_torch`. The scale is pinned to
+    ``1/sqrt(D)`` for all so no default can differ.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     lq, lk = q.shape[-2], k.shape[-2]
-    if library == "fusedattn":
+    if library == "fusedattn" or library_isa(library) is not None:
         import fusedattn
 
         mode = "bottom_right" if causal else False
@@ -214,6 +250,59 @@ def make_runner(library: str, q, k, v, *, causal: bool, threads: int, torch=None
             return lambda: _torch_call(torch, sdpa, tq, tk, tv, attn_mask=keep, scale=scale)
         return lambda: _torch_call(torch, sdpa, tq, tk, tv, is_causal=causal, scale=scale)
     raise ValueError(f"unknown library {library!r}; expected one of {LIBRARIES}")
+
+
+def fused_variant(isa: str) -> str:
+    """The library name of fusedattn forced onto the ``isa`` path, e.g. ``fusedattn[avx2]``."""
+    return f"fusedattn[{isa}]"
+
+
+_VARIANT_RE = re.compile(r"^fusedattn\[(\w+)\]$")
+
+
+def library_isa(library: str) -> Optional[str]:
+    """The ISA a :func:`fused_variant` name forces, or None for any other library name."""
+    match = _VARIANT_RE.match(library)
+    return match.group(1) if match else None
+
+
+def isa_unavailable(isa: str) -> Optional[str]:
+    """Why fusedattn cannot be forced onto ``isa`` here (a one-line reason), or None when it can."""
+    if _backend._core is None:
+        return "no compiled extension (NumPy reference fallback)"
+    if isa not in _backend._core.compiled_isas():
+        return f"not compiled into this build (it has {', '.join(_backend._core.compiled_isas())})"
+    if isa not in _backend.available_isas():
+        return "not supported by this CPU"
+    return None
+
+
+@contextlib.contextmanager
+def isa_for(library: str) -> Iterator[None]:
+    """Force the ISA path that a :func:`fused_variant` name asks for during the block, then restore it.
+
+    Any other library name runs unchanged. Raises ``ValueError`` when the path cannot run here.
+    """
+    isa = library_isa(library)
+    if isa is None:
+        yield
+        return
+    previous = _backend.force_isa(isa)
+    try:
+        yield
+    finally:
+        _backend.force_isa(previous)
+
+
+def timing_budget(library: str, *, min_reps: int = 3) -> dict:
+    """Keyword arguments for :func:`plan_repetitions` / :func:`time_best` suited to ``library``.
+
+    The scalar path runs ~10x slower than the SIMD ones; its cost is worth knowing to a few percent,
+    not to the best of many runs, so it gets a third of the time budget and may settle for one rep.
+    """
+    if library_isa(library) == "scalar":
+        return {"target_s": 0.1, "min_reps": 1}
+    return {"target_s": 0.3, "min_reps": min_reps}
 
 
 def _torch_call(torch, sdpa, *args, **kwargs):
@@ -287,7 +376,8 @@ def check_against_naive(libraries: Sequence[str], case: Case, q, k, v, *, thread
     checks = {}
     for lib in libraries:
         try:
-            got = np.asarray(make_runner(lib, q, k, v, causal=shape.causal, threads=threads, torch=torch)())
+            with isa_for(lib):
+                got = np.asarray(make_runner(lib, q, k, v, causal=shape.causal, threads=threads, torch=torch)())
         except Exception as exc:
             checks[lib] = Check(False, None, f"raised {type(exc).__name__}: {exc}")
             continue
@@ -334,15 +424,16 @@ def plan_repetitions(fn: Callable[[], object], *, target_s: float = 0.3, min_rep
     return int(min(max_reps, max(min_reps, target_s // per_rep))), inner
 
 
-def time_best(fn: Callable[[], object], *, target_s: float = 0.3, reps: Optional[int] = None,
+def time_best(fn: Callable[[], object], *, target_s: float = 0.3, min_reps: int = 3, reps: Optional[int] = None,
               inner: Optional[int] = None) -> Timing:
     """Best-of-N wall time of one call to ``fn``, after a warm-up.
 
     The minimum is the estimate least disturbed by other processes and frequency ramps. N adapts
-    via :func:`plan_repetitions` unless ``reps`` and ``inner`` are both given.
+    via :func:`plan_repetitions` (with ``target_s`` and ``min_reps``) unless ``reps`` and ``inner``
+    are both given.
     """
     if reps is None or inner is None:
-        reps, inner = plan_repetitions(fn, target_s=target_s)
+        reps, inner = plan_repetitions(fn, target_s=target_s, min_reps=min_reps)
     else:
         fn()
     best = math.inf
@@ -369,3 +460,149 @@ def cases_from(shapes: Optional[Sequence[Shape]], dtype: Optional[str], quick: b
         if case not in unique:
             unique.append(case)
     return unique
+
+
+class Machine(NamedTuple):
+    """What this machine can do at most on ``threads`` threads: the yardsticks of the % columns.
+
+    Both probes are the compiled extension's; on the reference fallback they are None and
+    ``unavailable`` says why.
+    """
+
+    fp32_peak_gflops: Optional[float]  # fp32 FMA throughput of the ``isa`` path
+    read_bandwidth_gbs: Optional[float]  # streaming read of a buffer far larger than the caches
+    threads: int
+    isa: Optional[str]
+    bandwidth_probe_bytes: int
+    unavailable: Optional[str] = None
+
+    def peak_gflops(self, dtype) -> Optional[float]:
+        """The FLOP ceiling for ``dtype``: float64 vectors hold half as many lanes as float32 ones."""
+        if self.fp32_peak_gflops is None:
+            return None
+        return self.fp32_peak_gflops / 2 if np.dtype(dtype) == _F64 else self.fp32_peak_gflops
+
+    def as_json(self) -> dict:
+        """The fields as stored in ``fusedattn bench --json``, with the derived float64 peak."""
+        return {**self._asdict(), "fp64_peak_gflops": self.peak_gflops(_F64),
+                "memory_bound_max_lq": MEMORY_BOUND_MAX_LQ}
+
+
+def measure_machine(threads: int, *, bandwidth_bytes: int = BANDWIDTH_PROBE_BYTES, repeats: int = 2) -> Machine:
+    """Measure the fp32 FMA peak of the selected ISA and the streaming read bandwidth (~3 s).
+
+    Measured with the same thread count as the benchmarks, so percentages compare like with like.
+    Both are ceilings, so the best of ``repeats`` probes is kept: a probe that another process
+    interrupted can only read low.
+    """
+    core = _backend._core
+    if core is None:
+        return Machine(None, None, threads, None, bandwidth_bytes,
+                       unavailable="no compiled extension (NumPy reference fallback): nothing to probe with")
+    peak = max(float(core.measure_fma_peak_gflops(threads)) for _ in range(repeats))
+    bandwidth = max(float(core.measure_read_bandwidth_gbs(threads, bandwidth_bytes)) for _ in range(repeats))
+    return Machine(peak, bandwidth, threads, str(core.current_isa()), bandwidth_bytes)
+
+
+def utilisation(shape: Shape, dtype, seconds: float, machine: Machine) -> Dict[str, Optional[float]]:
+    """How close a forward pass taking ``seconds`` came to the machine's limits, in percent.
+
+    Always ``pct_of_peak`` (GFLOP/s over the dtype's peak, see :meth:`Machine.peak_gflops`); for
+    memory-bound shapes (:func:`is_memory_bound`) also ``pct_of_bandwidth``: :func:`bytes_moved` per
+    second over the read bandwidth. Values are None when the machine could not be probed.
+    """
+    peak = machine.peak_gflops(dtype)
+    result = {"pct_of_peak": 100 * gflops(shape, seconds) / peak if peak else None}
+    if is_memory_bound(shape):
+        bandwidth = machine.read_bandwidth_gbs
+        result["pct_of_bandwidth"] = (100 * bytes_moved(shape, dtype) / seconds / 1e9 / bandwidth
+                                      if bandwidth else None)
+    return result
+
+
+# A long-context prefill whose naive score matrix alone would take 8.6 GB: a fused kernel should not care.
+MEMORY_CASE = Case(Shape(1, 8, 16384, 16384, 64), _F32)
+
+# What fusedattn may allocate beyond its output on MEMORY_CASE: under 1% of what the scores would take.
+MEMORY_LIMIT_BYTES = 64 * 10**6
+
+# The child runs in a fresh interpreter so that its peak RSS is its own: the parent's, raised by every
+# naive baseline measured before, would hide the kernel's allocations under an old high-water mark.
+_MEMORY_CHILD = "import sys; from fusedattn._bench import _memory_child; _memory_child(sys.argv[1:])"
+
+
+def measure_extra_memory(case: Case = MEMORY_CASE, *, threads: int, timeout_s: float = 600) -> dict:
+    """Memory fusedattn needs beyond its inputs and output on ``case``, measured in a subprocess.
+
+    The child allocates q, k and v, records its peak RSS as the baseline, runs one forward pass and
+    records the peak again: ``extra_bytes`` = peak - baseline - output bytes. The peak is Linux's
+    ``VmHWM`` where there is a /proc, else ``ru_maxrss`` (see :func:`_peak_rss`). Returns a dict as stored
+    in ``fusedattn bench --json``; ``ok`` is ``extra_bytes < MEMORY_LIMIT_BYTES``, or None with a
+    ``skipped`` reason when it could not be measured. Naive NumPy is never run on the case: its
+    ``naive_score_bytes`` is the matrix it would have to materialise.
+    """
+    shape, dtype = case.shape, np.dtype(case.dtype)
+    result = {
+        "shape": shape.label, "dtype": dtype.name, "threads": threads,
+        "io_bytes": bytes_moved(shape, dtype), "naive_score_bytes": score_bytes(shape, dtype),
+        "limit_bytes": MEMORY_LIMIT_BYTES, "ok": None,
+    }
+    if _backend._core is None:
+        # The reference fallback materialises the scores: it would need those gigabytes itself.
+        return {**result, "skipped": "no compiled extension (NumPy reference fallback)"}
+    try:
+        import resource  # noqa: F401  (POSIX only; the child's fallback where /proc is missing)
+    except ImportError:
+        return {**result, "skipped": "no resource module on this platform to read the peak RSS"}
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    # The child must import this very fusedattn (an uninstalled checkout included) and run the ISA
+    # path this process has selected.
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env[_backend.ISA_ENV_VAR] = str(_backend._core.current_isa())
+    command = [sys.executable, "-c", _MEMORY_CHILD, shape.label, dtype.name, str(threads)]
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {**result, "skipped": f"the child took longer than {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {**result, "skipped": f"the child failed: {last}"}
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    extra = child["rss_peak_bytes"] - child["rss_baseline_bytes"] - child["out_bytes"]
+    return {**result, **child, "extra_bytes": extra, "ok": extra < MEMORY_LIMIT_BYTES}
+
+
+def _peak_rss() -> Tuple[int, str]:
+    """This process's peak resident set size in bytes, and where it was read from."""
+    # Linux carries the spawning process's peak into a child's ru_maxrss across exec: spawned from a
+    # process that once held 1 GiB (the bandwidth probe's buffer), the child would start at 1 GiB and
+    # report no growth at all. VmHWM belongs to the child's own address space.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
+    import resource
+
+    # Linux reports kilobytes, macOS bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
+
+
+def _memory_child(argv: Sequence[str]) -> None:
+    """Body of :func:`measure_extra_memory`'s subprocess: prints one JSON line of RSS figures."""
+    import fusedattn
+
+    label, dtype, threads = argv[0], np.dtype(argv[1]), int(argv[2])
+    shape = parse_shape(label)
+    q, k, v = make_inputs(shape, dtype)
+    baseline, source = _peak_rss()
+    start = time.perf_counter()
+    out = fusedattn.attention(q, k, v, causal="bottom_right" if shape.causal else False, num_threads=threads)
+    seconds = time.perf_counter() - start
+    peak, _ = _peak_rss()
+    print(json.dumps({"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_source": source,
+                      "out_bytes": int(out.nbytes), "seconds": seconds, "isa": fusedattn.backend_info()["isa"]}))

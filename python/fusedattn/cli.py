@@ -1,7 +1,8 @@
 """The ``fusedattn`` command line (also ``python -m fusedattn``).
 
 ``fusedattn bench`` times fusedattn against naive NumPy and, when installed, torch's
-``scaled_dot_product_attention``, after checking that fusedattn's answer is right.
+``scaled_dot_product_attention``, after checking that fusedattn's answer is right, and sets every
+fusedattn time against the machine's measured fp32 peak or memory bandwidth.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 from typing import List, Optional
 
 import numpy as np
@@ -21,16 +23,28 @@ __all__ = ["main"]
 # Columns in display order; _bench.LIBRARIES is the (different) order in which they are measured.
 _DISPLAY_ORDER = ("fusedattn", "naive", "torch")
 
+_UTILISATION_FORMULA = (
+    "pct_of_peak = GFLOP/s / fp32 FMA peak (float64 rows: / half of it, as a float64 vector holds half the "
+    f"lanes); pct_of_bandwidth (rows with Lq <= {_bench.MEMORY_BOUND_MAX_LQ}) = (q+k+v+out bytes) / time / "
+    "streaming read bandwidth; peak and bandwidth measured on the same threads as the rows"
+)
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``fusedattn`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit code 0 on success, 1 when a benchmark found fusedattn's result wrong, 2 for a usage error,
-    130 when interrupted.
+    Exit code 0 on success, 1 when a benchmark found fusedattn's result wrong or its extra memory over
+    the limit, 2 for a usage error (or ``--plot`` without matplotlib), 130 when interrupted.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors: a return value like every other outcome
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # outside the benchmark loop, which reports what it measured itself
+        return 130
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -41,19 +55,33 @@ def _build_parser() -> argparse.ArgumentParser:
         help="time fusedattn against naive NumPy and torch",
         description="Time fusedattn against naive NumPy and torch's scaled_dot_product_attention (when "
                     "installed), best of several runs after a warm-up, each result first checked "
-                    "against the naive one. FLOPs = 4*B*H*Lq*Lk*D, halved for causal shapes.",
+                    "against the naive one. FLOPs = 4*B*H*Lq*Lk*D, halved for causal shapes. fusedattn's "
+                    "GFLOP/s are shown as a percentage of the measured fp32 FMA peak (float64: half of it), "
+                    f"or for memory-bound rows (Lq <= {_bench.MEMORY_BOUND_MAX_LQ}) its bytes per second as "
+                    "a percentage of the measured read bandwidth. The default set ends with the memory "
+                    "check of --memory.",
     )
     which = bench.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="a small set of shapes (under a minute on 2 cores)")
     which.add_argument("--shapes", type=_shape_list, metavar="LIST",
                        help="comma-separated BxHxLqxLkxD, trailing 'c' for causal, "
                             "e.g. '1x8x512x512x64,1x8x1024x1024x64c'")
+    which.add_argument("--memory", action="store_true",
+                       help=f"only the memory check: run {_bench.MEMORY_CASE.shape.label} "
+                            f"{_bench.MEMORY_CASE.dtype.name} in a subprocess and report the memory fusedattn "
+                            f"needs beyond its inputs and output (limit {_bench.MEMORY_LIMIT_BYTES / 1e6:.0f} MB)")
     bench.add_argument("--dtype", choices=("float32", "float64"),
                        help="dtype of every shape (default: float32, the default set also runs one float64 shape)")
     bench.add_argument("--threads", type=_positive_int, metavar="N",
                        help="threads for every library (default: fusedattn.get_num_threads())")
+    bench.add_argument("--isa", type=_isa_list, metavar="LIST", default=[],
+                       help=f"also run fusedattn forced onto each of these ISA paths ({','.join(_bench.ISAS)}), "
+                            "shown as fusedattn[NAME] next to the selected path; paths the CPU lacks are skipped")
     bench.add_argument("--json", metavar="FILE", help="also write every row and the environment to FILE as JSON")
-    bench.set_defaults(run=_run_bench)
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw GFLOP/s per shape and library against the fp32 peak (needs matplotlib: "
+                            "pip install 'fusedattn[plot]')")
+    bench.set_defaults(run=_run_bench, parser=bench)
     return parser
 
 
@@ -62,6 +90,19 @@ def _shape_list(text: str):
         return [_bench.parse_shape(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _isa_list(text: str) -> List[str]:
+    names = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in _bench.ISAS:
+            raise argparse.ArgumentTypeError(f"unknown ISA {part.strip()!r}; expected some of {', '.join(_bench.ISAS)}")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -74,52 +115,178 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    # argparse's own format, for the combinations it cannot express
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _run_bench(args) -> int:
     import fusedattn
 
-    cases = _bench.cases_from(args.shapes, args.dtype, quick=args.quick)
+    if args.memory and (args.plot or args.isa or args.dtype):
+        return _usage_error(args.parser, "--memory runs the memory check alone; it takes no --plot, --isa or --dtype")
+    if args.plot:
+        from . import plot
+
+        try:
+            plot.require_matplotlib()
+        except ImportError as exc:
+            # Before any measuring: minutes of benchmarks should not end in a missing dependency.
+            print(f"{args.parser.prog}: error: {exc}", file=sys.stderr)
+            return 2
+
     threads = args.threads or fusedattn.get_num_threads()
-    torch, torch_reason = _bench.load_torch()
-    libraries = [lib for lib in _bench.LIBRARIES if lib != "torch" or torch is not None]
     ui = _make_ui()
     info = fusedattn.backend_info()
+    with ui.status("measuring the fp32 peak and the read bandwidth"):
+        machine = _bench.measure_machine(threads)
+    if args.memory:
+        ui.header(_header_lines(info, machine))
+        memory = _run_memory_check(ui, threads)
+        if args.json:
+            _write_json(args.json, _document([], info, machine, memory=memory))
+            ui.note(f"wrote the memory check to {args.json}")
+        return 1 if memory["ok"] is False else 0
+
+    cases = _bench.cases_from(args.shapes, args.dtype, quick=args.quick)
+    torch, torch_reason = _bench.load_torch()
+    variants, isa_skipped = _isa_variants(args.isa, info)
+    libraries = []
+    for lib in _bench.LIBRARIES:
+        if lib == "torch" and torch is None:
+            continue
+        libraries.append(lib)
+        if lib == "fusedattn":
+            libraries += variants
+    run_memory = not (args.quick or args.shapes)
 
     rows = []
+    memory = None
     interrupted = False
     with _bench.limit_threads(threads) as numpy_threads:
-        ui.header(_header_lines(info, threads, torch, torch_reason, numpy_threads))
+        ui.header(_header_lines(info, machine, threads=threads, torch=torch, torch_reason=torch_reason,
+                                numpy_threads=numpy_threads)
+                  + [f"--isa {isa} skipped: {reason}" for isa, reason in isa_skipped.items()])
         try:
-            with ui.progress(len(cases) * len(libraries)) as step:
+            with ui.progress(len(cases), len(libraries)) as progress:
                 for case in cases:
-                    rows.append(_measure_case(case, libraries, threads, torch, step))
+                    progress.case(f"{case.shape.label} {np.dtype(case.dtype).name}")
+                    rows.append(_measure_case(case, libraries, threads, torch, machine, progress))
         except KeyboardInterrupt:
             interrupted = True  # still report what was measured
 
     ui.table(_table_columns(libraries), [_table_cells(row, libraries) for row in rows])
+    for line in _footnotes(machine, rows):
+        ui.note(line)
+    if run_memory and not interrupted:
+        ui.note("")
+        memory = _run_memory_check(ui, threads)
+    document = _document(rows, info, machine, threads=threads, torch=torch, torch_reason=torch_reason,
+                         numpy_threads=numpy_threads, isas={"requested": list(args.isa),
+                                                            "run": [_bench.library_isa(v) for v in variants],
+                                                            "skipped": isa_skipped},
+                         memory=memory)
     if args.json:
-        _write_json(args.json, rows, info, threads, torch, torch_reason, numpy_threads)
+        _write_json(args.json, document)
         ui.note(f"wrote {len(rows)} rows to {args.json}")
+    if args.plot and rows:
+        from . import plot
+
+        plot.plot_bench(document, args.plot)
+        ui.note(f"wrote the plot to {args.plot}")
     mismatches = [row["shape"] for row in rows if row["mismatch"]]
     if mismatches:
         ui.note(f"MISMATCH: fusedattn disagrees with naive NumPy for {', '.join(mismatches)}")
     if interrupted:
         return 130
-    return 1 if mismatches else 0
+    return 1 if mismatches or (memory is not None and memory["ok"] is False) else 0
 
 
-def _header_lines(info, threads, torch, torch_reason, numpy_threads) -> List[str]:
+def _isa_variants(requested, info):
+    """The fusedattn[isa] libraries to run for ``--isa``, and {isa: why not} for the rest."""
+    variants, skipped = [], {}
+    for isa in requested:
+        reason = _bench.isa_unavailable(isa)
+        if reason is None and isa == info["isa"]:
+            reason = "it is the selected path, the fusedattn column itself"
+        if reason is None:
+            variants.append(_bench.fused_variant(isa))
+        else:
+            skipped[isa] = reason
+    return variants, skipped
+
+
+def _header_lines(info, machine, *, threads=None, torch=None, torch_reason=None, numpy_threads=None) -> List[str]:
     ext = "" if info.get("extension", True) else "  (compiled extension missing: NumPy reference fallback)"
-    return [
+    lines = [
         f"fusedattn {info['version']}: ISA {info['isa']} (compiled {', '.join(info['compiled_isas'])}; "
         f"CPU supports {', '.join(info['supported_isas'])}), OpenMP {'on' if info['openmp'] else 'off'}{ext}",
-        f"threads: {threads} for every library; {numpy_threads}",
-        f"numpy {np.__version__}; " + (f"torch {torch.__version__}" if torch is not None
-                                        else f"torch column skipped: {torch_reason}"),
-        f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}",
+        _machine_line(machine),
+    ]
+    if threads is not None:
+        lines += [
+            f"threads: {threads} for every library; {numpy_threads}",
+            f"numpy {np.__version__}; " + (f"torch {torch.__version__}" if torch is not None
+                                            else f"torch column skipped: {torch_reason}"),
+        ]
+    return lines + [f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}"]
+
+
+def _machine_line(machine: _bench.Machine) -> str:
+    if machine.unavailable:
+        return f"peak and bandwidth: n/a, {machine.unavailable}"
+    return (f"machine on {machine.threads} thread{'s' if machine.threads > 1 else ''}: fp32 FMA peak "
+            f"{machine.fp32_peak_gflops:.1f} GFLOP/s ({machine.isa} path), streaming read "
+            f"{machine.read_bandwidth_gbs:.1f} GB/s ({machine.bandwidth_probe_bytes / 2**20:g} MiB buffer)")
+
+
+def _footnotes(machine: _bench.Machine, rows) -> List[str]:
+    if machine.unavailable or not rows:
+        return []
+    lines = [f"efficiency: fusedattn's GFLOP/s as % of the fp32 peak ({machine.fp32_peak_gflops:.1f} GFLOP/s)"]
+    if any(row["dtype"] == "float64" for row in rows):
+        lines[0] += f"; float64 rows: % of half that ({machine.peak_gflops(np.float64):.1f} GFLOP/s)"
+    if any(row["bound"] == "memory" for row in rows):
+        lines.append(f"  memory-bound rows (Lq <= {_bench.MEMORY_BOUND_MAX_LQ}): q+k+v+out bytes per second as % of "
+                     f"the read bandwidth ({machine.read_bandwidth_gbs:.1f} GB/s)")
+    if any(pct > 100 for row in rows for pct in _fused_pcts(row)):
+        lines.append("  over 100%: a bandwidth row whose data fit in cache, or a peak probe slowed by other load")
+    return lines
+
+
+def _fused_pcts(row: dict) -> List[float]:
+    result = row["results"].get("fusedattn", {})
+    return [result[key] for key in ("pct_of_peak", "pct_of_bandwidth") if result.get(key) is not None]
+
+
+def _run_memory_check(ui, threads: int) -> dict:
+    case = _bench.MEMORY_CASE
+    with ui.status(f"memory check: {case.shape.label} {np.dtype(case.dtype).name} in a subprocess"):
+        memory = _bench.measure_extra_memory(case, threads=threads)
+    for line in _memory_lines(memory):
+        ui.note(line)
+    return memory
+
+
+def _memory_lines(memory: dict) -> List[str]:
+    where = f"{memory['shape']} {memory['dtype']}"
+    if memory["ok"] is None:
+        return [f"memory check ({where}) skipped: {memory['skipped']}"]
+    mb = 1e6
+    verdict = "ok" if memory["ok"] else "OVER THE LIMIT"
+    return [
+        f"memory, {where} in a subprocess on {memory['threads']} threads: fusedattn needed "
+        f"{memory['extra_bytes'] / mb:.2f} MB beyond its inputs and output "
+        f"(limit {memory['limit_bytes'] / mb:.0f} MB: {verdict})",
+        f"  peak RSS {memory['rss_peak_bytes'] / mb:.1f} MB - baseline with q, k, v {memory['rss_baseline_bytes'] / mb:.1f} MB "
+        f"- output {memory['out_bytes'] / mb:.1f} MB; {memory['seconds']:.1f} s",
+        f"  naive NumPy would materialise a {memory['naive_score_bytes'] / 1e9:.1f} GB score matrix (not run)",
     ]
 
 
-def _measure_case(case: _bench.Case, libraries, threads: int, torch, step) -> dict:
+def _measure_case(case: _bench.Case, libraries, threads: int, torch, machine: _bench.Machine, progress) -> dict:
     """Check, then time, every library on one case; returns the row as stored in the JSON file."""
     shape, dtype = case.shape, np.dtype(case.dtype)
     q, k, v = _bench.make_inputs(shape, dtype)
@@ -128,20 +295,27 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, step) -> di
                                         threads=threads, torch=torch)
     results = {}
     for lib in libraries:
-        step(f"{shape.label} {dtype.name}: {lib}")
+        progress.step(lib)
         if lib == "naive" and not _bench.naive_fits(shape, dtype):
             gib = _bench.score_bytes(shape, dtype) / 2**30
             results[lib] = {"skipped": f"memory: the score matrix would take {gib:.1f} GiB"}
             continue
         try:
-            runner = _bench.make_runner(lib, q, k, v, causal=shape.causal, threads=threads, torch=torch)
-            timing = _bench.time_best(runner)
+            with _bench.isa_for(lib):
+                runner = _bench.make_runner(lib, q, k, v, causal=shape.causal, threads=threads, torch=torch)
+                timing = _bench.time_best(runner, **_bench.timing_budget(lib))
         except Exception as exc:  # one failing library should not cost the other columns
             results[lib] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         results[lib] = {"ms": timing.best_s * 1e3, "gflops": _bench.gflops(shape, timing.best_s),
-                        "reps": timing.reps, "inner": timing.inner}
+                        "reps": timing.reps, "inner": timing.inner,
+                        **_bench.utilisation(shape, dtype, timing.best_s, machine)}
     fused_ms = results.get("fusedattn", {}).get("ms")
+    for lib in libraries:
+        isa = _bench.library_isa(lib)
+        if isa is not None and "ms" in results[lib]:
+            # Above 1 the forced path is faster than the selected one, below 1 slower.
+            results[lib].update(isa=isa, speed_vs_default=fused_ms / results[lib]["ms"] if fused_ms else None)
     speedups = {}
     for base in ("naive", "torch"):
         base_ms = results.get(base, {}).get("ms")
@@ -153,13 +327,19 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, step) -> di
         "causal": shape.causal,
         "threads": threads,
         "gflop": _bench.attention_flops(shape) / 1e9,
+        "bytes_moved": _bench.bytes_moved(shape, dtype),
+        "bound": "memory" if _bench.is_memory_bound(shape) else "compute",
         "check": {lib: {"ok": c.ok, "max_abs_err": c.max_abs_err, "scope": c.scope, "status": c.status}
                   for lib, c in checks.items()},
-        # Only fusedattn's own check marks the row: torch is the comparison, not the subject.
-        "mismatch": checks["fusedattn"].ok is False,
+        # Only fusedattn's own checks mark the row: torch is the comparison, not the subject.
+        "mismatch": any(c.ok is False for lib, c in checks.items() if _is_fusedattn(lib)),
         "results": results,
         **speedups,
     }
+
+
+def _is_fusedattn(library: str) -> bool:
+    return library == "fusedattn" or _bench.library_isa(library) is not None
 
 
 def _table_columns(libraries) -> List[str]:
@@ -167,8 +347,16 @@ def _table_columns(libraries) -> List[str]:
     columns = ["shape", "dtype"]
     for lib in shown:
         columns += [f"{lib} ms", "GFLOP/s"]
+        if lib == "fusedattn":
+            columns.append("efficiency")
+            for variant in _variants(libraries):
+                columns += [f"{variant} GFLOP/s", "vs default"]
     columns += [f"vs {lib}" for lib in shown if lib != "fusedattn"]
     return columns + ["check"]
+
+
+def _variants(libraries) -> List[str]:
+    return [lib for lib in libraries if _bench.library_isa(lib) is not None]
 
 
 def _table_cells(row: dict, libraries) -> List[str]:
@@ -183,6 +371,13 @@ def _table_cells(row: dict, libraries) -> List[str]:
             cells += [f"skipped ({result['skipped'].split(':')[0]})", "-"]
         else:
             cells += ["error", "-"]
+        if lib == "fusedattn":
+            cells.append(_efficiency_cell(row["bound"], result))
+            for variant in _variants(libraries):
+                forced = row["results"].get(variant, {})
+                ratio = forced.get("speed_vs_default")
+                cells += [f"{forced['gflops']:.1f}" if "gflops" in forced else "error",
+                          f"{ratio:.2f}x" if ratio else "-"]
     for lib in shown:
         if lib != "fusedattn":
             ratio = row[f"speedup_vs_{lib}"]
@@ -191,12 +386,24 @@ def _table_cells(row: dict, libraries) -> List[str]:
     return cells
 
 
+def _efficiency_cell(bound: str, result: dict) -> str:
+    key, unit = ("pct_of_bandwidth", "bw") if bound == "memory" else ("pct_of_peak", "peak")
+    pct = result.get(key)
+    # n/a: the reference fallback has no probes to measure the machine with
+    if pct is None:
+        return "n/a"
+    return f"{pct:.0f}% of {unit}" if pct >= 9.5 else f"{pct:.2g}% of {unit}"
+
+
 def _check_cell(row: dict) -> str:
     fused = row["check"]["fusedattn"]
     # The table keeps only the verdict (and the error when it matters); the JSON has the details.
-    cell = fused["status"] if row["mismatch"] or fused["ok"] is None else "ok"
+    cell = fused["status"] if fused["ok"] is not True else "ok"
     if fused["ok"] and fused["scope"] != "full":
         cell += f" ({fused['scope']})"
+    for lib, check in row["check"].items():
+        if _bench.library_isa(lib) is not None and check["ok"] is False:
+            cell += f"; {lib} {check['status']}"
     torch_check = row["check"].get("torch")
     if torch_check is not None and torch_check["ok"] is False:
         cell += "; torch differs"
@@ -209,11 +416,14 @@ def _format_ms(ms: float) -> str:
     return f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
 
 
-def _write_json(path, rows, info, threads, torch, torch_reason, numpy_threads) -> None:
-    document = {
+def _document(rows, info, machine: _bench.Machine, *, threads=None, torch=None, torch_reason=None,
+              numpy_threads=None, isas=None, memory=None) -> dict:
+    """Everything a run measured, as written by --json and drawn by --plot."""
+    return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend_info": info,
-        "threads": threads,
+        "threads": machine.threads if threads is None else threads,
+        "roofline": machine.as_json(),
         "numpy_version": np.__version__,
         "numpy_threads": numpy_threads,
         "torch_version": None if torch is None else str(torch.__version__),
@@ -221,8 +431,14 @@ def _write_json(path, rows, info, threads, torch, torch_reason, numpy_threads) -
         "python": platform.python_version(),
         "machine": platform.machine(),
         "flops_formula": "4*B*H*Lq*Lk*D, halved for causal",
+        "utilisation_formula": _UTILISATION_FORMULA,
+        "isas": isas or {"requested": [], "run": [], "skipped": {}},
         "rows": rows,
+        "memory": memory,
     }
+
+
+def _write_json(path, document: dict) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2, allow_nan=False, default=_json_default)
         handle.write("\n")
@@ -250,8 +466,11 @@ class _PlainUI:
             print(line)
         print()
 
-    def progress(self, total: int):
-        return _PlainProgress(total)
+    def status(self, text: str):
+        return _PlainStatus(text)
+
+    def progress(self, cases: int, steps_per_case: int):
+        return _PlainProgress(cases)
 
     def table(self, columns, rows):
         widths = [max(len(str(c)) for c in column) for column in zip(columns, *rows)]
@@ -270,23 +489,44 @@ class _PlainUI:
         print(text)
 
 
+class _PlainStatus:
+    """One stderr line announcing a wait of a few seconds."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __enter__(self):
+        print(f"{self.text} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class _PlainProgress:
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
+    """One stderr line per case: readable in a log file, where a redrawn bar would be noise."""
+
+    def __init__(self, cases: int):
+        self.cases, self.done = cases, 0
+        self.start = time.perf_counter()
 
     def __enter__(self):
         return self
 
-    def __call__(self, description: str):
+    def case(self, label: str):
         self.done += 1
-        print(f"[{self.done}/{self.total}] {description}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - self.start
+        print(f"[{self.done}/{self.cases}] {label} ({elapsed:.0f} s elapsed)", file=sys.stderr, flush=True)
+
+    def step(self, library: str):
+        pass
 
     def __exit__(self, *exc):
         return False
 
 
 class _RichUI:
-    """rich table on stdout and a transient progress bar on stderr."""
+    """rich table on stdout; a transient progress bar on stderr when it is a terminal."""
 
     def __init__(self):
         from rich.console import Console
@@ -302,22 +542,33 @@ class _RichUI:
             self.out.print(line, highlight=False, markup=False)
         self.out.print()
 
-    def progress(self, total: int):
-        return _RichProgress(self.err, total)
+    def status(self, text: str):
+        if not self.err.is_terminal:
+            return _PlainStatus(text)
+        return self.err.status(text)
+
+    def progress(self, cases: int, steps_per_case: int):
+        # rich draws nothing on a non-terminal stderr (and a transient bar leaves nothing behind),
+        # so a redirected run would be silent for minutes: use the log-friendly lines there.
+        if not self.err.is_terminal:
+            return _PlainProgress(cases)
+        return _RichProgress(self.err, cases * steps_per_case)
 
     def table(self, columns, rows):
         from rich.table import Table
+        from rich.text import Text
 
         from rich import box
 
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for i, column in enumerate(columns):
             numeric = 1 < i < len(columns) - 1
+            # Text, not str: "fusedattn[avx2]" would otherwise be read as markup and vanish.
             # Wrapping rather than no_wrap: on a narrow terminal a folded number beats an elided one.
-            table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+            table.add_column(Text(column), justify="right" if numeric else "left", overflow="fold")
         for row in rows:
-            style = "bold red" if row[-1].startswith("MISMATCH") else None
-            table.add_row(*row, style=style)
+            style = "bold red" if "MISMATCH" in row[-1] else None
+            table.add_row(*map(Text, row), style=style)
         self.out.print(table)
 
     def note(self, text):
@@ -328,21 +579,26 @@ class _RichProgress:
     def __init__(self, console, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        # markup=False: the "[avx2]" of a forced path is not a style tag.
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, transient=True)
         self.task = self.progress.add_task("starting", total=total)
+        self.label = ""
         self.started = False
 
     def __enter__(self):
         self.progress.__enter__()
         return self
 
-    def __call__(self, description: str):
+    def case(self, label: str):
+        self.label = label
+
+    def step(self, library: str):
         # Advance for the step just finished, then show the one starting.
         if self.started:
             self.progress.advance(self.task)
         self.started = True
-        self.progress.update(self.task, description=description)
+        self.progress.update(self.task, description=f"{self.label}: {library}")
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
