@@ -72,40 +72,40 @@ void require_shape(const py::array& a, const char* name, std::vector<py::ssize_t
   if (!ok) throw std::invalid_argument(std::string(name) + ": unexpected shape " + shape_str(a));
 }
 
-void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
-                       std::optional<int64_t> causal_offset, double scale, py::array out,
-                       std::optional<py::array> lse, int num_threads) {
-  const bool is_f32 = py::dtype::of<float>().is(q.dtype());
-  if (!is_f32 && !py::dtype::of<double>().is(q.dtype()))
-    throw py::type_error("q: dtype must be float32 or float64");
-  for (const py::array* a : std::initializer_list<const py::array*>{&k, &v, &out})
-    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v and out must share one dtype");
-  if (q.ndim() < 3) throw std::invalid_argument("q: expected (..., H, L, D), got shape " + shape_str(q));
-  if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
-
+// Everything one call needs, kept alive (and in place: params point into the offset vectors) until the
+// kernel returns.
+struct Call {
   AttnParams p;
+  std::vector<py::ssize_t> lead;
+  Converted q, k, v, out, mask, lse, weights;
+};
+
+// q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
+void convert_common(Call& call, const py::array& q, const py::array& k, const std::optional<py::array>& mask,
+                    std::optional<int64_t> causal_offset, double scale, const std::optional<py::array>& score_weight,
+                    int num_threads) {
+  AttnParams& p = call.p;
+  const bool is_f32 = py::dtype::of<float>().is(q.dtype());
+  if (!is_f32 && !py::dtype::of<double>().is(q.dtype())) throw py::type_error("q: dtype must be float32 or float64");
+  if (!k.dtype().is(q.dtype())) throw py::type_error("q and k must share one dtype");
+  if (q.ndim() < 3 || k.ndim() != q.ndim())
+    throw std::invalid_argument("q, k: expected (..., H, L, D) arrays of one rank, got " + shape_str(q) + " and " +
+                                shape_str(k));
   p.dtype = is_f32 ? fusedattn::DType::kFloat32 : fusedattn::DType::kFloat64;
-  std::vector<py::ssize_t> lead(q.shape(), q.shape() + q.ndim() - 3);
+  call.lead.assign(q.shape(), q.shape() + q.ndim() - 3);
   p.batch = 1;
-  for (py::ssize_t s : lead) p.batch *= s;
+  for (py::ssize_t s : call.lead) p.batch *= s;
   p.heads_q = q.shape(q.ndim() - 3);
   p.len_q = q.shape(q.ndim() - 2);
   p.head_dim = q.shape(q.ndim() - 1);
-  if (k.ndim() != q.ndim() || v.ndim() != q.ndim())
-    throw std::invalid_argument("k, v: must have as many dimensions as q");
   p.heads_kv = k.shape(k.ndim() - 3);
   p.len_k = k.shape(k.ndim() - 2);
-  p.value_dim = v.shape(v.ndim() - 1);
+  p.value_dim = p.head_dim;
   require_shape(k, "k", {p.heads_kv, p.len_k, p.head_dim});
-  require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
-  require_shape(out, "out", {p.heads_q, p.len_q, p.value_dim});
-
-  Converted cq = convert(q, "q", 3, lead), ck = convert(k, "k", 3, lead), cv = convert(v, "v", 3, lead);
-  Converted cout = convert(out, "out", 3, lead), cmask, clse;
-  p.q = cq.tensor;
-  p.k = ck.tensor;
-  p.v = cv.tensor;
-  p.out = cout.tensor;
+  call.q = convert(q, "q", 3, call.lead);
+  call.k = convert(k, "k", 3, call.lead);
+  p.q = call.q.tensor;
+  p.k = call.k.tensor;
   if (mask) {
     require_shape(*mask, "mask", {p.heads_q, p.len_q, p.len_k});
     if (py::dtype::of<bool>().is(mask->dtype()))
@@ -114,22 +114,63 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
       p.mask_kind = fusedattn::MaskKind::kAdditive;
     else
       throw py::type_error("mask: dtype must be bool or the dtype of q");
-    cmask = convert(*mask, "mask", 3, lead);
-    p.mask = cmask.tensor;
+    call.mask = convert(*mask, "mask", 3, call.lead);
+    p.mask = call.mask.tensor;
   }
-  if (lse) {
-    if (!lse->dtype().is(q.dtype())) throw py::type_error("lse: dtype must be the dtype of q");
-    if (!lse->writeable()) throw std::invalid_argument("lse: array is read-only");
-    require_shape(*lse, "lse", {p.heads_q, p.len_q});
-    clse = convert(*lse, "lse", 2, lead);
-    p.lse = clse.tensor;
+  if (score_weight) {
+    const py::array& w = *score_weight;
+    if (!w.dtype().is(q.dtype()) || w.ndim() != 1 || w.shape(0) != p.head_dim ||
+        (w.shape(0) > 1 && w.strides(0) != w.itemsize()))
+      throw std::invalid_argument("score_weight: expected a contiguous (D,) array of q's dtype");
+    p.score_kind = fusedattn::ScoreKind::kAdditive;
+    p.score_weight = w.data();
   }
   p.causal = causal_offset.has_value();
   p.causal_offset = causal_offset.value_or(0);
   p.scale = scale;
   p.num_threads = num_threads;
+}
+
+void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
+                       std::optional<int64_t> causal_offset, double scale, py::array out,
+                       std::optional<py::array> lse, int num_threads, std::optional<py::array> score_weight) {
+  Call call;
+  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  AttnParams& p = call.p;
+  for (const py::array* a : std::initializer_list<const py::array*>{&v, &out})
+    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v and out must share one dtype");
+  if (v.ndim() != q.ndim()) throw std::invalid_argument("v: must have as many dimensions as q");
+  if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
+  p.value_dim = v.shape(v.ndim() - 1);
+  require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
+  require_shape(out, "out", {p.heads_q, p.len_q, p.value_dim});
+  call.v = convert(v, "v", 3, call.lead);
+  call.out = convert(out, "out", 3, call.lead);
+  p.v = call.v.tensor;
+  p.out = call.out.tensor;
+  if (lse) {
+    if (!lse->dtype().is(q.dtype())) throw py::type_error("lse: dtype must be the dtype of q");
+    if (!lse->writeable()) throw std::invalid_argument("lse: array is read-only");
+    require_shape(*lse, "lse", {p.heads_q, p.len_q});
+    call.lse = convert(*lse, "lse", 2, call.lead);
+    p.lse = call.lse.tensor;
+  }
   py::gil_scoped_release release;
   fusedattn::attention_forward(p);
+}
+
+void attention_weights(const py::array& q, const py::array& k, std::optional<py::array> mask,
+                       std::optional<int64_t> causal_offset, double scale, std::optional<py::array> score_weight,
+                       py::array weights, int num_threads) {
+  Call call;
+  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  if (!weights.dtype().is(q.dtype())) throw py::type_error("weights: dtype must be the dtype of q");
+  if (!weights.writeable()) throw std::invalid_argument("weights: array is read-only");
+  require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
+  call.weights = convert(weights, "weights", 3, call.lead);
+  call.p.weights = call.weights.tensor;
+  py::gil_scoped_release release;
+  fusedattn::attention_weights(call.p);
 }
 
 std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
@@ -144,7 +185,12 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedattn's compiled core (private: use the fusedattn package)";
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
         py::arg("causal_offset"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
-        "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given).");
+        py::arg("score_weight") = py::none(),
+        "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given). With score_weight "
+        "the scores are additive: sum_d w_d tanh(q_d + k_d).");
+  m.def("attention_weights", &attention_weights, py::arg("q"), py::arg("k"), py::arg("mask"),
+        py::arg("causal_offset"), py::arg("scale"), py::arg("score_weight"), py::arg("weights"),
+        py::arg("num_threads"), "Softmax probabilities into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
   m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });
   m.def("current_isa", [] { return std::string(fusedattn::isa_name(fusedattn::current_isa())); });

@@ -8,6 +8,7 @@
 namespace fusedattn {
 namespace detail {
 void run_forward_kernel(const AttnParams& params);
+void run_weights_kernel(const AttnParams& params);
 }
 
 namespace {
@@ -18,9 +19,8 @@ void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
 }
 
-}  // namespace
-
-void attention_forward(const AttnParams& p) {
+// Checks shared by every entry point; returns false when there is nothing to compute.
+bool validate_common(const AttnParams& p) {
   require(p.batch >= 0 && p.len_q >= 0 && p.len_k >= 0, "attention: negative batch or sequence length");
   require(p.heads_kv >= 1 && p.heads_q >= 0 && p.heads_q % p.heads_kv == 0,
           "attention: heads_q (" + std::to_string(p.heads_q) + ") must be a multiple of heads_kv (" +
@@ -31,13 +31,26 @@ void attention_forward(const AttnParams& p) {
           "attention: value_dim must be in [1, 512], got " + std::to_string(p.value_dim));
   require(std::isfinite(p.scale), "attention: scale must be finite");
   require(p.num_threads >= 1, "attention: num_threads must be >= 1");
-  if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return;  // nothing to write
-  require(p.q.data && p.k.data && p.v.data && p.out.data && p.q.batch_offsets && p.k.batch_offsets &&
-              p.v.batch_offsets && p.out.batch_offsets,
-          "attention: missing tensor");
+  require(p.score_kind == ScoreKind::kDot || p.score_weight, "attention: additive scores need score_weight");
+  if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return false;  // nothing to write
+  require(p.q.data && p.k.data && p.q.batch_offsets && p.k.batch_offsets, "attention: missing tensor");
   require(p.mask_kind == MaskKind::kNone || (p.mask.data && p.mask.batch_offsets), "attention: missing mask");
+  return true;
+}
+
+}  // namespace
+
+void attention_forward(const AttnParams& p) {
+  if (!validate_common(p)) return;
+  require(p.v.data && p.out.data && p.v.batch_offsets && p.out.batch_offsets, "attention: missing tensor");
   require(!p.lse.data || p.lse.batch_offsets, "attention: lse without batch offsets");
   detail::run_forward_kernel(p);
+}
+
+void attention_weights(const AttnParams& p) {
+  if (!validate_common(p)) return;
+  require(p.weights.data && p.weights.batch_offsets, "attention_weights: missing output");
+  detail::run_weights_kernel(p);
 }
 
 }  // namespace fusedattn

@@ -15,6 +15,7 @@ struct IsaEntry {
   Isa isa;
   const char* name;
   ForwardKernel forward;
+  ForwardKernel weights;
   kernels::MachineProbe (*probe)();
   bool (*cpu_has)();
 };
@@ -35,12 +36,15 @@ bool cpu_has_avx512() {
 
 // Ordered worst to best.
 const IsaEntry kTable[] = {
-    {Isa::kScalar, "scalar", kernels::attention_forward_scalar, kernels::machine_probe_scalar, always},
+    {Isa::kScalar, "scalar", kernels::attention_forward_scalar, kernels::attention_weights_scalar,
+     kernels::machine_probe_scalar, always},
 #ifdef FUSEDATTN_HAVE_AVX2
-    {Isa::kAvx2, "avx2", kernels::attention_forward_avx2, kernels::machine_probe_avx2, cpu_has_avx2},
+    {Isa::kAvx2, "avx2", kernels::attention_forward_avx2, kernels::attention_weights_avx2,
+     kernels::machine_probe_avx2, cpu_has_avx2},
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512
-    {Isa::kAvx512, "avx512", kernels::attention_forward_avx512, kernels::machine_probe_avx512, cpu_has_avx512},
+    {Isa::kAvx512, "avx512", kernels::attention_forward_avx512, kernels::attention_weights_avx512,
+     kernels::machine_probe_avx512, cpu_has_avx512},
 #endif
 };
 
@@ -107,6 +111,7 @@ void set_isa(Isa isa) {
 
 namespace detail {
 void run_forward_kernel(const AttnParams& params) { find_entry(current_isa())->forward(params); }
+void run_weights_kernel(const AttnParams& params) { find_entry(current_isa())->weights(params); }
 kernels::MachineProbe current_probe() { return find_entry(current_isa())->probe(); }
 }  // namespace detail
 

@@ -6,6 +6,23 @@
 (2, 8, 128, 64)
 """
 from . import reference
-from .api import __version__, attention, backend_info, get_num_threads, set_num_threads
+from .api import (
+    __version__,
+    additive_attention,
+    attention,
+    attention_weights,
+    backend_info,
+    get_num_threads,
+    set_num_threads,
+)
 
-__all__ = ["attention", "backend_info", "get_num_threads", "set_num_threads", "reference", "__version__"]
+__all__ = [
+    "attention",
+    "additive_attention",
+    "attention_weights",
+    "backend_info",
+    "get_num_threads",
+    "set_num_threads",
+    "reference",
+    "__version__",
+]

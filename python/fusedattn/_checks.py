@@ -164,3 +164,24 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
         return bool(np.shares_memory(a, b, max_work=1_000_000))
     except _TooHardError:
         return True  # cannot prove disjointness cheaply: refuse rather than risk a silent wrong answer
+
+
+_SCORE_KINDS = ("dot", "additive")
+
+
+def check_kind(kind) -> str:
+    if not isinstance(kind, str) or kind not in _SCORE_KINDS:
+        raise ValueError(f"kind must be one of {_SCORE_KINDS}, got {kind!r}")
+    return kind
+
+
+def check_score_weight(score_weight, head_dim: int, dtype) -> np.ndarray:
+    """The additive score's weight vector ``w`` of shape ``(D,)``: all ones when None, else validated."""
+    if score_weight is None:
+        return np.ones(head_dim, dtype=dtype)
+    weight = np.asarray(score_weight)
+    if weight.dtype == np.bool_ or not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
+        raise TypeError(f"score_weight must be a real-valued array of shape ({head_dim},), got dtype {weight.dtype}")
+    if weight.shape != (head_dim,):
+        raise ValueError(f"score_weight must have shape ({head_dim},) (the head dim D of q and k), got {weight.shape}")
+    return np.ascontiguousarray(weight, dtype=dtype)

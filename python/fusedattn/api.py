@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
-from ._checks import check_num_threads, check_out, head_view, prepare
+from ._checks import check_kind, check_num_threads, check_out, check_score_weight, head_view, prepare
 
-__all__ = ["attention", "backend_info", "set_num_threads", "get_num_threads"]
+__all__ = ["attention", "additive_attention", "attention_weights", "backend_info", "set_num_threads",
+           "get_num_threads"]
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -55,6 +56,49 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
     if _backend._core is None:
         return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    return _forward(p, None, return_lse, out, threads)
+
+
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, return_lse=False, out=None,
+                       num_threads=None):
+    """Fused additive (Bahdanau / Keras ``AdditiveAttention``) attention.
+
+    ``score[i, j] = sum_d w_d * tanh(q[i, d] + k[j, d])``, softmax over ``j`` (with ``mask`` and ``causal``
+    exactly as in :func:`attention`), then ``@ v``. Computed tile by tile with an online softmax and a
+    vectorised tanh: neither the ``Lq x Lk x D`` tanh terms nor the ``Lq x Lk`` scores are ever stored.
+
+    The Bahdanau form ``v_a^T tanh(W_q q + W_k k)`` is this function after the two projections::
+
+        out = fa.additive_attention(query @ W_q, keys @ W_k, values, score_weight=v_a)
+
+    (:class:`fusedattn.AdditiveAttention` is that layer.)
+
+    Args:
+        q: ``(..., Hq, Lq, D)``; ``(B, L, D)`` and ``(L, D)`` as in :func:`attention`.
+        k: ``(..., Hkv, Lk, D)``, same leading dims; ``Hq % Hkv == 0`` (grouped-query attention).
+        v: ``(..., Hkv, Lk, Dv)``.
+        score_weight: ``w`` of shape ``(D,)`` (Keras's ``scale`` when ``use_scale=True``); default all ones.
+        mask, causal, return_lse, out, num_threads: as in :func:`attention`. There is no ``scale``.
+
+    Returns:
+        ``out`` ``(..., Hq, Lq, Dv)`` in the inputs' dtype (float32 / float64), or ``(out, lse)``.
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> q, k, v = (np.random.rand(2, 10, 16).astype(np.float32) for _ in range(3))
+        >>> fa.additive_attention(q, k, v, score_weight=np.full(16, 0.5, np.float32)).shape
+        (2, 10, 16)
+    """
+    threads = check_num_threads(num_threads)
+    if _backend._core is None:
+        return reference.additive_attention(q, k, v, score_weight=score_weight, mask=mask, causal=causal,
+                                            return_lse=return_lse, out=out)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
+    return _forward(p, weight, return_lse, out, threads)
+
+
+def _forward(p, score_weight, return_lse, out, threads):
     if out is None:
         out = np.empty(p.out_shape, dtype=p.q.dtype)
     else:
@@ -65,8 +109,48 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
         head_view(out, p.user_rank),
         None if lse is None else head_view(lse, p.user_rank),
         threads or _backend.default_num_threads(),
+        score_weight,
     )
     return (out, lse) if return_lse else out
+
+
+def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, num_threads=None):
+    """The attention probabilities, for inspection: ``softmax(scores + mask)`` of shape ``(..., Hq, Lq, Lk)``.
+
+    Unlike :func:`attention`, this **materialises** the ``Lq x Lk`` matrix on purpose (it is the result).
+    The C++ kernels compute it from the same score tiles as the fused path: a first pass over the keys
+    for each row's max and sum, a second that writes the normalised probabilities.
+
+    Args:
+        q: ``(..., Hq, Lq, D)`` (or ``(B, Lq, D)``, ``(Lq, D)``); k: ``(..., Hkv, Lk, D)``.
+        mask, causal, scale: as in :func:`attention` (``scale`` applies to ``kind="dot"`` only).
+        kind: ``"dot"`` (scaled dot product) or ``"additive"`` (as :func:`additive_attention`).
+        score_weight: ``(D,)``, for ``kind="additive"`` (default all ones).
+        num_threads: as in :func:`attention`.
+
+    Returns:
+        The weights in the inputs' dtype; each row sums to 1, and rows that may attend no key are all 0.
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> q, k = np.random.rand(4, 8).astype(np.float32), np.random.rand(6, 8).astype(np.float32)
+        >>> w = fa.attention_weights(q, k, causal=True)
+        >>> w.shape, bool(np.allclose(w.sum(-1), 1))
+        ((4, 6), True)
+    """
+    threads = check_num_threads(num_threads)
+    kind = check_kind(kind)
+    if kind == "dot" and score_weight is not None:
+        raise ValueError("score_weight applies to kind='additive' only")
+    if _backend._core is None:
+        return reference.attention_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind,
+                                           score_weight=score_weight)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale)
+    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype) if kind == "additive" else None
+    weights = np.zeros(p.lse_shape + (p.k.shape[-2],), dtype=p.q.dtype)
+    _backend._core.attention_weights(p.q, p.k, p.mask, p.causal_offset, p.scale, weight,
+                                     head_view(weights, p.user_rank), threads or _backend.default_num_threads())
+    return weights
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_num_threads, check_out, prepare
+from ._checks import check_kind, check_num_threads, check_out, check_score_weight, prepare
 
-__all__ = ["attention"]
+__all__ = ["attention", "additive_attention", "attention_weights"]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
@@ -33,35 +33,101 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
-    out64, lse64 = _attention_f64(p)
-    dtype = p.q.dtype
-    result = out64.reshape(p.out_shape).astype(dtype)
+    return _finish(p, _softmax_f64(p, _dot_scores(p)), return_lse, out)
+
+
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, return_lse=False, out=None,
+                       num_threads=None):
+    """Additive (Bahdanau / Keras) attention in float64 NumPy: ``score[i, j] = sum_d w_d tanh(q[i, d] + k[j, d])``.
+
+    The arguments and result of :func:`fusedattn.additive_attention`.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> q = k = v = np.ones((5, 8))
+        >>> reference.additive_attention(q, k, v, score_weight=np.full(8, 0.5)).shape
+        (5, 8)
+    """
+    check_num_threads(num_threads)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
+    if out is not None:
+        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
+    return _finish(p, _softmax_f64(p, _additive_scores(p, weight)), return_lse, out)
+
+
+def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, num_threads=None):
+    """The attention probabilities ``(..., Hq, Lq, Lk)`` in float64 NumPy, cast to the input dtype.
+
+    The arguments and result of :func:`fusedattn.attention_weights`.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> w = reference.attention_weights(np.ones((3, 4)), np.ones((5, 4)))
+        >>> w.shape, float(w.sum())
+        ((3, 5), 3.0)
+    """
+    check_num_threads(num_threads)
+    kind = check_kind(kind)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale)
+    if kind == "additive":
+        scores = _additive_scores(p, check_score_weight(score_weight, p.q.shape[-1], np.float64))
+    else:
+        if score_weight is not None:
+            raise ValueError("score_weight applies to kind='additive' only")
+        scores = _dot_scores(p)
+    weights = _softmax_f64(p, scores, values=False)
+    return weights.reshape(p.lse_shape + (p.k.shape[-2],)).astype(p.q.dtype)
+
+
+def _finish(p, out_and_lse, return_lse, out):
+    out64, lse64 = out_and_lse
+    result = out64.reshape(p.out_shape).astype(p.q.dtype)
     if out is not None:
         out[...] = result
         result = out
     if return_lse:
-        return result, lse64.reshape(p.lse_shape).astype(dtype)
+        return result, lse64.reshape(p.lse_shape).astype(p.q.dtype)
     return result
 
 
-def _attention_f64(p):
-    lead = p.q.shape[:-3]
-    hq, lq, _ = p.q.shape[-3:]
-    hkv, lk, dv = p.v.shape[-3:]
-    group = hq // hkv
-    q = p.q.astype(np.float64)
+def _kv_heads(x, group):
     # Query head h reads kv head h // group: repeat kv heads (a copy, which the kernel never makes).
-    k = np.repeat(p.k.astype(np.float64), group, axis=-3)
-    v = np.repeat(p.v.astype(np.float64), group, axis=-3)
-    out = np.zeros(lead + (hq, lq, dv))
+    return np.repeat(x.astype(np.float64), group, axis=-3)
+
+
+def _dot_scores(p):
+    """scores(rows) -> the scaled q.k^T scores of query rows [start, stop), float64."""
+    q = p.q.astype(np.float64)
+    k_t = np.swapaxes(_kv_heads(p.k, p.q.shape[-3] // p.k.shape[-3]), -1, -2)
+    return lambda start, stop: (q[..., start:stop, :] @ k_t) * p.scale
+
+
+def _additive_scores(p, weight):
+    """scores(rows) -> sum_d w_d tanh(q[i, d] + k[j, d]) of query rows [start, stop), float64."""
+    q = p.q.astype(np.float64)
+    k = _kv_heads(p.k, p.q.shape[-3] // p.k.shape[-3])
+    return lambda start, stop: np.tanh(q[..., start:stop, None, :] + k[..., None, :, :]) @ weight
+
+
+def _softmax_f64(p, scores_of, values=True):
+    """Masked softmax of the scores, chunked over query rows: (out, lse), or the weights when not ``values``."""
+    lead = p.q.shape[:-3]
+    hq, lq, d = p.q.shape[-3:]
+    hkv, lk, dv = p.v.shape[-3:]
+    v = _kv_heads(p.v, hq // hkv) if values else None
+    out = np.zeros(lead + (hq, lq, dv)) if values else np.zeros(lead + (hq, lq, lk))
     lse = np.full(lead + (hq, lq), -np.inf)
-    rows_per_chunk = max(1, _CHUNK_BYTES // max(1, 8 * lk * hq * max(1, int(np.prod(lead)))))
     if lk == 0:
-        return out, lse  # no key at all: every row attends nothing
+        return (out, lse) if values else out  # no key at all: every row attends nothing
+    per_row = 8 * lk * hq * max(1, int(np.prod(lead))) * d  # the additive scores' (rows, Lk, D) temporary
+    rows_per_chunk = max(1, _CHUNK_BYTES // per_row)
     key_index = np.arange(lk)
     for start in range(0, lq, rows_per_chunk):
         stop = min(lq, start + rows_per_chunk)
-        scores = (q[..., start:stop, :] @ np.swapaxes(k, -1, -2)) * p.scale
+        scores = scores_of(start, stop)
         if p.mask is not None:
             chunk_mask = p.mask[..., start:stop, :]
             if chunk_mask.dtype == np.bool_:
@@ -78,6 +144,11 @@ def _attention_f64(p):
         safe_max = np.where(attends_nothing, 0.0, row_max)
         weights = np.exp(scores - safe_max)
         denom = np.where(attends_nothing, 1.0, weights.sum(axis=-1, keepdims=True))
-        out[..., start:stop, :] = (weights / denom) @ v
-        lse[..., start:stop] = np.where(attends_nothing, -np.inf, safe_max + np.log(denom))[..., 0]
-    return out, lse
+        if values:
+            out[..., start:stop, :] = (weights / denom) @ v
+            lse[..., start:stop] = np.where(attends_nothing, -np.inf, safe_max + np.log(denom))[..., 0]
+        else:
+            out[..., start:stop, :] = weights / denom
+    return (out, lse) if values else out
+
+

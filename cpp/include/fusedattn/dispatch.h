@@ -23,6 +23,8 @@ void set_isa(Isa isa);
 
 // Validates `params` (std::invalid_argument on inconsistency) and runs the selected kernel.
 void attention_forward(const AttnParams& params);
+// Writes the softmax probabilities into params.weights (keys past the causal limit are left as given).
+void attention_weights(const AttnParams& params);
 
 // The fp32 FMA throughput of the selected ISA path on `num_threads` threads, in GFLOP/s (best of a few
 // short runs of independent FMA chains): the "peak" the benchmark reports compute-bound figures against.

@@ -7,6 +7,8 @@ namespace fusedattn {
 
 enum class DType { kFloat32, kFloat64 };
 enum class MaskKind { kNone, kBool, kAdditive };
+// kDot: scale * q.k; kAdditive (Bahdanau / Keras): sum_d w_d tanh(q_d + k_d).
+enum class ScoreKind { kDot, kAdditive };
 
 // A (batch, head, row, column) view of a tensor. Strides are in elements and may be zero
 // (broadcast), negative or anything else numpy allows. The leading "batch" axes of an array of any
@@ -39,6 +41,11 @@ struct AttnParams {
   MaskKind mask_kind = MaskKind::kNone;
   StridedTensor out;              // (batch, heads_q, len_q, value_dim)
   StridedTensor lse;              // (batch, heads_q, len_q) in `row_stride`; data may be null
+
+  ScoreKind score_kind = ScoreKind::kDot;
+  const void* score_weight = nullptr;  // kAdditive: w, (head_dim,) contiguous, in dtype
+
+  StridedTensor weights;          // attention_weights(): (batch, heads_q, len_q, len_k), zero-filled by the caller
 
   bool causal = false;
   int64_t causal_offset = 0;      // query i may attend key j iff j <= i + causal_offset

@@ -20,6 +20,8 @@ namespace fusedattn::kernels {
 
 void attention_forward_avx2(const AttnParams& params) { isa_avx2::forward<isa_avx2::VecAvx2>(params); }
 
+void attention_weights_avx2(const AttnParams& params) { isa_avx2::weights<isa_avx2::VecAvx2>(params); }
+
 MachineProbe machine_probe_avx2() { return isa_avx2::make_probe<isa_avx2::VecAvx2<float>>(); }
 
 }  // namespace fusedattn::kernels

@@ -20,6 +20,8 @@ namespace fusedattn::kernels {
 
 void attention_forward_avx512(const AttnParams& params) { isa_avx512::forward<isa_avx512::VecAvx512>(params); }
 
+void attention_weights_avx512(const AttnParams& params) { isa_avx512::weights<isa_avx512::VecAvx512>(params); }
+
 MachineProbe machine_probe_avx512() { return isa_avx512::make_probe<isa_avx512::VecAvx512<float>>(); }
 
 }  // namespace fusedattn::kernels

@@ -39,19 +39,57 @@ inline typename Vec::V exp_minus(typename Vec::V x, typename Vec::V reference) {
   return Vec::exp2(Vec::mul(Vec::sub(x, reference), Vec::set1(static_cast<typename Vec::T>(kLog2e))));
 }
 
+// tanh(x) = (e - 1) / (e + 1) with e = e^(2x). |x| is clamped where tanh rounds to +-1 (9 in float, 20 in
+// double) so e stays finite; the absolute error is about one ulp of 1, which is what the additive score
+// sum_d w_d tanh(.) accumulates anyway. NaN passes through the clamp (x is the second operand).
+template <class Vec>
+inline typename Vec::V tanh_vec(typename Vec::V x) {
+  using T = typename Vec::T;
+  const T limit = sizeof(T) == 4 ? T(9) : T(20);
+  const typename Vec::V clamped = Vec::max(Vec::set1(-limit), Vec::min(Vec::set1(limit), x));
+  const typename Vec::V e = Vec::exp2(Vec::mul(clamped, Vec::set1(static_cast<T>(2 * kLog2e))));
+  return Vec::div(Vec::sub(e, Vec::set1(T(1))), Vec::add(e, Vec::set1(T(1))));
+}
+
+// Score policies: how one depth step k of a score tile combines a broadcast element a (from K) with a
+// vector b (from Q^T). The P.V product is always DotScore.
+struct DotScore {
+  template <class Vec>
+  static typename Vec::V depth_weight(const typename Vec::T*, int64_t) {
+    return Vec::zero();
+  }
+  template <class Vec>
+  static typename Vec::V combine(typename Vec::V acc, typename Vec::V a, typename Vec::V b, typename Vec::V) {
+    return Vec::fmadd(a, b, acc);
+  }
+};
+
+struct AdditiveScore {  // sum_d w_d tanh(q_d + k_d), Keras AdditiveAttention / Bahdanau
+  template <class Vec>
+  static typename Vec::V depth_weight(const typename Vec::T* weight, int64_t k) {
+    return Vec::set1(weight[k]);
+  }
+  template <class Vec>
+  static typename Vec::V combine(typename Vec::V acc, typename Vec::V a, typename Vec::V b, typename Vec::V w) {
+    return Vec::fmadd(w, tanh_vec<Vec>(Vec::add(a, b)), acc);
+  }
+};
+
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
 constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep one output row on the stack
 
 // ---------------------------------------------------------------------------------------------------
-// Micro-kernel: c[r][lane] (+)= sum_k a(r, k) * b[k][lane] for `kRows` rows and kVecs vectors of lanes,
+// Micro-kernel: c[r][lane] (+)= sum_k a(r, k) * b[k][lane] for `kRows` rows and kVecs vectors of lanes
+// (or, with AdditiveScore, sum_k w_k tanh(a(r, k) + b[k][lane])),
 // all accumulators in registers. a(r, k) = a[r * a_row_stride + k * a_depth_stride] is broadcast, so `a`
 // can be the user's K or V in any layout; b and c are packed, aligned, `b_stride`/`c_stride` apart.
 // kAccumulate is a template parameter, not a flag: a run-time choice here made GCC shuttle the
 // accumulators through the stack around the loop.
-template <class Vec, bool kAccumulate, int kRows, int kVecs>
+template <class Vec, class Score, bool kAccumulate, int kRows, int kVecs>
 inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_stride, int64_t a_depth_stride,
-                        const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride) {
+                        const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride,
+                        const typename Vec::T* depth_weights) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   V acc[kRows][kVecs];
@@ -70,9 +108,10 @@ inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_s
     const typename Vec::T* a_col = a + k * a_depth_stride;
     V b_vec[kVecs];
     for (int v = 0; v < kVecs; ++v) b_vec[v] = Vec::load(b_row + v * W);
+    const V w = Score::template depth_weight<Vec>(depth_weights, k);
     for (int r = 0; r < kRows; ++r) {
       const V a_bcast = Vec::set1(a_col[r * a_row_stride]);
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = Vec::fmadd(a_bcast, b_vec[v], acc[r][v]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = Score::template combine<Vec>(acc[r][v], a_bcast, b_vec[v], w);
     }
   } while (++k < depth);
   for (int r = 0; r < kRows; ++r)
@@ -80,35 +119,36 @@ inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_s
 }
 
 // Run-time (rows, vecs) -> the compile-time tile, for the edges of a panel.
-template <class Vec, bool kAccumulate, int kRows, int kVecs = Vec::kTileVecs, class... Args>
+template <class Vec, class Score, bool kAccumulate, int kRows, int kVecs = Vec::kTileVecs, class... Args>
 inline void tile_kernel_vecs(int vecs, Args... args) {
   if constexpr (kVecs > 1) {
-    if (vecs < kVecs) return tile_kernel_vecs<Vec, kAccumulate, kRows, kVecs - 1>(vecs, args...);
+    if (vecs < kVecs) return tile_kernel_vecs<Vec, Score, kAccumulate, kRows, kVecs - 1>(vecs, args...);
   }
-  tile_kernel<Vec, kAccumulate, kRows, kVecs>(args...);
+  tile_kernel<Vec, Score, kAccumulate, kRows, kVecs>(args...);
 }
 
-template <class Vec, bool kAccumulate, int kRows = Vec::kTileRows, class... Args>
+template <class Vec, class Score, bool kAccumulate, int kRows = Vec::kTileRows, class... Args>
 inline void tile_kernel_any(int rows, int vecs, Args... args) {
   if constexpr (kRows > 1) {
-    if (rows < kRows) return tile_kernel_any<Vec, kAccumulate, kRows - 1>(rows, vecs, args...);
+    if (rows < kRows) return tile_kernel_any<Vec, Score, kAccumulate, kRows - 1>(rows, vecs, args...);
   }
-  tile_kernel_vecs<Vec, kAccumulate, kRows>(vecs, args...);
+  tile_kernel_vecs<Vec, Score, kAccumulate, kRows>(vecs, args...);
 }
 
-// C (rows x lanes) (+)= A (rows x depth, strided, broadcast) . B (depth x lanes, packed).
-template <class Vec, bool kAccumulate>
+// C (rows x lanes) (+)= A (rows x depth, strided, broadcast) . B (depth x lanes, packed), combined by Score.
+template <class Vec, class Score, bool kAccumulate>
 void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const typename Vec::T* a,
                           int64_t a_row_stride, int64_t a_depth_stride, const typename Vec::T* b,
-                          typename Vec::T* c) {
+                          typename Vec::T* c, const typename Vec::T* depth_weights = nullptr) {
   constexpr int W = Vec::W;
   const int64_t vecs = lanes / W;
   for (int64_t r = 0; r < rows; r += Vec::kTileRows) {
     const int tile_rows = static_cast<int>(min_i64(Vec::kTileRows, rows - r));
     for (int64_t v = 0; v < vecs; v += Vec::kTileVecs) {
       const int tile_vecs = static_cast<int>(min_i64(Vec::kTileVecs, vecs - v));
-      tile_kernel_any<Vec, kAccumulate>(tile_rows, tile_vecs, depth, a + r * a_row_stride, a_row_stride,
-                                        a_depth_stride, b + v * W, lanes, c + r * lanes + v * W, lanes);
+      tile_kernel_any<Vec, Score, kAccumulate>(tile_rows, tile_vecs, depth, a + r * a_row_stride, a_row_stride,
+                                               a_depth_stride, b + v * W, lanes, c + r * lanes + v * W, lanes,
+                                               depth_weights);
     }
   }
 }
@@ -223,6 +263,22 @@ struct ForwardPlan {
     return {index / q_blocks / p->heads_q, (index / q_blocks) % p->heads_q, 1, q0, min_i64(kBlockQ, p->len_q - q0)};
   }
 
+  void reset(const Accumulators<T>& acc) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      acc.m[r] = -std::numeric_limits<T>::infinity();
+      acc.l[r] = T(0);
+    }
+    for (int64_t e = 0; e < rows * value_dim_pad; ++e) acc.o[e] = T(0);
+  }
+
+  // The keys [*begin, *end) a split of a row block visits: tiles past the last row's causal limit are
+  // never computed.
+  void key_range(const RowBlock& block, int64_t split, int64_t* begin, int64_t* end) const {
+    *begin = split * keys_per_split;
+    *end = min_i64(p->len_k, *begin + keys_per_split);
+    if (p->causal) *end = min_i64(*end, block.q0 + block.nq + p->causal_offset);
+  }
+
   Accumulators<T> accumulators(int64_t item, int thread_id) const {
     T* base = k_splits > 1 ? partials + item * accumulator_size
                            : scratch + thread_id * scratch_per_thread + scratch_per_thread - accumulator_size;
@@ -254,63 +310,85 @@ struct QueryLanes {
     return lanes * (p.head_dim + kBlockK);  // Q^T | S^T
   }
 
-  template <class Vec, class Mask>
+  // Q^T (D x lanes), pre-scaled; padding lanes are zero so they stay finite and are never stored.
+  template <class Vec>
+  static void pack_queries(const AttnParams& p, const RowBlock& block, int64_t lanes, typename Vec::T* q_t) {
+    using T = typename Vec::T;
+    const int64_t dim = p.head_dim;
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t i = block.nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
+    transpose_copy<Vec>(block.nq, dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride,
+                        p.q.col_stride, q_t, lanes, 1);
+    const typename Vec::V scale = Vec::set1(static_cast<T>(p.scale));
+    for (int64_t e = 0; e < dim * lanes; e += Vec::W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale));
+  }
+
+  // S^T (nk x lanes) for keys [k0, k0 + nk): the scores, masked and causally restricted.
+  template <class Vec, class Mask, class Score>
+  static void score_tile(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
+                         const typename Vec::T* q_t, typename Vec::T* s_t) {
+    using T = typename Vec::T;
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    strided_times_packed<Vec, Score, /*kAccumulate=*/false>(nk, lanes, p.head_dim,
+                                                            p.k.row<const T>(block.batch, kv_head, k0), p.k.row_stride,
+                                                            p.k.col_stride, q_t, s_t,
+                                                            static_cast<const T*>(p.score_weight));
+    Mask::apply(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
+    apply_causal(p, block, k0, nk, s_t, 1, lanes);
+  }
+
+  // Online softmax down the key axis: folds S^T into the running max / sum, turns it into P^T in place
+  // and rescales the value_dim rows of O^T (none when only the statistics are wanted).
+  template <class Vec>
+  static void softmax_update(int64_t lanes, int64_t nk, typename Vec::T* s_t, const Accumulators<typename Vec::T>& acc,
+                             int64_t value_dim) {
+    using T = typename Vec::T;
+    using V = typename Vec::V;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (int64_t lane = 0; lane < lanes; lane += Vec::W) {
+      T* column = s_t + lane;
+      V block_max = Vec::set1(neg_inf);
+      for (int64_t j = 0; j < nk; ++j) block_max = Vec::max(block_max, Vec::load(column + j * lanes));
+      const V old_max = Vec::load(acc.m + lane);
+      const V new_max = Vec::max(old_max, block_max);
+      const V reference = Vec::neginf_to_zero(new_max);
+      V block_sum = Vec::zero();
+      for (int64_t j = 0; j < nk; ++j) {
+        const V prob = exp_minus<Vec>(Vec::load(column + j * lanes), reference);
+        Vec::store(column + j * lanes, prob);
+        block_sum = Vec::add(block_sum, prob);
+      }
+      V sum = Vec::load(acc.l + lane);
+      // Skipped when no lane's max moved (the common case after the first blocks) and on a lane vector's
+      // first visible block (O and l are still 0).
+      if (!Vec::all_equal(old_max, new_max) && !Vec::all_equal(old_max, Vec::set1(neg_inf))) {
+        const V rescale = exp_minus<Vec>(old_max, reference);
+        sum = Vec::mul(sum, rescale);
+        for (int64_t e = 0; e < value_dim; ++e)
+          Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), rescale));
+      }
+      Vec::store(acc.l + lane, Vec::add(sum, block_sum));
+      Vec::store(acc.m + lane, new_max);
+    }
+  }
+
+  template <class Vec, class Mask, class Score>
   static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
                   const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
     using T = typename Vec::T;
-    using V = typename Vec::V;
-    constexpr int W = Vec::W;
     const AttnParams& p = *plan.p;
-    const int64_t lanes = plan.rows, dim = p.head_dim, value_dim = p.value_dim, nq = block.nq;
+    const int64_t lanes = plan.rows;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
-    const T scale = static_cast<T>(p.scale);
     T* q_t = scratch;
-    T* s_t = q_t + dim * lanes;
-    const T neg_inf = -std::numeric_limits<T>::infinity();
-
-    // Q^T, pre-scaled; padding lanes are zero so they stay finite and are never stored.
-    for (int64_t d = 0; d < dim; ++d)
-      for (int64_t i = nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
-    transpose_copy<Vec>(nq, dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
-                        q_t, lanes, 1);
-    const V scale_vec = Vec::set1(scale);
-    for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale_vec));
-
+    T* s_t = q_t + p.head_dim * lanes;
+    pack_queries<Vec>(p, block, lanes, q_t);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0);
-      strided_times_packed<Vec, /*kAccumulate=*/false>(nk, lanes, dim, p.k.row<const T>(block.batch, kv_head, k0),
-                                                       p.k.row_stride, p.k.col_stride, q_t, s_t);
-      Mask::apply(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
-      apply_causal(p, block, k0, nk, s_t, 1, lanes);
-
-      for (int64_t lane = 0; lane < lanes; lane += W) {
-        T* column = s_t + lane;
-        V block_max = Vec::set1(neg_inf);
-        for (int64_t j = 0; j < nk; ++j) block_max = Vec::max(block_max, Vec::load(column + j * lanes));
-        const V old_max = Vec::load(acc.m + lane);
-        const V new_max = Vec::max(old_max, block_max);
-        const V reference = Vec::neginf_to_zero(new_max);
-        V block_sum = Vec::zero();
-        for (int64_t j = 0; j < nk; ++j) {
-          const V prob = exp_minus<Vec>(Vec::load(column + j * lanes), reference);
-          Vec::store(column + j * lanes, prob);
-          block_sum = Vec::add(block_sum, prob);
-        }
-        V sum = Vec::load(acc.l + lane);
-        // Skipped when no lane's max moved (the common case after the first blocks) and on a lane vector's
-        // first visible block (O and l are still 0).
-        if (!Vec::all_equal(old_max, new_max) && !Vec::all_equal(old_max, Vec::set1(neg_inf))) {
-          const V rescale = exp_minus<Vec>(old_max, reference);
-          sum = Vec::mul(sum, rescale);
-          for (int64_t e = 0; e < value_dim; ++e)
-            Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), rescale));
-        }
-        Vec::store(acc.l + lane, Vec::add(sum, block_sum));
-        Vec::store(acc.m + lane, new_max);
-      }
-
-      strided_times_packed<Vec, /*kAccumulate=*/true>(value_dim, lanes, nk, p.v.row<const T>(block.batch, kv_head, k0),
-                                                      p.v.col_stride, p.v.row_stride, s_t, acc.o);
+      score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
+      softmax_update<Vec>(lanes, nk, s_t, acc, p.value_dim);
+      strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.value_dim, lanes, nk,
+                                                                p.v.row<const T>(block.batch, kv_head, k0),
+                                                                p.v.col_stride, p.v.row_stride, s_t, acc.o);
     }
   }
 
@@ -404,9 +482,10 @@ struct DimLanes {
     accumulate_values<Vec, kVecs>(probs, nk, values, value_stride, out);
   }
 
-  template <class Vec, class Mask>
+  template <class Vec, class Mask, class Score>
   static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
                   const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
+    static_assert(std::is_same_v<Score, DotScore>, "the decode layout computes dot-product scores only");
     using T = typename Vec::T;
     using V = typename Vec::V;
     constexpr int W = Vec::W;
@@ -484,25 +563,60 @@ struct DimLanes {
 // ---------------------------------------------------------------------------------------------------
 
 // One work item: the rows of one row block against the keys of one split.
-template <class Vec, class Mask, class Layout>
+template <class Vec, class Mask, class Score, class Layout>
 void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
   const AttnParams& p = *plan.p;
   const RowBlock block = plan.row_block(item / plan.k_splits);
   const int64_t split = item % plan.k_splits;
   const Accumulators<T> acc = plan.accumulators(item, thread_id);
-  for (int64_t r = 0; r < plan.rows; ++r) {
-    acc.m[r] = -std::numeric_limits<T>::infinity();
-    acc.l[r] = T(0);
-  }
-  for (int64_t e = 0; e < plan.rows * plan.value_dim_pad; ++e) acc.o[e] = T(0);
-
-  const int64_t k_begin = split * plan.keys_per_split;
-  int64_t k_end = min_i64(p.len_k, k_begin + plan.keys_per_split);
-  if (p.causal) k_end = min_i64(k_end, block.q0 + block.nq + p.causal_offset);  // past the last row's diagonal
+  plan.reset(acc);
+  int64_t k_begin, k_end;
+  plan.key_range(block, split, &k_begin, &k_end);
   if (k_begin < k_end)
-    Layout::template run<Vec, Mask>(plan, block, k_begin, k_end, acc, plan.scratch + thread_id * plan.scratch_per_thread);
+    Layout::template run<Vec, Mask, Score>(plan, block, k_begin, k_end, acc,
+                                          plan.scratch + thread_id * plan.scratch_per_thread);
   if (plan.k_splits == 1) Layout::emit(plan, block, acc);  // else the merge normalises and writes
+}
+
+// attention_weights(): the same score tiles twice, first for each row's max and sum, then to write
+// exp(score - max) / sum. The probabilities are the output here, so they are materialised on purpose.
+template <class Vec, class Mask, class Score>
+void weights_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
+  using T = typename Vec::T;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  const AttnParams& p = *plan.p;
+  const RowBlock block = plan.row_block(item);
+  const int64_t lanes = plan.rows;
+  const Accumulators<T> acc = plan.accumulators(item, thread_id);
+  plan.reset(acc);
+  int64_t k_begin, k_end;
+  plan.key_range(block, 0, &k_begin, &k_end);
+  T* q_t = plan.scratch + thread_id * plan.scratch_per_thread;
+  T* s_t = q_t + p.head_dim * lanes;
+  QueryLanes::pack_queries<Vec>(p, block, lanes, q_t);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+    const int64_t nk = min_i64(kBlockK, k_end - k0);
+    QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
+    QueryLanes::softmax_update<Vec>(lanes, nk, s_t, acc, /*value_dim=*/0);
+  }
+  for (int64_t i = 0; i < lanes; ++i) {
+    acc.l[i] = acc.l[i] == T(0) ? T(0) : T(1) / acc.l[i];  // rows attending nothing stay all 0
+    acc.m[i] = acc.m[i] == -std::numeric_limits<T>::infinity() ? T(0) : acc.m[i];
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+    const int64_t nk = min_i64(kBlockK, k_end - k0);
+    QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t lane = 0; lane < lanes; lane += W) {
+        const V prob = exp_minus<Vec>(Vec::load(s_t + j * lanes + lane), Vec::load(acc.m + lane));
+        Vec::store(s_t + j * lanes + lane, Vec::mul(prob, Vec::load(acc.l + lane)));
+      }
+    transpose_copy<Vec>(nk, block.nq, s_t, lanes, 1,
+                        p.weights.row<T>(block.batch, block.head0, block.q0) + k0 * p.weights.col_stride,
+                        p.weights.row_stride, p.weights.col_stride);
+  }
 }
 
 // Combines the k_splits partial results of one row block: weights exp(m_s - M), M the largest m_s.
@@ -540,8 +654,9 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
-template <class Vec, class Mask, class Layout>
-void run_forward(const AttnParams& p) {
+// The work decomposition of one call: row blocks, key splits and per-thread scratch sizes.
+template <class Vec, class Layout>
+ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   using T = typename Vec::T;
   constexpr int W = Vec::W;
   constexpr bool kDecode = std::is_same_v<Layout, DimLanes>;
@@ -563,13 +678,13 @@ void run_forward(const AttnParams& p) {
     plan.o_row = 1;
     plan.o_col = plan.rows;
   }
-  const int threads = p.num_threads;
 
   // Too few row blocks to occupy every thread (decoding): split the keys too, several chunks per
   // thread so that uneven chunk costs even out, and merge the partial results by their logsumexp.
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
-  if (threads > 1 && plan.row_blocks < 2 * threads && p.len_k > kBlockK) {
+  const int threads = p.num_threads;
+  if (may_split_keys && threads > 1 && plan.row_blocks < 2 * threads && p.len_k > kBlockK) {
     const int64_t wanted = min_i64(ceil_div(4 * threads, plan.row_blocks), ceil_div(p.len_k, kBlockK));
     plan.keys_per_split = round_up(ceil_div(p.len_k, wanted), kBlockK);
     plan.k_splits = ceil_div(p.len_k, plan.keys_per_split);
@@ -579,23 +694,44 @@ void run_forward(const AttnParams& p) {
   plan.accumulator_size = round_up(plan.rows * (plan.value_dim_pad + 2), align);
   const int64_t tiles = round_up(Layout::template scratch_size<Vec>(p, plan.rows), align);
   plan.scratch_per_thread = tiles + (plan.k_splits > 1 ? 0 : plan.accumulator_size);
-  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * threads);
+  return plan;
+}
+
+template <class Vec, class Mask, class Score, class Layout>
+void run_forward(const AttnParams& p) {
+  using T = typename Vec::T;
+  ForwardPlan<Vec> plan = make_plan<Vec, Layout>(p, /*may_split_keys=*/true);
+  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
   plan.scratch = static_cast<T*>(scratch.data);
   AlignedBuffer partials(plan.k_splits > 1 ? sizeof(T) * plan.accumulator_size * plan.row_blocks * plan.k_splits : 0);
   plan.partials = static_cast<T*>(partials.data);
 
   parallel_for(
-      plan.row_blocks * plan.k_splits, threads,
+      plan.row_blocks * plan.k_splits, p.num_threads,
       [](void* context, int64_t item, int thread_id) {
-        forward_item<Vec, Mask, Layout>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
+        forward_item<Vec, Mask, Score, Layout>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
       },
       &plan);
   if (plan.k_splits > 1) {
     parallel_for(
-        plan.row_blocks, threads,
+        plan.row_blocks, p.num_threads,
         [](void* context, int64_t item, int) { merge_splits<Vec>(*static_cast<const ForwardPlan<Vec>*>(context), item); },
         &plan);
   }
+}
+
+template <class Vec, class Mask, class Score>
+void run_weights(const AttnParams& p) {
+  using T = typename Vec::T;
+  ForwardPlan<Vec> plan = make_plan<Vec, QueryLanes>(p, /*may_split_keys=*/false);
+  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
+  plan.scratch = static_cast<T*>(scratch.data);
+  parallel_for(
+      plan.row_blocks, p.num_threads,
+      [](void* context, int64_t item, int thread_id) {
+        weights_item<Vec, Mask, Score>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
+      },
+      &plan);
 }
 
 // Decode (DimLanes) when the queries would fill less than a quarter of the query lanes of a tile.
@@ -604,20 +740,40 @@ bool use_decode_layout(const AttnParams& p) {
   return p.len_q * 4 <= Vec::W || p.len_q == 1;
 }
 
+// Run-time kinds -> compile-time policies: mask, then score, then (dot scores only) the layout.
 template <class Vec, class Mask>
-void run_forward_layout(const AttnParams& p) {
-  if (use_decode_layout<Vec>(p))
-    run_forward<Vec, Mask, DimLanes>(p);
+void forward_scored(const AttnParams& p) {
+  if (p.score_kind == ScoreKind::kAdditive)
+    run_forward<Vec, Mask, AdditiveScore, QueryLanes>(p);
+  else if (use_decode_layout<Vec>(p))
+    run_forward<Vec, Mask, DotScore, DimLanes>(p);
   else
-    run_forward<Vec, Mask, QueryLanes>(p);
+    run_forward<Vec, Mask, DotScore, QueryLanes>(p);
+}
+
+template <class Vec, class Mask>
+void weights_scored(const AttnParams& p) {
+  if (p.score_kind == ScoreKind::kAdditive)
+    run_weights<Vec, Mask, AdditiveScore>(p);
+  else
+    run_weights<Vec, Mask, DotScore>(p);
 }
 
 template <class Vec>
 void forward_dtype(const AttnParams& p) {
   switch (p.mask_kind) {
-    case MaskKind::kNone: return run_forward_layout<Vec, NoMask>(p);
-    case MaskKind::kBool: return run_forward_layout<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return run_forward_layout<Vec, AdditiveMask>(p);
+    case MaskKind::kNone: return forward_scored<Vec, NoMask>(p);
+    case MaskKind::kBool: return forward_scored<Vec, BoolMask>(p);
+    case MaskKind::kAdditive: return forward_scored<Vec, AdditiveMask>(p);
+  }
+}
+
+template <class Vec>
+void weights_dtype(const AttnParams& p) {
+  switch (p.mask_kind) {
+    case MaskKind::kNone: return weights_scored<Vec, NoMask>(p);
+    case MaskKind::kBool: return weights_scored<Vec, BoolMask>(p);
+    case MaskKind::kAdditive: return weights_scored<Vec, AdditiveMask>(p);
   }
 }
 
@@ -627,6 +783,14 @@ void forward(const AttnParams& p) {
     forward_dtype<VecFor<float>>(p);
   else
     forward_dtype<VecFor<double>>(p);
+}
+
+template <template <class> class VecFor>
+void weights(const AttnParams& p) {
+  if (p.dtype == DType::kFloat32)
+    weights_dtype<VecFor<float>>(p);
+  else
+    weights_dtype<VecFor<double>>(p);
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

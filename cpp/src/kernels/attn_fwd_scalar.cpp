@@ -19,6 +19,8 @@ namespace fusedattn::kernels {
 
 void attention_forward_scalar(const AttnParams& params) { isa_scalar::forward<isa_scalar::VecScalar>(params); }
 
+void attention_weights_scalar(const AttnParams& params) { isa_scalar::weights<isa_scalar::VecScalar>(params); }
+
 MachineProbe machine_probe_scalar() { return isa_scalar::make_probe<isa_scalar::VecScalar<float>>(); }
 
 }  // namespace fusedattn::kernels

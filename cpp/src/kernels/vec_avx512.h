@@ -28,6 +28,8 @@ struct VecAvx512<float> {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V neginf_to_zero(V x) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, set1(-INFINITY), _CMP_EQ_OQ), x, zero());
   }
@@ -89,6 +91,8 @@ struct VecAvx512<double> {
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
   static V max(V a, V b) { return _mm512_max_pd(a, b); }
+  static V min(V a, V b) { return _mm512_min_pd(a, b); }
+  static V div(V a, V b) { return _mm512_div_pd(a, b); }
   static V neginf_to_zero(V x) {
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, set1(-INFINITY), _CMP_EQ_OQ), x, zero());
   }

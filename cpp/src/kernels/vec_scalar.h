@@ -23,6 +23,8 @@ struct VecScalar {
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
+  static V div(V a, V b) { return a / b; }
   static V exp2(V x) { return std::exp2(x); }
   static V neginf_to_zero(V x) { return x == -std::numeric_limits<T>::infinity() ? T(0) : x; }
   static bool all_equal(V a, V b) { return a == b; }
