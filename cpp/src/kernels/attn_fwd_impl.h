@@ -453,10 +453,11 @@ struct DimLanes {
     using V = typename Vec::V;
     V acc[kKeys];
     for (int t = 0; t < kKeys; ++t) acc[t] = Vec::zero();
-    for (int64_t c = 0; c < vecs; ++c) {
-      const V q = Vec::load(q_row + c * Vec::W);
-      for (int t = 0; t < kKeys; ++t) acc[t] = Vec::fmadd(q, Vec::loadu(keys + t * key_stride + c * Vec::W), acc[t]);
-    }
+    // Key by key, each row front to back: the order the hardware prefetcher follows (interleaving the
+    // four rows chunk by chunk measured 2x slower on Zen 4). The chains still overlap out of order.
+    for (int t = 0; t < kKeys; ++t)
+      for (int64_t c = 0; c < vecs; ++c)
+        acc[t] = Vec::fmadd(Vec::load(q_row + c * Vec::W), Vec::loadu(keys + t * key_stride + c * Vec::W), acc[t]);
     for (int t = 0; t < kKeys; ++t) scores[t] = Vec::reduce_add(acc[t]);
   }
 
