@@ -77,7 +77,7 @@ void require_shape(const py::array& a, const char* name, std::vector<py::ssize_t
 struct Call {
   AttnParams p;
   std::vector<py::ssize_t> lead;
-  Converted q, k, v, out, mask, lse, weights;
+  Converted q, k, v, out, mask, lse, weights, dout, dq, dk, dv;
 };
 
 // q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
@@ -173,6 +173,43 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
   fusedattn::attention_weights(call.p);
 }
 
+void attention_backward(const py::array& dout, const py::array& q, const py::array& k, const py::array& v,
+                        const py::array& out, const py::array& lse, std::optional<py::array> mask,
+                        std::optional<int64_t> causal_offset, double scale, py::array dq, py::array dk, py::array dv,
+                        int num_threads) {
+  Call call;
+  convert_common(call, q, k, mask, causal_offset, scale, std::nullopt, num_threads);
+  AttnParams& p = call.p;
+  for (const py::array* a : std::initializer_list<const py::array*>{&v, &out, &lse, &dout, &dq, &dk, &dv})
+    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v, out, lse, dout and the gradients must share one dtype");
+  for (const py::array* a : std::initializer_list<const py::array*>{&dq, &dk, &dv})
+    if (!a->writeable()) throw std::invalid_argument("gradient arrays must be writeable");
+  p.value_dim = v.shape(v.ndim() - 1);
+  require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
+  require_shape(out, "out", {p.heads_q, p.len_q, p.value_dim});
+  require_shape(dout, "dout", {p.heads_q, p.len_q, p.value_dim});
+  require_shape(lse, "lse", {p.heads_q, p.len_q});
+  require_shape(dq, "dq", {p.heads_q, p.len_q, p.head_dim});
+  require_shape(dk, "dk", {p.heads_kv, p.len_k, p.head_dim});
+  require_shape(dv, "dv", {p.heads_kv, p.len_k, p.value_dim});
+  call.v = convert(v, "v", 3, call.lead);
+  call.out = convert(out, "out", 3, call.lead);
+  call.lse = convert(lse, "lse", 2, call.lead);
+  call.dout = convert(dout, "dout", 3, call.lead);
+  call.dq = convert(dq, "dq", 3, call.lead);
+  call.dk = convert(dk, "dk", 3, call.lead);
+  call.dv = convert(dv, "dv", 3, call.lead);
+  p.v = call.v.tensor;
+  p.out = call.out.tensor;
+  p.lse = call.lse.tensor;
+  p.dout = call.dout.tensor;
+  p.dq = call.dq.tensor;
+  p.dk = call.dk.tensor;
+  p.dv = call.dv.tensor;
+  py::gil_scoped_release release;
+  fusedattn::attention_backward(p);
+}
+
 std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
   std::vector<std::string> result;
   for (fusedattn::Isa isa : isas) result.emplace_back(fusedattn::isa_name(isa));
@@ -191,6 +228,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_weights", &attention_weights, py::arg("q"), py::arg("k"), py::arg("mask"),
         py::arg("causal_offset"), py::arg("scale"), py::arg("score_weight"), py::arg("weights"),
         py::arg("num_threads"), "Softmax probabilities into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
+  m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("causal_offset"), py::arg("scale"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("num_threads"),
+        "Gradients of attention_forward into dq, dk, dv (deterministic at any thread count).");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
   m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });
   m.def("current_isa", [] { return std::string(fusedattn::isa_name(fusedattn::current_isa())); });

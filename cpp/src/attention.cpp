@@ -9,6 +9,7 @@ namespace fusedattn {
 namespace detail {
 void run_forward_kernel(const AttnParams& params);
 void run_weights_kernel(const AttnParams& params);
+void run_backward_kernel(const AttnParams& params);
 }
 
 namespace {
@@ -45,6 +46,14 @@ void attention_forward(const AttnParams& p) {
   require(p.v.data && p.out.data && p.v.batch_offsets && p.out.batch_offsets, "attention: missing tensor");
   require(!p.lse.data || p.lse.batch_offsets, "attention: lse without batch offsets");
   detail::run_forward_kernel(p);
+}
+
+void attention_backward(const AttnParams& p) {
+  require(p.score_kind == ScoreKind::kDot, "attention_backward: dot-product scores only");
+  if (!validate_common(p)) return;
+  require(p.v.data && p.out.data && p.lse.data && p.dout.data && p.dq.data && p.dk.data && p.dv.data,
+          "attention_backward: missing tensor");
+  detail::run_backward_kernel(p);
 }
 
 void attention_weights(const AttnParams& p) {

@@ -16,6 +16,7 @@ struct IsaEntry {
   const char* name;
   ForwardKernel forward;
   ForwardKernel weights;
+  ForwardKernel backward;
   kernels::MachineProbe (*probe)();
   bool (*cpu_has)();
 };
@@ -37,13 +38,16 @@ bool cpu_has_avx512() {
 // Ordered worst to best.
 const IsaEntry kTable[] = {
     {Isa::kScalar, "scalar", kernels::attention_forward_scalar, kernels::attention_weights_scalar,
+     kernels::attention_backward_scalar,
      kernels::machine_probe_scalar, always},
 #ifdef FUSEDATTN_HAVE_AVX2
     {Isa::kAvx2, "avx2", kernels::attention_forward_avx2, kernels::attention_weights_avx2,
+     kernels::attention_backward_avx2,
      kernels::machine_probe_avx2, cpu_has_avx2},
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512
     {Isa::kAvx512, "avx512", kernels::attention_forward_avx512, kernels::attention_weights_avx512,
+     kernels::attention_backward_avx512,
      kernels::machine_probe_avx512, cpu_has_avx512},
 #endif
 };
@@ -112,6 +116,7 @@ void set_isa(Isa isa) {
 namespace detail {
 void run_forward_kernel(const AttnParams& params) { find_entry(current_isa())->forward(params); }
 void run_weights_kernel(const AttnParams& params) { find_entry(current_isa())->weights(params); }
+void run_backward_kernel(const AttnParams& params) { find_entry(current_isa())->backward(params); }
 kernels::MachineProbe current_probe() { return find_entry(current_isa())->probe(); }
 }  // namespace detail
 

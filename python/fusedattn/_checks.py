@@ -185,3 +185,14 @@ def check_score_weight(score_weight, head_dim: int, dtype) -> np.ndarray:
     if weight.shape != (head_dim,):
         raise ValueError(f"score_weight must have shape ({head_dim},) (the head dim D of q and k), got {weight.shape}")
     return np.ascontiguousarray(weight, dtype=dtype)
+
+
+def check_like(x, name: str, shape: tuple, dtype) -> np.ndarray:
+    """An input that must match a computed shape and dtype exactly (dout, out, lse of the backward pass)."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of q), got {x.dtype}")
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
+    return x

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
-from ._checks import check_kind, check_num_threads, check_out, check_score_weight, head_view, prepare
+from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
 
-__all__ = ["attention", "additive_attention", "attention_weights", "backend_info", "set_num_threads",
-           "get_num_threads"]
+__all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
+           "backend_info", "set_num_threads", "get_num_threads"]
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -151,6 +151,74 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     _backend._core.attention_weights(p.q, p.k, p.mask, p.causal_offset, p.scale, weight,
                                      head_view(weights, p.user_rank), threads or _backend.default_num_threads())
     return weights
+
+
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, num_threads=None):
+    """Gradients of :func:`attention` with respect to q, k and v, by the fused backward kernel.
+
+    FlashAttention-2's backward pass on the CPU: the probabilities are recomputed tile by tile from the
+    saved ``lse`` (no ``Lq x Lk`` buffer), with ``D_i = rowsum(dout_i * out_i)``. The result is
+    deterministic: the same inputs give bit-identical gradients at any ``num_threads``.
+
+    Args:
+        dout: ``(..., Hq, Lq, Dv)``, the gradient of the loss with respect to ``out``.
+        q, k, v, mask, causal, scale: exactly as passed to the forward :func:`attention`.
+        out, lse: the forward's results, from ``attention(..., return_lse=True)``.
+        num_threads: as in :func:`attention`.
+
+    Returns:
+        ``(dq, dk, dv)`` with the shapes and dtype of ``q``, ``k``, ``v``. With grouped-query attention
+        ``dk``/``dv`` are summed over the query heads that share each kv head. A float ``mask`` is a
+        constant: it gets no gradient. Rows that attend no key contribute nothing (their ``dq`` is 0).
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> q, k, v = (np.random.rand(2, 4, 16, 8) for _ in range(3))
+        >>> out, lse = fa.attention(q, k, v, causal=True, return_lse=True)
+        >>> dq, dk, dv = fa.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+        >>> dq.shape, dk.shape, dv.shape
+        ((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
+    """
+    threads = check_num_threads(num_threads)
+    if _backend._core is None:
+        return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    dtype = p.q.dtype
+    dout = check_like(dout, "dout", p.out_shape, dtype)
+    out = check_like(out, "out", p.out_shape, dtype)
+    lse = check_like(lse, "lse", p.lse_shape, dtype)
+    grads = tuple(np.empty(np.shape(x), dtype) for x in (q, k, v))
+    _backend._core.attention_backward(
+        head_view(dout, p.user_rank), p.q, p.k, p.v, head_view(out, p.user_rank), head_view(lse, p.user_rank),
+        p.mask, p.causal_offset, p.scale, *(head_view(g, p.user_rank) for g in grads),
+        threads or _backend.default_num_threads(),
+    )
+    return grads
+
+
+def attention_vjp(q, k, v, **kwargs):
+    """Forward pass plus a closure for the backward pass: ``out, backward = attention_vjp(q, k, v, ...)``.
+
+    ``kwargs`` are those of :func:`attention` (``mask``, ``causal``, ``scale``, ``num_threads``);
+    ``backward(dout)`` returns ``(dq, dk, dv)`` via :func:`attention_backward`.
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> q = k = v = np.random.rand(8, 4)
+        >>> out, backward = fa.attention_vjp(q, k, v, causal=True)
+        >>> [g.shape for g in backward(np.ones_like(out))]
+        [(8, 4), (8, 4), (8, 4)]
+    """
+    for name in ("return_lse", "out"):
+        if name in kwargs:
+            raise TypeError(f"attention_vjp() does not take {name!r}: it always keeps the lse it needs")
+    out, lse = attention(q, k, v, return_lse=True, **kwargs)
+    backward_kwargs = {name: kwargs[name] for name in ("mask", "causal", "scale", "num_threads") if name in kwargs}
+
+    def backward(dout):
+        return attention_backward(dout, q, k, v, out, lse, **backward_kwargs)
+
+    return out, backward
 
 
 def set_num_threads(num_threads: int) -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_kind, check_num_threads, check_out, check_score_weight, prepare
+from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, prepare
 
-__all__ = ["attention", "additive_attention", "attention_weights"]
+__all__ = ["attention", "additive_attention", "attention_weights", "attention_backward"]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
@@ -80,6 +80,46 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
         scores = _dot_scores(p)
     weights = _softmax_f64(p, scores, values=False)
     return weights.reshape(p.lse_shape + (p.k.shape[-2],)).astype(p.q.dtype)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, num_threads=None):
+    """Gradients of :func:`attention` in float64 NumPy, from recomputed probabilities.
+
+    The arguments and results of :func:`fusedattn.attention_backward`. ``out`` and ``lse`` are checked
+    but not used: the reference recomputes everything from q, k, v, so it is an independent oracle.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> q = k = v = np.ones((3, 2))
+        >>> out, lse = reference.attention(q, k, v, return_lse=True)
+        >>> [g.shape for g in reference.attention_backward(np.ones((3, 2)), q, k, v, out, lse)]
+        [(3, 2), (3, 2), (3, 2)]
+    """
+    check_num_threads(num_threads)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    dtype = p.q.dtype
+    dout = check_like(dout, "dout", p.out_shape, dtype)
+    check_like(out, "out", p.out_shape, dtype)
+    check_like(lse, "lse", p.lse_shape, dtype)
+    hq, hkv = p.q.shape[-3], p.k.shape[-3]
+    group = hq // hkv
+    weights = _softmax_f64(p, _dot_scores(p), values=False)  # (..., Hq, Lq, Lk)
+    d_out = dout.reshape(p.out_shape).astype(np.float64)
+    if p.user_rank < 4:
+        d_out = d_out.reshape(p.q.shape[:-1] + (p.v.shape[-1],))
+    k64, v64 = _kv_heads(p.k, group), _kv_heads(p.v, group)
+    d_v = np.swapaxes(weights, -1, -2) @ d_out
+    d_p = d_out @ np.swapaxes(v64, -1, -2)
+    d_s = weights * (d_p - (weights * d_p).sum(axis=-1, keepdims=True))
+    d_q = p.scale * (d_s @ k64)
+    d_k = p.scale * (np.swapaxes(d_s, -1, -2) @ p.q.astype(np.float64))
+
+    def per_kv_head(grad):  # sum the query heads of each group onto their kv head
+        return grad.reshape(grad.shape[:-3] + (hkv, group) + grad.shape[-2:]).sum(axis=-3)
+
+    return tuple(g.reshape(np.shape(x)).astype(dtype)
+                 for g, x in ((d_q, q), (per_kv_head(d_k), k), (per_kv_head(d_v), v)))
 
 
 def _finish(p, out_and_lse, return_lse, out):

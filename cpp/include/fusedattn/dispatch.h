@@ -25,6 +25,9 @@ void set_isa(Isa isa);
 void attention_forward(const AttnParams& params);
 // Writes the softmax probabilities into params.weights (keys past the causal limit are left as given).
 void attention_weights(const AttnParams& params);
+// Gradients dq, dk, dv of the forward pass for the upstream gradient params.dout (deterministic: the same
+// bits at any num_threads). params.lse must hold the forward's logsumexp.
+void attention_backward(const AttnParams& params);
 
 // The fp32 FMA throughput of the selected ISA path on `num_threads` threads, in GFLOP/s (best of a few
 // short runs of independent FMA chains): the "peak" the benchmark reports compute-bound figures against.

@@ -47,6 +47,10 @@ struct AttnParams {
 
   StridedTensor weights;          // attention_weights(): (batch, heads_q, len_q, len_k), zero-filled by the caller
 
+  // attention_backward(): reads q, k, v, out (the forward's output), lse and dout; writes dq, dk, dv.
+  StridedTensor dout;             // (batch, heads_q, len_q, value_dim)
+  StridedTensor dq, dk, dv;       // shaped like q, k, v
+
   bool causal = false;
   int64_t causal_offset = 0;      // query i may attend key j iff j <= i + causal_offset
   double scale = 1.0;

@@ -1,5 +1,5 @@
 // Compiled with -mavx2 -mfma; reached only through the dispatcher after CPUID says AVX2 and FMA.
-// Instantiation only: the kernel is attn_fwd_impl.h, the machine probes probe_impl.h.
+// Instantiation only: the kernels are attn_fwd_impl.h and attn_bwd_impl.h, the machine probes probe_impl.h.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -14,6 +14,7 @@
 #define FUSEDATTN_KERNEL_NS isa_avx2
 #include "kernels/vec_avx2.h"
 #include "kernels/attn_fwd_impl.h"
+#include "kernels/attn_bwd_impl.h"
 #include "kernels/probe_impl.h"
 
 namespace fusedattn::kernels {
@@ -21,6 +22,8 @@ namespace fusedattn::kernels {
 void attention_forward_avx2(const AttnParams& params) { isa_avx2::forward<isa_avx2::VecAvx2>(params); }
 
 void attention_weights_avx2(const AttnParams& params) { isa_avx2::weights<isa_avx2::VecAvx2>(params); }
+
+void attention_backward_avx2(const AttnParams& params) { isa_avx2::backward<isa_avx2::VecAvx2>(params); }
 
 MachineProbe machine_probe_avx2() { return isa_avx2::make_probe<isa_avx2::VecAvx2<float>>(); }
 

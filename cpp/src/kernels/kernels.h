@@ -14,15 +14,18 @@ struct MachineProbe {
 
 void attention_forward_scalar(const AttnParams& params);
 void attention_weights_scalar(const AttnParams& params);
+void attention_backward_scalar(const AttnParams& params);
 MachineProbe machine_probe_scalar();
 #ifdef FUSEDATTN_HAVE_AVX2
 void attention_forward_avx2(const AttnParams& params);
 void attention_weights_avx2(const AttnParams& params);
+void attention_backward_avx2(const AttnParams& params);
 MachineProbe machine_probe_avx2();
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512
 void attention_forward_avx512(const AttnParams& params);
 void attention_weights_avx512(const AttnParams& params);
+void attention_backward_avx512(const AttnParams& params);
 MachineProbe machine_probe_avx512();
 #endif
 

@@ -1,0 +1,256 @@
+// The fused attention backward pass (FlashAttention-2 style), one template like the forward pass and
+// built from the same pieces: the score tile, the masks, the micro-kernel, the transposes.
+//
+// Per (query block, key block) tile, with P recomputed from the saved logsumexp (no Lq x Lk buffer):
+//   S^T  = K . Q^T (scaled, masked)          P^T = exp(S^T - lse)
+//   dP^T = V . dO^T                          dS^T = P^T o (dP^T - D),  D_i = rowsum(dO_i o O_i)
+//   dV  += P . dO        dK += dS . (scale Q)        dQ^T += K^T . dS^T   (dQ = scale dQ^T^T)
+// All five products are strided_times_packed: K and V are broadcast from the caller's memory, the
+// query-side operands are packed once per query block.
+//
+// Work items own (batch, kv head, key chunk): they accumulate dK and dV of their keys over every query
+// head of the kv head's group and every query block, so no two threads ever write the same gradient.
+// dQ of a query block is complete after the item's key loop; with several chunks per kv head each chunk
+// writes its dQ to its own slice and a final pass sums the slices in chunk order. The number of chunks
+// depends on the shape only, never on the thread count, so the gradients are bit-identical at any
+// num_threads.
+#pragma once
+
+namespace fusedattn::FUSEDATTN_KERNEL_NS {
+
+template <class Vec>
+struct BackwardPlan {
+  using T = typename Vec::T;
+  const AttnParams* p;
+  int64_t group;            // query heads per kv head
+  int64_t q_blocks;
+  int64_t lanes;            // query lanes per block, a multiple of W
+  int64_t dim_pad, value_dim_pad;
+  int64_t chunks;           // key chunks per kv head
+  int64_t keys_per_chunk;   // a multiple of kBlockK
+  T* scratch;
+  int64_t scratch_per_thread;
+  T* dq_partials;           // chunks > 1: (batch, kv head, chunk, group * Lq, D)
+
+  T* dq_partial(int64_t batch, int64_t kv_head, int64_t chunk, int64_t head_in_group, int64_t query) const {
+    return dq_partials +
+           ((((batch * p->heads_kv + kv_head) * chunks + chunk) * group + head_in_group) * p->len_q + query) * p->head_dim;
+  }
+};
+
+// Scratch of one thread; every tile is lanes wide and 64-byte aligned (all sizes multiples of W).
+template <class Vec>
+struct BackwardScratch {
+  using T = typename Vec::T;
+  T *q_t, *q_rows, *do_t, *do_rows, *s_t, *dp_t, *dq_t, *lse, *delta, *dk, *dv;
+
+  static int64_t size(const BackwardPlan<Vec>& plan) {
+    const AttnParams& p = *plan.p;
+    return plan.lanes * (2 * p.head_dim + p.value_dim + 2 * kBlockK + 2) + plan.lanes * (plan.dim_pad + plan.value_dim_pad) +
+           plan.keys_per_chunk * (plan.dim_pad + plan.value_dim_pad);
+  }
+
+  BackwardScratch(const BackwardPlan<Vec>& plan, int thread_id) {
+    const AttnParams& p = *plan.p;
+    const int64_t lanes = plan.lanes;
+    T* next = plan.scratch + thread_id * plan.scratch_per_thread;
+    auto take = [&next](int64_t count) {
+      T* start = next;
+      next += count;
+      return start;
+    };
+    q_t = take(p.head_dim * lanes);
+    q_rows = take(lanes * plan.dim_pad);
+    do_t = take(p.value_dim * lanes);
+    do_rows = take(lanes * plan.value_dim_pad);
+    s_t = take(kBlockK * lanes);
+    dp_t = take(kBlockK * lanes);
+    dq_t = take(p.head_dim * lanes);
+    lse = take(lanes);
+    delta = take(lanes);
+    dk = take(plan.keys_per_chunk * plan.dim_pad);
+    dv = take(plan.keys_per_chunk * plan.value_dim_pad);
+  }
+};
+
+// Copies rows x cols (strided) into a zero-padded row-major buffer of rows_pad x cols_pad, times factor.
+template <class T>
+void pack_rows(int64_t rows, int64_t cols, const T* src, int64_t src_row, int64_t src_col, T factor, T* dst,
+               int64_t rows_pad, int64_t cols_pad) {
+  for (int64_t r = 0; r < rows_pad; ++r)
+    for (int64_t c = 0; c < cols_pad; ++c)
+      dst[r * cols_pad + c] = (r < rows && c < cols) ? src[r * src_row + c * src_col] * factor : T(0);
+}
+
+// Everything about one query block that the key loop reads: Q^T, scale * Q rows, dO^T, dO rows, the
+// logsumexp (+inf where a row attends nothing or is padding, so that its P is exp(-inf) = 0) and D.
+template <class Vec>
+void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, const BackwardScratch<Vec>& w) {
+  using T = typename Vec::T;
+  const AttnParams& p = *plan.p;
+  const int64_t lanes = plan.lanes, nq = block.nq;
+  const T inf = std::numeric_limits<T>::infinity();
+  QueryLanes::pack_queries<Vec>(p, block, lanes, w.q_t);
+  pack_rows<T>(nq, p.head_dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
+               static_cast<T>(p.scale), w.q_rows, lanes, plan.dim_pad);
+  for (int64_t e = 0; e < p.value_dim; ++e)
+    for (int64_t i = nq; i < lanes; ++i) w.do_t[e * lanes + i] = T(0);
+  const T* dout = p.dout.row<const T>(block.batch, block.head0, block.q0);
+  transpose_copy<Vec>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, w.do_t, lanes, 1);
+  pack_rows<T>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, T(1), w.do_rows, lanes, plan.value_dim_pad);
+  for (int64_t i = 0; i < lanes; ++i) {
+    w.lse[i] = inf;
+    w.delta[i] = T(0);
+    if (i >= nq) continue;
+    const T lse = *p.lse.row<const T>(block.batch, block.head0, block.q0 + i);
+    w.lse[i] = lse == -inf ? inf : lse;
+    const T* out_row = p.out.row<const T>(block.batch, block.head0, block.q0 + i);
+    const T* dout_row = p.dout.row<const T>(block.batch, block.head0, block.q0 + i);
+    T delta = 0;
+    for (int64_t e = 0; e < p.value_dim; ++e) delta += dout_row[e * p.dout.col_stride] * out_row[e * p.out.col_stride];
+    w.delta[i] = delta;
+  }
+}
+
+// One work item: keys [chunk_begin, chunk_end) of (batch, kv_head) against every query of the group.
+template <class Vec, class Mask>
+void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
+  using T = typename Vec::T;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  const AttnParams& p = *plan.p;
+  const int64_t chunk = item % plan.chunks;
+  const int64_t kv_head = (item / plan.chunks) % p.heads_kv;
+  const int64_t batch = item / plan.chunks / p.heads_kv;
+  const int64_t chunk_begin = chunk * plan.keys_per_chunk;
+  const int64_t chunk_end = min_i64(p.len_k, chunk_begin + plan.keys_per_chunk);
+  const int64_t lanes = plan.lanes, dim = p.head_dim, value_dim = p.value_dim;
+  const BackwardScratch<Vec> w(plan, thread_id);
+  for (int64_t e = 0; e < plan.keys_per_chunk * plan.dim_pad; ++e) w.dk[e] = T(0);
+  for (int64_t e = 0; e < plan.keys_per_chunk * plan.value_dim_pad; ++e) w.dv[e] = T(0);
+
+  for (int64_t g = 0; g < plan.group; ++g) {
+    const int64_t head = kv_head * plan.group + g;
+    for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
+      const int64_t q0 = q_block * kBlockQ;
+      const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q - q0)};
+      int64_t k_end = chunk_end;
+      if (p.causal) k_end = min_i64(k_end, q0 + block.nq + p.causal_offset);
+      for (int64_t e = 0; e < dim * lanes; ++e) w.dq_t[e] = T(0);
+      if (chunk_begin < k_end) pack_query_block(plan, block, w);
+
+      for (int64_t k0 = chunk_begin; k0 < k_end; k0 += kBlockK) {
+        const int64_t nk = min_i64(kBlockK, k_end - k0);
+        QueryLanes::score_tile<Vec, Mask, DotScore>(p, block, lanes, k0, nk, w.q_t, w.s_t);
+        strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
+                                                                   p.v.row<const T>(batch, kv_head, k0), p.v.row_stride,
+                                                                   p.v.col_stride, w.do_t, w.dp_t);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t lane = 0; lane < lanes; lane += W) {
+            const V prob = exp_minus<Vec>(Vec::load(w.s_t + j * lanes + lane), Vec::load(w.lse + lane));
+            const V dprob = Vec::load(w.dp_t + j * lanes + lane);
+            Vec::store(w.s_t + j * lanes + lane, prob);
+            Vec::store(w.dp_t + j * lanes + lane, Vec::mul(prob, Vec::sub(dprob, Vec::load(w.delta + lane))));
+          }
+        T* dv_rows = w.dv + (k0 - chunk_begin) * plan.value_dim_pad;
+        T* dk_rows = w.dk + (k0 - chunk_begin) * plan.dim_pad;
+        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
+                                                                  w.do_rows, dv_rows);
+        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1,
+                                                                  w.q_rows, dk_rows);
+        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(dim, lanes, nk, p.k.row<const T>(batch, kv_head, k0),
+                                                                  p.k.col_stride, p.k.row_stride, w.dp_t, w.dq_t);
+      }
+
+      const V scale = Vec::set1(static_cast<T>(p.scale));
+      for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(w.dq_t + e, Vec::mul(Vec::load(w.dq_t + e), scale));
+      if (plan.chunks == 1)
+        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, p.dq.row<T>(batch, head, q0), p.dq.row_stride,
+                            p.dq.col_stride);
+      else
+        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, plan.dq_partial(batch, kv_head, chunk, g, q0), dim, 1);
+    }
+  }
+
+  for (int64_t j = chunk_begin; j < chunk_end; ++j) {
+    T* dk_row = p.dk.row<T>(batch, kv_head, j);
+    T* dv_row = p.dv.row<T>(batch, kv_head, j);
+    for (int64_t d = 0; d < dim; ++d) dk_row[d * p.dk.col_stride] = w.dk[(j - chunk_begin) * plan.dim_pad + d];
+    for (int64_t e = 0; e < value_dim; ++e) dv_row[e * p.dv.col_stride] = w.dv[(j - chunk_begin) * plan.value_dim_pad + e];
+  }
+}
+
+// dQ = the sum of the chunks' slices, in chunk order.
+template <class Vec>
+void sum_dq_chunks(const BackwardPlan<Vec>& plan, int64_t row_index) {
+  using T = typename Vec::T;
+  const AttnParams& p = *plan.p;
+  const int64_t query = row_index % p.len_q;
+  const int64_t head = (row_index / p.len_q) % p.heads_q;
+  const int64_t batch = row_index / p.len_q / p.heads_q;
+  const int64_t kv_head = head / plan.group, g = head % plan.group;
+  T* dq_row = p.dq.row<T>(batch, head, query);
+  for (int64_t d = 0; d < p.head_dim; ++d) {
+    T total = 0;
+    for (int64_t c = 0; c < plan.chunks; ++c) total += plan.dq_partial(batch, kv_head, c, g, query)[d];
+    dq_row[d * p.dq.col_stride] = total;
+  }
+}
+
+template <class Vec, class Mask>
+void run_backward(const AttnParams& p) {
+  using T = typename Vec::T;
+  constexpr int W = Vec::W;
+  BackwardPlan<Vec> plan{};
+  plan.p = &p;
+  plan.group = p.heads_q / p.heads_kv;
+  plan.q_blocks = ceil_div(p.len_q, kBlockQ);
+  plan.lanes = round_up(min_i64(p.len_q, kBlockQ), W);
+  plan.dim_pad = round_up(p.head_dim, W);
+  plan.value_dim_pad = round_up(p.value_dim, W);
+  // Enough items for a typical machine even with one kv head, decided by the shape alone (determinism).
+  constexpr int64_t kTargetItems = 8;
+  const int64_t kv_heads = p.batch * p.heads_kv;
+  const int64_t key_blocks = ceil_div(p.len_k > 0 ? p.len_k : 1, kBlockK);
+  plan.chunks = min_i64(key_blocks, ceil_div(kTargetItems, kv_heads));
+  plan.keys_per_chunk = kBlockK * ceil_div(key_blocks, plan.chunks);
+  plan.chunks = ceil_div(key_blocks * kBlockK, plan.keys_per_chunk);
+  const int64_t align = 64 / sizeof(T);
+  plan.scratch_per_thread = round_up(BackwardScratch<Vec>::size(plan) + 16 * align, align);
+  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
+  plan.scratch = static_cast<T*>(scratch.data);
+  AlignedBuffer partials(plan.chunks > 1 ? sizeof(T) * kv_heads * plan.chunks * plan.group * p.len_q * p.head_dim : 0);
+  plan.dq_partials = static_cast<T*>(partials.data);
+
+  parallel_for(
+      kv_heads * plan.chunks, p.num_threads,
+      [](void* context, int64_t item, int thread_id) {
+        backward_item<Vec, Mask>(*static_cast<const BackwardPlan<Vec>*>(context), item, thread_id);
+      },
+      &plan);
+  if (plan.chunks > 1) {
+    parallel_for(
+        p.batch * p.heads_q * p.len_q, p.num_threads,
+        [](void* context, int64_t row, int) { sum_dq_chunks<Vec>(*static_cast<const BackwardPlan<Vec>*>(context), row); },
+        &plan);
+  }
+}
+
+template <class Vec>
+void backward_dtype(const AttnParams& p) {
+  switch (p.mask_kind) {
+    case MaskKind::kNone: return run_backward<Vec, NoMask>(p);
+    case MaskKind::kBool: return run_backward<Vec, BoolMask>(p);
+    case MaskKind::kAdditive: return run_backward<Vec, AdditiveMask>(p);
+  }
+}
+
+template <template <class> class VecFor>
+void backward(const AttnParams& p) {
+  if (p.dtype == DType::kFloat32)
+    backward_dtype<VecFor<float>>(p);
+  else
+    backward_dtype<VecFor<double>>(p);
+}
+
+}  // namespace fusedattn::FUSEDATTN_KERNEL_NS
