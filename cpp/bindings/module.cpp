@@ -176,9 +176,18 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
 void attention_backward(const py::array& dout, const py::array& q, const py::array& k, const py::array& v,
                         const py::array& out, const py::array& lse, std::optional<py::array> mask,
                         std::optional<int64_t> causal_offset, double scale, py::array dq, py::array dk, py::array dv,
-                        int num_threads) {
+                        int num_threads, std::optional<py::array> score_weight, std::optional<py::array> dscore_weight) {
   Call call;
-  convert_common(call, q, k, mask, causal_offset, scale, std::nullopt, num_threads);
+  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  if (score_weight.has_value() != dscore_weight.has_value())
+    throw std::invalid_argument("score_weight and dscore_weight come together");
+  if (dscore_weight) {
+    py::array& dw = *dscore_weight;
+    if (!dw.dtype().is(q.dtype()) || dw.ndim() != 1 || dw.shape(0) != call.p.head_dim || !dw.writeable() ||
+        (dw.shape(0) > 1 && dw.strides(0) != dw.itemsize()))
+      throw std::invalid_argument("dscore_weight: expected a writeable contiguous (D,) array of q's dtype");
+    call.p.dscore_weight = dw.mutable_data();
+  }
   AttnParams& p = call.p;
   for (const py::array* a : std::initializer_list<const py::array*>{&v, &out, &lse, &dout, &dq, &dk, &dv})
     if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v, out, lse, dout and the gradients must share one dtype");
@@ -230,8 +239,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("num_threads"), "Softmax probabilities into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
   m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("causal_offset"), py::arg("scale"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("num_threads"),
-        "Gradients of attention_forward into dq, dk, dv (deterministic at any thread count).");
+        py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("score_weight") = py::none(),
+        py::arg("dscore_weight") = py::none(),
+        "Gradients of attention_forward into dq, dk, dv (and dscore_weight for additive scores); "
+        "deterministic at any thread count.");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
   m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });
   m.def("current_isa", [] { return std::string(fusedattn::isa_name(fusedattn::current_isa())); });

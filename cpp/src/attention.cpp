@@ -49,7 +49,7 @@ void attention_forward(const AttnParams& p) {
 }
 
 void attention_backward(const AttnParams& p) {
-  require(p.score_kind == ScoreKind::kDot, "attention_backward: dot-product scores only");
+  require(p.score_kind == ScoreKind::kDot || p.dscore_weight, "attention_backward: additive scores need dscore_weight");
   if (!validate_common(p)) return;
   require(p.v.data && p.out.data && p.lse.data && p.dout.data && p.dq.data && p.dk.data && p.dv.data,
           "attention_backward: missing tensor");

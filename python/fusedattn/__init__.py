@@ -5,10 +5,11 @@
 >>> fa.attention(q, k, v).shape
 (2, 8, 128, 64)
 """
-from . import reference
+from . import plot, reference
 from .api import (
     __version__,
     additive_attention,
+    additive_attention_backward,
     attention,
     attention_backward,
     attention_vjp,
@@ -17,6 +18,8 @@ from .api import (
     get_num_threads,
     set_num_threads,
 )
+from .kv_cache import KVCache
+from .layers import AdditiveAttention, MultiHeadAttention
 
 __all__ = [
     "attention",
@@ -24,9 +27,14 @@ __all__ = [
     "attention_weights",
     "attention_backward",
     "attention_vjp",
+    "additive_attention_backward",
     "backend_info",
     "get_num_threads",
     "set_num_threads",
+    "MultiHeadAttention",
+    "AdditiveAttention",
+    "KVCache",
+    "plot",
     "reference",
     "__version__",
 ]

@@ -7,7 +7,7 @@ from . import _backend, reference
 from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
-           "backend_info", "set_num_threads", "get_num_threads"]
+           "additive_attention_backward", "backend_info", "set_num_threads", "get_num_threads"]
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -183,17 +183,65 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     if _backend._core is None:
         return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    return _backward(p, dout, out, lse, threads, None)
+
+
+def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
+                                num_threads=None):
+    """Gradients of :func:`additive_attention` with respect to q, k, v and ``score_weight``.
+
+    The same fused, deterministic backward pass as :func:`attention_backward`, with the additive score's
+    derivatives (``t = tanh(q_d + k_d)`` recomputed per tile): ``ds/dq_d = ds/dk_d = w_d (1 - t^2)`` and
+    ``ds/dw_d = t``.
+
+    Args:
+        dout: ``(..., Hq, Lq, Dv)``, the gradient of the loss with respect to ``out``.
+        q, k, v, score_weight, mask, causal: exactly as passed to :func:`additive_attention`.
+        out, lse: its results with ``return_lse=True``.
+
+    Returns:
+        ``(dq, dk, dv, dscore_weight)``: the shapes and dtype of ``q``, ``k``, ``v`` and ``(D,)``
+        (computed even when ``score_weight`` was left as the default ones).
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> q, k, v = (np.random.rand(6, 4) for _ in range(3))
+        >>> out, lse = fa.additive_attention(q, k, v, return_lse=True)
+        >>> [g.shape for g in fa.additive_attention_backward(np.ones_like(out), q, k, v, out, lse)]
+        [(6, 4), (6, 4), (6, 4), (4,)]
+    """
+    threads = check_num_threads(num_threads)
+    if _backend._core is None:
+        return reference.additive_attention_backward(dout, q, k, v, out, lse, score_weight=score_weight, mask=mask,
+                                                     causal=causal)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
+    return _backward(p, dout, out, lse, threads, weight)
+
+
+def _backward(p, dout, out, lse, threads, score_weight):
     dtype = p.q.dtype
     dout = check_like(dout, "dout", p.out_shape, dtype)
     out = check_like(out, "out", p.out_shape, dtype)
     lse = check_like(lse, "lse", p.lse_shape, dtype)
-    grads = tuple(np.empty(np.shape(x), dtype) for x in (q, k, v))
+    # Zero-filled: keys no query may see (and every key when Lq = 0) have zero gradients.
+    grads = tuple(np.zeros(_user_shape(x, p.user_rank), dtype) for x in (p.q, p.k, p.v))
+    dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], dtype)
     _backend._core.attention_backward(
         head_view(dout, p.user_rank), p.q, p.k, p.v, head_view(out, p.user_rank), head_view(lse, p.user_rank),
         p.mask, p.causal_offset, p.scale, *(head_view(g, p.user_rank) for g in grads),
-        threads or _backend.default_num_threads(),
+        threads or _backend.default_num_threads(), score_weight, dscore_weight,
     )
-    return grads
+    return grads if score_weight is None else grads + (dscore_weight,)
+
+
+def _user_shape(internal, user_rank):
+    """The user-facing shape of a (*lead, H, L, D) view that head_view made (2-D / 3-D inputs gain a head axis)."""
+    if user_rank == 2:
+        return internal.shape[1:]
+    if user_rank == 3:
+        return internal.shape[:1] + internal.shape[2:]
+    return internal.shape
 
 
 def attention_vjp(q, k, v, **kwargs):

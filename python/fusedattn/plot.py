@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List
 
-__all__ = ["plot_bench", "require_matplotlib"]
+__all__ = ["attention_map", "plot_bench", "require_matplotlib"]
 
 # fusedattn and its forced-ISA variants in blues (darkest: the selected path), the baselines apart.
 _COLOURS = {"fusedattn": "#1f4e9c", "torch": "#e07b24", "naive": "#8c8c8c"}
@@ -110,3 +110,92 @@ def _efficiency_label(row: dict) -> str:
 def _shape_label(row: dict) -> str:
     dims = "x".join(str(row[key]) for key in ("batch", "heads", "lq", "lk", "d"))
     return f"{dims}\n{row['dtype']}{' causal' if row['causal'] else ''}"
+
+
+def attention_map(weights, query_labels=None, key_labels=None, ax=None):
+    """Draw a ``(Lq, Lk)`` attention-weight matrix as a heatmap with a colorbar; return the Axes.
+
+    Args:
+        weights: array-like ``(Lq, Lk)``, e.g. one head's probabilities from
+            :func:`fusedattn.attention_weights` or a layer's ``need_weights`` output. Leading axes of
+            size 1 are dropped (``(1, Lq, Lk)``, ``(1, 1, Lq, Lk)``); any other rank is a ``ValueError``.
+        query_labels: optional ``Lq`` labels for the rows (e.g. target words); key_labels: ``Lk``
+            labels for the columns (e.g. source words). Without labels the axes show indices.
+        ax: a matplotlib Axes to draw on. When None, a new Figure is made on its own Agg canvas, not
+            through pyplot, so this works headless and leaves the caller's backend alone; save it with
+            ``ax.figure.savefig(path)``.
+
+    Returns:
+        The matplotlib ``Axes`` holding the image (rows: queries, columns: keys).
+
+    Raises ``ImportError`` naming the ``fusedattn[plot]`` extra when matplotlib is missing.
+
+    Example:
+        >>> import numpy as np, fusedattn as fa
+        >>> from fusedattn.plot import attention_map
+        >>> w = fa.attention_weights(np.eye(3, 4), np.eye(5, 4))      # (3, 5), rows sum to 1
+        >>> ax = attention_map(w, ["a", "b", "c"], list("vwxyz"))
+        >>> ax.figure.savefig("attention.png")                        # doctest: +SKIP
+    """
+    try:
+        from matplotlib.axes import Axes
+    except ImportError as exc:
+        raise ImportError(
+            f"fusedattn.plot.attention_map needs matplotlib, which cannot be imported ({exc}); install it with "
+            "pip install 'fusedattn[plot]'"
+        ) from None
+    import numpy as np
+
+    try:
+        matrix = np.asarray(weights)
+    except Exception as exc:
+        raise TypeError(f"weights must be a numeric array of shape (Lq, Lk), could not convert {type(weights).__name__}: {exc}") from None
+    if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
+        raise TypeError(f"weights must be a real-valued numeric array of shape (Lq, Lk), got dtype {matrix.dtype}")
+    original_shape = matrix.shape
+    while matrix.ndim > 2 and matrix.shape[0] == 1:  # (1, Lq, Lk) and the like: one head / one batch entry
+        matrix = matrix[0]
+    if matrix.ndim != 2:
+        raise ValueError(f"weights must have shape (Lq, Lk) (leading axes of size 1 are dropped), got shape {original_shape}")
+    if matrix.size == 0:
+        raise ValueError(f"weights must not be empty, got shape {original_shape}")
+    lq, lk = matrix.shape
+    labels = {}
+    for name, given, n in (("query_labels", query_labels, lq), ("key_labels", key_labels, lk)):
+        if given is None:
+            continue
+        if isinstance(given, str):
+            raise TypeError(f"{name} must be a sequence of {n} labels, got a single string {given!r}")
+        given = [str(label) for label in given]
+        if len(given) != n:
+            raise ValueError(f"{name} must have {n} entries (weights has shape {original_shape}), got {len(given)}")
+        labels[name] = given
+    if ax is not None and not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}")
+
+    if ax is None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        # Grow with the matrix so that word labels stay legible, within sane bounds.
+        fig = Figure(figsize=(min(16.0, max(4.0, 0.5 * lk + 2.5)), min(12.0, max(3.0, 0.4 * lq + 1.8))),
+                     layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+    # Probabilities are non-negative: pin the colour scale at 0 so that "no weight" is always one colour.
+    vmin = 0.0 if np.nanmin(matrix) >= 0 else None
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", interpolation="nearest", vmin=vmin)
+    ax.figure.colorbar(image, ax=ax, label="attention weight")
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    for axis, n, name, setter in ((ax.xaxis, lk, "key_labels", ax.set_xticklabels),
+                                  (ax.yaxis, lq, "query_labels", ax.set_yticklabels)):
+        if name in labels:
+            axis.set_ticks(range(n))
+            if name == "key_labels":
+                setter(labels[name], rotation=45, ha="right", rotation_mode="anchor")
+            else:
+                setter(labels[name])
+        elif n <= 32:
+            axis.set_ticks(range(n))  # every index while they fit; matplotlib's own ticks beyond
+    return ax

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, prepare
 
-__all__ = ["attention", "additive_attention", "attention_weights", "attention_backward"]
+__all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward"]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
@@ -98,28 +98,60 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     """
     check_num_threads(num_threads)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    return _backward_f64(p, dout, out, lse, (q, k, v), None)
+
+
+def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
+                                num_threads=None):
+    """Gradients of :func:`additive_attention` in float64 NumPy: ``(dq, dk, dv, dscore_weight)``.
+
+    The arguments and results of :func:`fusedattn.additive_attention_backward`; like
+    :func:`attention_backward` it recomputes everything from the inputs.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> q = k = v = np.ones((3, 2))
+        >>> out, lse = reference.additive_attention(q, k, v, return_lse=True)
+        >>> [g.shape for g in reference.additive_attention_backward(np.ones((3, 2)), q, k, v, out, lse)]
+        [(3, 2), (3, 2), (3, 2), (2,)]
+    """
+    check_num_threads(num_threads)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
+    return _backward_f64(p, dout, out, lse, (q, k, v), weight)
+
+
+def _backward_f64(p, dout, out, lse, user_inputs, weight):
+    """dq, dk, dv (and dw for additive scores, weight given) from recomputed float64 probabilities."""
     dtype = p.q.dtype
     dout = check_like(dout, "dout", p.out_shape, dtype)
     check_like(out, "out", p.out_shape, dtype)
     check_like(lse, "lse", p.lse_shape, dtype)
     hq, hkv = p.q.shape[-3], p.k.shape[-3]
     group = hq // hkv
-    weights = _softmax_f64(p, _dot_scores(p), values=False)  # (..., Hq, Lq, Lk)
-    d_out = dout.reshape(p.out_shape).astype(np.float64)
-    if p.user_rank < 4:
-        d_out = d_out.reshape(p.q.shape[:-1] + (p.v.shape[-1],))
-    k64, v64 = _kv_heads(p.k, group), _kv_heads(p.v, group)
+    scores = _dot_scores(p) if weight is None else _additive_scores(p, weight)
+    weights = _softmax_f64(p, scores, values=False)  # (..., Hq, Lq, Lk)
+    d_out = dout.astype(np.float64).reshape(p.q.shape[:-1] + (p.v.shape[-1],))
+    q64, k64, v64 = p.q.astype(np.float64), _kv_heads(p.k, group), _kv_heads(p.v, group)
     d_v = np.swapaxes(weights, -1, -2) @ d_out
     d_p = d_out @ np.swapaxes(v64, -1, -2)
     d_s = weights * (d_p - (weights * d_p).sum(axis=-1, keepdims=True))
-    d_q = p.scale * (d_s @ k64)
-    d_k = p.scale * (np.swapaxes(d_s, -1, -2) @ p.q.astype(np.float64))
+    if weight is None:
+        d_q = p.scale * (d_s @ k64)
+        d_k = p.scale * (np.swapaxes(d_s, -1, -2) @ q64)
+    else:
+        t = np.tanh(q64[..., :, None, :] + k64[..., None, :, :])  # (..., Lq, Lk, D): small test shapes only
+        g = d_s[..., None] * (1.0 - t * t) * weight
+        d_q, d_k = g.sum(axis=-2), g.sum(axis=-3)
+        d_w = (d_s[..., None] * t).sum(axis=tuple(range(t.ndim - 1)))
 
     def per_kv_head(grad):  # sum the query heads of each group onto their kv head
         return grad.reshape(grad.shape[:-3] + (hkv, group) + grad.shape[-2:]).sum(axis=-3)
 
-    return tuple(g.reshape(np.shape(x)).astype(dtype)
-                 for g, x in ((d_q, q), (per_kv_head(d_k), k), (per_kv_head(d_v), v)))
+    grads = tuple(g.reshape(np.shape(x)).astype(dtype)
+                  for g, x in zip((d_q, per_kv_head(d_k), per_kv_head(d_v)), user_inputs))
+    return grads if weight is None else grads + (d_w.astype(dtype),)
 
 
 def _finish(p, out_and_lse, return_lse, out):

@@ -50,6 +50,7 @@ struct AttnParams {
   // attention_backward(): reads q, k, v, out (the forward's output), lse and dout; writes dq, dk, dv.
   StridedTensor dout;             // (batch, heads_q, len_q, value_dim)
   StridedTensor dq, dk, dv;       // shaped like q, k, v
+  void* dscore_weight = nullptr;  // additive scores: the gradient of score_weight, (head_dim,) contiguous
 
   bool causal = false;
   int64_t causal_offset = 0;      // query i may attend key j iff j <= i + causal_offset

@@ -1,12 +1,14 @@
 // The fused attention backward pass (FlashAttention-2 style), one template like the forward pass and
 // built from the same pieces: the score tile, the masks, the micro-kernel, the transposes.
 //
-// Per (query block, key block) tile, with P recomputed from the saved logsumexp (no Lq x Lk buffer):
+// Per (query block, key block) tile, with P recomputed from the saved logsumexp (no Lq x Lk buffer); for
+// dot-product scores:
 //   S^T  = K . Q^T (scaled, masked)          P^T = exp(S^T - lse)
 //   dP^T = V . dO^T                          dS^T = P^T o (dP^T - D),  D_i = rowsum(dO_i o O_i)
 //   dV  += P . dO        dK += dS . (scale Q)        dQ^T += K^T . dS^T   (dQ = scale dQ^T^T)
 // All five products are strided_times_packed: K and V are broadcast from the caller's memory, the
-// query-side operands are packed once per query block.
+// query-side operands are packed once per query block. Additive scores share everything but dK / dQ,
+// which additive_gradient_tile computes together with the gradient of the score weights.
 //
 // Work items own (batch, kv head, key chunk): they accumulate dK and dV of their keys over every query
 // head of the kv head's group and every query block, so no two threads ever write the same gradient.
@@ -31,6 +33,7 @@ struct BackwardPlan {
   T* scratch;
   int64_t scratch_per_thread;
   T* dq_partials;           // chunks > 1: (batch, kv head, chunk, group * Lq, D)
+  T* dw_partials;           // additive scores: (work item, D), summed in item order at the end
 
   T* dq_partial(int64_t batch, int64_t kv_head, int64_t chunk, int64_t head_in_group, int64_t query) const {
     return dq_partials +
@@ -112,8 +115,40 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
   }
 }
 
+// Additive scores s = sum_d w_d t_d with t_d = tanh(q_d + k_d): ds/dq_d = ds/dk_d = w_d (1 - t_d^2) and
+// ds/dw_d = t_d. One tile's contributions to dQ^T, dK and dw, recomputing each t once; the dK terms need
+// one horizontal sum per (key, d), a small cost next to the lanes/W tanh evaluations beside it.
+template <class Vec>
+void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, const typename Vec::T* keys,
+                            const typename Vec::T* q_t, const typename Vec::T* ds_t, typename Vec::T* dq_t,
+                            typename Vec::T* dk_rows, int64_t dk_stride, typename Vec::T* dw) {
+  using T = typename Vec::T;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  const T* weight = static_cast<const T*>(p.score_weight);
+  const V one = Vec::set1(T(1));
+  for (int64_t d = 0; d < p.head_dim; ++d) {
+    const V w_d = Vec::set1(weight[d]);
+    V dw_sum = Vec::zero();
+    for (int64_t j = 0; j < nk; ++j) {
+      const V key = Vec::set1(keys[j * p.k.row_stride + d * p.k.col_stride]);
+      V g_sum = Vec::zero();
+      for (int64_t lane = 0; lane < lanes; lane += W) {
+        const V ds = Vec::load(ds_t + j * lanes + lane);
+        const V t = tanh_vec<Vec>(Vec::add(key, Vec::load(q_t + d * lanes + lane)));
+        const V g = Vec::mul(ds, Vec::sub(one, Vec::mul(t, t)));
+        Vec::store(dq_t + d * lanes + lane, Vec::fmadd(w_d, g, Vec::load(dq_t + d * lanes + lane)));
+        g_sum = Vec::add(g_sum, g);
+        dw_sum = Vec::fmadd(ds, t, dw_sum);
+      }
+      dk_rows[j * dk_stride + d] += weight[d] * Vec::reduce_add(g_sum);
+    }
+    dw[d] += Vec::reduce_add(dw_sum);
+  }
+}
+
 // One work item: keys [chunk_begin, chunk_end) of (batch, kv_head) against every query of the group.
-template <class Vec, class Mask>
+template <class Vec, class Mask, class Score>
 void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
   using V = typename Vec::V;
@@ -128,6 +163,10 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   const BackwardScratch<Vec> w(plan, thread_id);
   for (int64_t e = 0; e < plan.keys_per_chunk * plan.dim_pad; ++e) w.dk[e] = T(0);
   for (int64_t e = 0; e < plan.keys_per_chunk * plan.value_dim_pad; ++e) w.dv[e] = T(0);
+  constexpr bool kAdditive = std::is_same_v<Score, AdditiveScore>;
+  T* dw = kAdditive ? plan.dw_partials + item * dim : nullptr;
+  if constexpr (kAdditive)
+    for (int64_t d = 0; d < dim; ++d) dw[d] = T(0);
 
   for (int64_t g = 0; g < plan.group; ++g) {
     const int64_t head = kv_head * plan.group + g;
@@ -141,7 +180,7 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
 
       for (int64_t k0 = chunk_begin; k0 < k_end; k0 += kBlockK) {
         const int64_t nk = min_i64(kBlockK, k_end - k0);
-        QueryLanes::score_tile<Vec, Mask, DotScore>(p, block, lanes, k0, nk, w.q_t, w.s_t);
+        QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
                                                                    p.v.row<const T>(batch, kv_head, k0), p.v.row_stride,
                                                                    p.v.col_stride, w.do_t, w.dp_t);
@@ -156,10 +195,16 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
         T* dk_rows = w.dk + (k0 - chunk_begin) * plan.dim_pad;
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
                                                                   w.do_rows, dv_rows);
-        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1,
-                                                                  w.q_rows, dk_rows);
-        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(dim, lanes, nk, p.k.row<const T>(batch, kv_head, k0),
-                                                                  p.k.col_stride, p.k.row_stride, w.dp_t, w.dq_t);
+        if constexpr (kAdditive) {
+          additive_gradient_tile<Vec>(p, lanes, nk, p.k.row<const T>(batch, kv_head, k0), w.q_t, w.dp_t, w.dq_t,
+                                      dk_rows, plan.dim_pad, dw);
+        } else {
+          strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1,
+                                                                    w.q_rows, dk_rows);
+          strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(dim, lanes, nk,
+                                                                    p.k.row<const T>(batch, kv_head, k0),
+                                                                    p.k.col_stride, p.k.row_stride, w.dp_t, w.dq_t);
+        }
       }
 
       const V scale = Vec::set1(static_cast<T>(p.scale));
@@ -197,7 +242,7 @@ void sum_dq_chunks(const BackwardPlan<Vec>& plan, int64_t row_index) {
   }
 }
 
-template <class Vec, class Mask>
+template <class Vec, class Mask, class Score>
 void run_backward(const AttnParams& p) {
   using T = typename Vec::T;
   constexpr int W = Vec::W;
@@ -221,13 +266,24 @@ void run_backward(const AttnParams& p) {
   plan.scratch = static_cast<T*>(scratch.data);
   AlignedBuffer partials(plan.chunks > 1 ? sizeof(T) * kv_heads * plan.chunks * plan.group * p.len_q * p.head_dim : 0);
   plan.dq_partials = static_cast<T*>(partials.data);
+  const int64_t items = kv_heads * plan.chunks;
+  AlignedBuffer dw_partials(p.score_kind == ScoreKind::kAdditive ? sizeof(T) * items * p.head_dim : 0);
+  plan.dw_partials = static_cast<T*>(dw_partials.data);
 
   parallel_for(
-      kv_heads * plan.chunks, p.num_threads,
+      items, p.num_threads,
       [](void* context, int64_t item, int thread_id) {
-        backward_item<Vec, Mask>(*static_cast<const BackwardPlan<Vec>*>(context), item, thread_id);
+        backward_item<Vec, Mask, Score>(*static_cast<const BackwardPlan<Vec>*>(context), item, thread_id);
       },
       &plan);
+  if (p.score_kind == ScoreKind::kAdditive) {
+    T* dw = static_cast<T*>(p.dscore_weight);
+    for (int64_t d = 0; d < p.head_dim; ++d) {
+      T total = 0;
+      for (int64_t item = 0; item < items; ++item) total += plan.dw_partials[item * p.head_dim + d];
+      dw[d] = total;
+    }
+  }
   if (plan.chunks > 1) {
     parallel_for(
         p.batch * p.heads_q * p.len_q, p.num_threads,
@@ -236,12 +292,20 @@ void run_backward(const AttnParams& p) {
   }
 }
 
+template <class Vec, class Mask>
+void backward_scored(const AttnParams& p) {
+  if (p.score_kind == ScoreKind::kAdditive)
+    run_backward<Vec, Mask, AdditiveScore>(p);
+  else
+    run_backward<Vec, Mask, DotScore>(p);
+}
+
 template <class Vec>
 void backward_dtype(const AttnParams& p) {
   switch (p.mask_kind) {
-    case MaskKind::kNone: return run_backward<Vec, NoMask>(p);
-    case MaskKind::kBool: return run_backward<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return run_backward<Vec, AdditiveMask>(p);
+    case MaskKind::kNone: return backward_scored<Vec, NoMask>(p);
+    case MaskKind::kBool: return backward_scored<Vec, BoolMask>(p);
+    case MaskKind::kAdditive: return backward_scored<Vec, AdditiveMask>(p);
   }
 }
 
