@@ -39,13 +39,24 @@ bool validate_common(const AttnParams& p) {
   return true;
 }
 
+// Below ~2^20 multiply-adds (tens of microseconds on one core) waking a second thread costs more than it
+// saves, and on a loaded machine a descheduled OpenMP thread can stall a tiny call for milliseconds.
+AttnParams with_useful_threads(const AttnParams& p) {
+  constexpr double kMinWorkPerThread = 1 << 20;
+  const double work = static_cast<double>(p.batch) * p.heads_q * p.len_q * (p.len_k + 1) * (p.head_dim + p.value_dim);
+  AttnParams adjusted = p;
+  const double useful = work / kMinWorkPerThread;
+  if (useful < adjusted.num_threads) adjusted.num_threads = useful < 1 ? 1 : static_cast<int>(useful);
+  return adjusted;
+}
+
 }  // namespace
 
 void attention_forward(const AttnParams& p) {
   if (!validate_common(p)) return;
   require(p.v.data && p.out.data && p.v.batch_offsets && p.out.batch_offsets, "attention: missing tensor");
   require(!p.lse.data || p.lse.batch_offsets, "attention: lse without batch offsets");
-  detail::run_forward_kernel(p);
+  detail::run_forward_kernel(with_useful_threads(p));
 }
 
 void attention_backward(const AttnParams& p) {
@@ -53,13 +64,13 @@ void attention_backward(const AttnParams& p) {
   if (!validate_common(p)) return;
   require(p.v.data && p.out.data && p.lse.data && p.dout.data && p.dq.data && p.dk.data && p.dv.data,
           "attention_backward: missing tensor");
-  detail::run_backward_kernel(p);
+  detail::run_backward_kernel(with_useful_threads(p));
 }
 
 void attention_weights(const AttnParams& p) {
   if (!validate_common(p)) return;
   require(p.weights.data && p.weights.batch_offsets, "attention_weights: missing output");
-  detail::run_weights_kernel(p);
+  detail::run_weights_kernel(with_useful_threads(p));
 }
 
 }  // namespace fusedattn
