@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -81,8 +82,32 @@ struct Call {
 };
 
 // q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
+// `positions` (built by python/fusedattn/_checks.py): diagonal_offset (int), window ((left, right) ints,
+// absent: no restriction), alibi_slopes ((1 or batch, Hq) contiguous, q's dtype), softcap (float).
+void convert_positions(AttnParams& p, const py::dict& positions, const py::array& q) {
+  p.diagonal_offset = positions.contains("diagonal_offset") ? positions["diagonal_offset"].cast<int64_t>() : 0;
+  if (positions.contains("window")) {
+    const auto window = positions["window"].cast<std::pair<int64_t, int64_t>>();
+    if (window.first < 0 || window.second < -fusedattn::kUnbounded)
+      throw std::invalid_argument("window: bounds must be >= 0 (left) and > -2^60 (right)");
+    p.windowed = true;
+    p.window_left = window.first < fusedattn::kUnbounded ? window.first : fusedattn::kUnbounded;
+    p.window_right = window.second < fusedattn::kUnbounded ? window.second : fusedattn::kUnbounded;
+  }
+  if (positions.contains("alibi_slopes")) {
+    const py::array slopes = positions["alibi_slopes"].cast<py::array>();
+    if (!slopes.dtype().is(q.dtype()) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
+        (slopes.shape(0) != 1 && slopes.shape(0) != p.batch) || !(slopes.flags() & py::array::c_style))
+      throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's dtype");
+    p.alibi_slopes = slopes.data();
+    p.alibi_batch_stride = slopes.shape(0) == 1 ? 0 : p.heads_q;
+  }
+  p.softcap = positions.contains("softcap") ? positions["softcap"].cast<double>() : 0.0;
+  if (!(p.softcap >= 0) || !std::isfinite(p.softcap)) throw std::invalid_argument("softcap: must be finite and >= 0");
+}
+
 void convert_common(Call& call, const py::array& q, const py::array& k, const std::optional<py::array>& mask,
-                    std::optional<int64_t> causal_offset, double scale, const std::optional<py::array>& score_weight,
+                    const py::dict& positions, double scale, const std::optional<py::array>& score_weight,
                     int num_threads) {
   AttnParams& p = call.p;
   const bool is_f32 = py::dtype::of<float>().is(q.dtype());
@@ -125,17 +150,16 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
     p.score_kind = fusedattn::ScoreKind::kAdditive;
     p.score_weight = w.data();
   }
-  p.causal = causal_offset.has_value();
-  p.causal_offset = causal_offset.value_or(0);
+  convert_positions(p, positions, q);
   p.scale = scale;
   p.num_threads = num_threads;
 }
 
 void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
-                       std::optional<int64_t> causal_offset, double scale, py::array out,
+                       const py::dict& positions, double scale, py::array out,
                        std::optional<py::array> lse, int num_threads, std::optional<py::array> score_weight) {
   Call call;
-  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   AttnParams& p = call.p;
   for (const py::array* a : std::initializer_list<const py::array*>{&v, &out})
     if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v and out must share one dtype");
@@ -160,10 +184,10 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
 }
 
 void attention_weights(const py::array& q, const py::array& k, std::optional<py::array> mask,
-                       std::optional<int64_t> causal_offset, double scale, std::optional<py::array> score_weight,
+                       const py::dict& positions, double scale, std::optional<py::array> score_weight,
                        py::array weights, int num_threads) {
   Call call;
-  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   if (!weights.dtype().is(q.dtype())) throw py::type_error("weights: dtype must be the dtype of q");
   if (!weights.writeable()) throw std::invalid_argument("weights: array is read-only");
   require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
@@ -175,10 +199,10 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
 
 void attention_backward(const py::array& dout, const py::array& q, const py::array& k, const py::array& v,
                         const py::array& out, const py::array& lse, std::optional<py::array> mask,
-                        std::optional<int64_t> causal_offset, double scale, py::array dq, py::array dk, py::array dv,
+                        const py::dict& positions, double scale, py::array dq, py::array dk, py::array dv,
                         int num_threads, std::optional<py::array> score_weight, std::optional<py::array> dscore_weight) {
   Call call;
-  convert_common(call, q, k, mask, causal_offset, scale, score_weight, num_threads);
+  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   if (score_weight.has_value() != dscore_weight.has_value())
     throw std::invalid_argument("score_weight and dscore_weight come together");
   if (dscore_weight) {
@@ -230,15 +254,15 @@ std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedattn's compiled core (private: use the fusedattn package)";
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
-        py::arg("causal_offset"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
+        py::arg("positions"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
         py::arg("score_weight") = py::none(),
         "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given). With score_weight "
         "the scores are additive: sum_d w_d tanh(q_d + k_d).");
   m.def("attention_weights", &attention_weights, py::arg("q"), py::arg("k"), py::arg("mask"),
-        py::arg("causal_offset"), py::arg("scale"), py::arg("score_weight"), py::arg("weights"),
+        py::arg("positions"), py::arg("scale"), py::arg("score_weight"), py::arg("weights"),
         py::arg("num_threads"), "Softmax probabilities into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
   m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("causal_offset"), py::arg("scale"), py::arg("dq"),
+        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("positions"), py::arg("scale"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("score_weight") = py::none(),
         py::arg("dscore_weight") = py::none(),
         "Gradients of attention_forward into dq, dk, dv (and dscore_weight for additive scores); "

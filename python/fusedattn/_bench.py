@@ -28,6 +28,8 @@ __all__ = [
     "gflops", "isa_for", "isa_unavailable", "is_memory_bound", "library_isa", "limit_threads", "load_torch",
     "make_inputs", "make_runner", "measure_extra_memory", "measure_machine", "naive_attention", "naive_fits",
     "parse_shape", "plan_repetitions", "score_bytes", "time_best", "timing_budget", "utilisation",
+    "FORWARD_BACKWARD_FLOP_FACTOR", "NAIVE_ADDITIVE_CHUNK_BYTES", "forward_backward_flops", "make_backward_runner",
+    "naive_additive_attention",
 ]
 
 # Torch runs first so a fusedattn measurement can be compared to a torch time taken just before it.
@@ -606,3 +608,97 @@ def _memory_child(argv: Sequence[str]) -> None:
     peak, _ = _peak_rss()
     print(json.dumps({"rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_source": source,
                       "out_bytes": int(out.nbytes), "seconds": seconds, "isa": fusedattn.backend_info()["isa"]}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward + backward (a training step's attention) and the additive score family
+# ---------------------------------------------------------------------------------------------
+
+# The forward pass is 2 matrix products (q k^T, p v). FlashAttention-2's backward recomputes q k^T and
+# adds 4 more (dv = p^T dout, dp = dout v^T, dq = ds k, dk = ds^T q): 5 products, 2.5x the forward. So
+# forward + backward = 7 products = 3.5x the forward's FLOPs, the convention of the FlashAttention papers.
+FORWARD_BACKWARD_FLOP_FACTOR = 3.5
+
+
+def forward_backward_flops(shape: Shape) -> float:
+    """FLOPs of one forward plus backward pass: ``3.5 * attention_flops(shape)`` (halved when causal).
+
+    See :data:`FORWARD_BACKWARD_FLOP_FACTOR`; the softmax and its derivative are not counted, as in
+    :func:`attention_flops`.
+    """
+    return FORWARD_BACKWARD_FLOP_FACTOR * attention_flops(shape)
+
+
+def make_backward_runner(library: str, q, k, v, dout, *, causal: bool, threads: int,
+                         torch=None) -> Callable[[], tuple]:
+    """A zero-argument callable running one forward + backward pass of ``library``; it returns (dq, dk, dv).
+
+    ``library`` is ``"fusedattn"`` (:func:`fusedattn.attention_vjp`, then its backward closure) or
+    ``"torch"`` (``scaled_dot_product_attention`` on ``requires_grad`` leaves viewing the same buffers, then
+    ``out.backward(dout)``); torch's gradients come back as tensors (``np.asarray`` views them). ``causal``
+    uses the bottom-right alignment of :class:`Shape`; the scale is pinned to ``1/sqrt(D)`` for both.
+    torch's ``.grad`` is reset to None before each pass, as ``zero_grad(set_to_none=True)`` does in a
+    training loop, so no accumulation into old gradients is timed.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    lq, lk = q.shape[-2], k.shape[-2]
+    if library == "fusedattn":
+        import fusedattn
+
+        mode = "bottom_right" if causal else False
+
+        def run_fused():
+            _, backward = fusedattn.attention_vjp(q, k, v, causal=mode, scale=scale, num_threads=threads)
+            return backward(dout)
+
+        return run_fused
+    if library == "torch":
+        if torch is None:
+            raise ValueError("make_backward_runner('torch', ...) needs the torch module from load_torch()")
+        leaves = tuple(torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
+        grad_out = torch.from_numpy(dout)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if causal and lq != lk:
+            # is_causal is top-left aligned; the bottom-right region needs an explicit mask.
+            kwargs = {"attn_mask": torch.from_numpy(causal_keep_mask(lq, lk))}
+        else:
+            kwargs = {"is_causal": causal}
+
+        def run_torch():
+            for leaf in leaves:
+                leaf.grad = None
+            sdpa(*leaves, scale=scale, **kwargs).backward(grad_out)
+            return tuple(leaf.grad for leaf in leaves)
+
+        return run_torch
+    raise ValueError(f"unknown library {library!r} for the backward pass; expected 'fusedattn' or 'torch'")
+
+
+# The additive baseline's (B, H, rows, Lk, D) tanh temporary: large enough that NumPy's per-call overhead
+# vanishes, small enough to stay well inside memory (and near the last-level cache).
+NAIVE_ADDITIVE_CHUNK_BYTES = 32 << 20
+
+
+def naive_additive_attention(q, k, v, score_weight, *, chunk_bytes: int = NAIVE_ADDITIVE_CHUNK_BYTES) -> np.ndarray:
+    """The NumPy baseline of additive attention: ``softmax(sum_d w_d tanh(q[:, None] + k[None])) @ v``.
+
+    Materialises the ``(rows, Lk, D)`` tanh terms of a chunk of query rows at a time (all heads
+    together), so memory stays bounded by ``chunk_bytes``; in the inputs' dtype, tanh in place, a
+    max-subtracted softmax. q ``(B, H, Lq, D)``, k ``(B, H, Lk, D)``, v ``(B, H, Lk, Dv)``, ``score_weight``
+    ``(D,)``; no mask (the benchmark shapes have none).
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[-2]
+    w = np.asarray(score_weight, dtype=q.dtype)
+    out = np.empty((b, h, lq, v.shape[-1]), q.dtype)
+    rows = max(1, chunk_bytes // (b * h * lk * d * q.itemsize))
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        terms = q[:, :, r0:r1, None, :] + k[:, :, None, :, :]
+        np.tanh(terms, out=terms)
+        scores = terms @ w  # (B, H, rows, Lk)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[:, :, r0:r1] = scores @ v
+    return out

@@ -26,7 +26,7 @@ class Prepared:
     k: np.ndarray
     v: np.ndarray
     mask: Optional[np.ndarray]  # None, or bool / q-dtype array broadcast (zero strides) to (*lead, Hq, Lq, Lk)
-    causal_offset: Optional[int]  # None, or: query i may attend key j iff j <= i + causal_offset
+    positions: dict  # diagonal_offset, window (left, right), alibi_slopes, softcap: see _positions()
     scale: float
     out_shape: tuple  # user-facing shapes, so 2-D / 3-D inputs get 2-D / 3-D results
     lse_shape: tuple
@@ -72,16 +72,79 @@ def check_num_threads(num_threads) -> Optional[int]:
     return int(num_threads)
 
 
-def causal_offset(causal, lq: int, lk: int) -> Optional[int]:
-    """Translate the ``causal`` argument into the diagonal offset of the allowed region."""
+def _check_alignment(causal) -> bool:
+    """True when the diagonal is top-left aligned (torch's is_causal), False for bottom-right."""
     if isinstance(causal, (bool, np.bool_)):
-        return 0 if causal else None
+        return bool(causal)
     if isinstance(causal, str) and causal in _CAUSAL_CHOICES:
-        return 0 if causal == "top_left" else lk - lq
+        return causal == "top_left"
     raise ValueError(f"causal must be one of False, True, 'top_left', 'bottom_right'; got {causal!r}")
 
 
-def prepare(q, k, v, *, mask=None, causal=False, scale=None) -> Prepared:
+def _check_int(value, name: str, *, minimum=None) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_window(window):
+    """(left, right) with None or -1 for an unbounded side (FlashAttention's convention)."""
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right) of ints (None or -1: unbounded), got {window!r}")
+    bounds = []
+    for side, value in zip(("left", "right"), window):
+        if value is None or (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral) and value == -1):
+            bounds.append(UNBOUNDED)
+        else:
+            bounds.append(_check_int(value, f"window {side}", minimum=0))
+    return tuple(bounds)
+
+
+UNBOUNDED = 1 << 60  # a window side that never binds (the kernel's kUnbounded)
+
+
+def _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, lead, hq, dtype) -> dict:
+    """Which keys each query sees, and the biases on the way: the kernel's position model.
+
+    Row i's diagonal is key ``i + q_start - k_start`` (top-left alignment, causal=True or "top_left") or
+    that plus ``Lk - Lq`` (bottom-right: causal="bottom_right", and for window / ALiBi without causal, as
+    in FlashAttention). Causal keeps keys at or before the diagonal; ``window=(left, right)`` keeps keys
+    within ``[diagonal - left, diagonal + right]``.
+    """
+    top_left = _check_alignment(causal)
+    is_causal = causal is not False and not (isinstance(causal, np.bool_) and not causal)
+    q_start = _check_int(q_start, "q_start", minimum=0)
+    k_start = _check_int(k_start, "k_start", minimum=0)
+    positions = {"diagonal_offset": q_start - k_start + (0 if top_left else lk - lq)}
+    if window is not None or is_causal:
+        left, right = _check_window(window) if window is not None else (UNBOUNDED, UNBOUNDED)
+        positions["window"] = (left, 0 if is_causal else right)
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes)
+        if slopes.dtype == np.bool_ or not (np.issubdtype(slopes.dtype, np.floating) or np.issubdtype(slopes.dtype, np.integer)):
+            raise TypeError(f"alibi_slopes must be a real-valued array, got dtype {slopes.dtype}")
+        batch = int(np.prod(lead)) if lead else 1
+        if slopes.shape == (hq,):
+            slopes = slopes[None]
+        elif slopes.shape == tuple(lead) + (hq,):
+            slopes = slopes.reshape(batch, hq)
+        else:
+            raise ValueError(f"alibi_slopes must have shape ({hq},) or {tuple(lead) + (hq,)} (batch dims, Hq), "
+                             f"got {slopes.shape}")
+        positions["alibi_slopes"] = np.ascontiguousarray(slopes, dtype=dtype)
+    if softcap is not None and softcap != 0:
+        if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be positive and finite, got {softcap}")
+        positions["softcap"] = float(softcap)
+    return positions
+
+
+def prepare(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
+            k_start=0) -> Prepared:
     q = _as_float_array(q, "q")
     k = _as_float_array(k, "k")
     v = _as_float_array(v, "v")
@@ -110,7 +173,7 @@ def prepare(q, k, v, *, mask=None, causal=False, scale=None) -> Prepared:
             f"(grouped-query attention), got Hq={hq} (q {q.shape}) and Hkv={hkv} (k {k.shape})"
         )
     lq, lk = q.shape[-2], k.shape[-2]
-    offset = causal_offset(causal, lq, lk)
+    positions = _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, qh.shape[:-3], hq, q.dtype)
 
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -138,7 +201,7 @@ def prepare(q, k, v, *, mask=None, causal=False, scale=None) -> Prepared:
             ) from None
         prepared_mask = head_view(mask, q.ndim)
 
-    return Prepared(qh, kh, vh, prepared_mask, offset, scale, q.shape[:-1] + (v.shape[-1],), q.shape[:-1], q.ndim)
+    return Prepared(qh, kh, vh, prepared_mask, positions, scale, q.shape[:-1] + (v.shape[-1],), q.shape[:-1], q.ndim)
 
 
 def check_out(out, prepared: Prepared, inputs) -> np.ndarray:

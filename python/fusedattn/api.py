@@ -17,7 +17,8 @@ except Exception:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False, out=None, num_threads=None):
+def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False, out=None,
+              num_threads=None):
     """Fused scaled dot-product attention: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Computed tile by tile with an online softmax: the ``Lq x Lk`` score matrix is never stored.
@@ -34,6 +35,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
             ``is_causal``); ``"bottom_right"`` (query i sees keys ``j <= i + Lk - Lq``, the
             FlashAttention / KV-cache convention). Combines with ``mask``.
         scale: multiplies ``q @ k^T``; default ``1 / sqrt(D)``.
+        window: ``(left, right)``: query i sees keys within ``[d(i) - left, d(i) + right]`` of its diagonal
+            ``d(i)`` (None or -1: unbounded on that side; with causal, right is 0). Key tiles outside the
+            band are skipped, so a sliding window costs O(L * window).
+        alibi_slopes: ``(Hq,)`` or ``(..., Hq)`` (leading dims of q): adds ``-slope * |d(i) - j|`` (ALiBi).
+        softcap: ``c > 0``: scores become ``c * tanh(s / c)`` (Gemma-2 style), before ALiBi and masking,
+            so masked keys keep zero probability.
+        q_start, k_start: global positions of this call's first query / key, so that a chunk of a longer
+            sequence gets exactly its part of the causal / window / ALiBi pattern.
+            The diagonal is ``d(i) = i + q_start - k_start``, plus ``Lk - Lq`` unless causal is True /
+            ``"top_left"`` (bottom-right alignment, FlashAttention's convention for window and ALiBi).
         return_lse: also return the log-sum-exp of each row's scaled, masked scores.
         out: optional array of the output's shape and dtype to write into (must not overlap inputs).
         num_threads: OpenMP threads for this call (default: :func:`get_num_threads`).
@@ -54,13 +65,14 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
     """
     threads = check_num_threads(num_threads)
     if _backend._core is None:
-        return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+        return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out,
+                                   window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     return _forward(p, None, return_lse, out, threads)
 
 
-def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, return_lse=False, out=None,
-                       num_threads=None):
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False,
+                       out=None, num_threads=None):
     """Fused additive (Bahdanau / Keras ``AdditiveAttention``) attention.
 
     ``score[i, j] = sum_d w_d * tanh(q[i, d] + k[j, d])``, softmax over ``j`` (with ``mask`` and ``causal``
@@ -78,7 +90,8 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, r
         k: ``(..., Hkv, Lk, D)``, same leading dims; ``Hq % Hkv == 0`` (grouped-query attention).
         v: ``(..., Hkv, Lk, Dv)``.
         score_weight: ``w`` of shape ``(D,)`` (Keras's ``scale`` when ``use_scale=True``); default all ones.
-        mask, causal, return_lse, out, num_threads: as in :func:`attention`. There is no ``scale``.
+        mask, causal, window, alibi_slopes, softcap, q_start, k_start, return_lse, out, num_threads: as in
+            :func:`attention`. There is no ``scale``.
 
     Returns:
         ``out`` ``(..., Hq, Lq, Dv)`` in the inputs' dtype (float32 / float64), or ``(out, lse)``.
@@ -92,8 +105,8 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, r
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.additive_attention(q, k, v, score_weight=score_weight, mask=mask, causal=causal,
-                                            return_lse=return_lse, out=out)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+                                            return_lse=return_lse, out=out, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
     return _forward(p, weight, return_lse, out, threads)
 
@@ -105,7 +118,7 @@ def _forward(p, score_weight, return_lse, out, threads):
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
     lse = np.empty(p.lse_shape, dtype=p.q.dtype) if return_lse else None
     _backend._core.attention_forward(
-        p.q, p.k, p.v, p.mask, p.causal_offset, p.scale,
+        p.q, p.k, p.v, p.mask, p.positions, p.scale,
         head_view(out, p.user_rank),
         None if lse is None else head_view(lse, p.user_rank),
         threads or _backend.default_num_threads(),
@@ -114,7 +127,8 @@ def _forward(p, score_weight, return_lse, out, threads):
     return (out, lse) if return_lse else out
 
 
-def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, num_threads=None):
+def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0,
+                      num_threads=None):
     """The attention probabilities, for inspection: ``softmax(scores + mask)`` of shape ``(..., Hq, Lq, Lk)``.
 
     Unlike :func:`attention`, this **materialises** the ``Lq x Lk`` matrix on purpose (it is the result).
@@ -123,7 +137,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
 
     Args:
         q: ``(..., Hq, Lq, D)`` (or ``(B, Lq, D)``, ``(Lq, D)``); k: ``(..., Hkv, Lk, D)``.
-        mask, causal, scale: as in :func:`attention` (``scale`` applies to ``kind="dot"`` only).
+        mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start: as in :func:`attention`
+            (``scale`` applies to ``kind="dot"`` only).
         kind: ``"dot"`` (scaled dot product) or ``"additive"`` (as :func:`additive_attention`).
         score_weight: ``(D,)``, for ``kind="additive"`` (default all ones).
         num_threads: as in :func:`attention`.
@@ -144,16 +159,17 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
         raise ValueError("score_weight applies to kind='additive' only")
     if _backend._core is None:
         return reference.attention_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind,
-                                           score_weight=score_weight)
-    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale)
+                                           score_weight=score_weight, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype) if kind == "additive" else None
     weights = np.zeros(p.lse_shape + (p.k.shape[-2],), dtype=p.q.dtype)
-    _backend._core.attention_weights(p.q, p.k, p.mask, p.causal_offset, p.scale, weight,
+    _backend._core.attention_weights(p.q, p.k, p.mask, p.positions, p.scale, weight,
                                      head_view(weights, p.user_rank), threads or _backend.default_num_threads())
     return weights
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, num_threads=None):
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, 
+                       num_threads=None):
     """Gradients of :func:`attention` with respect to q, k and v, by the fused backward kernel.
 
     FlashAttention-2's backward pass on the CPU: the probabilities are recomputed tile by tile from the
@@ -162,7 +178,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
 
     Args:
         dout: ``(..., Hq, Lq, Dv)``, the gradient of the loss with respect to ``out``.
-        q, k, v, mask, causal, scale: exactly as passed to the forward :func:`attention`.
+        q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start: exactly as passed to
+            the forward :func:`attention` (soft-capping is differentiated through; ALiBi slopes are constants).
         out, lse: the forward's results, from ``attention(..., return_lse=True)``.
         num_threads: as in :func:`attention`.
 
@@ -181,13 +198,14 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     """
     threads = check_num_threads(num_threads)
     if _backend._core is None:
-        return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+        return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale,
+                                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     return _backward(p, dout, out, lse, threads, None)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
-                                num_threads=None):
+                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, num_threads=None):
     """Gradients of :func:`additive_attention` with respect to q, k, v and ``score_weight``.
 
     The same fused, deterministic backward pass as :func:`attention_backward`, with the additive score's
@@ -196,7 +214,8 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
 
     Args:
         dout: ``(..., Hq, Lq, Dv)``, the gradient of the loss with respect to ``out``.
-        q, k, v, score_weight, mask, causal: exactly as passed to :func:`additive_attention`.
+        q, k, v, score_weight, mask, causal, window, alibi_slopes, softcap, q_start, k_start: exactly as
+            passed to :func:`additive_attention`.
         out, lse: its results with ``return_lse=True``.
 
     Returns:
@@ -213,8 +232,8 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.additive_attention_backward(dout, q, k, v, out, lse, score_weight=score_weight, mask=mask,
-                                                     causal=causal)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+                                                     causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
     return _backward(p, dout, out, lse, threads, weight)
 
@@ -229,7 +248,7 @@ def _backward(p, dout, out, lse, threads, score_weight):
     dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], dtype)
     _backend._core.attention_backward(
         head_view(dout, p.user_rank), p.q, p.k, p.v, head_view(out, p.user_rank), head_view(lse, p.user_rank),
-        p.mask, p.causal_offset, p.scale, *(head_view(g, p.user_rank) for g in grads),
+        p.mask, p.positions, p.scale, *(head_view(g, p.user_rank) for g in grads),
         threads or _backend.default_num_threads(), score_weight, dscore_weight,
     )
     return grads if score_weight is None else grads + (dscore_weight,)
@@ -261,7 +280,8 @@ def attention_vjp(q, k, v, **kwargs):
         if name in kwargs:
             raise TypeError(f"attention_vjp() does not take {name!r}: it always keeps the lse it needs")
     out, lse = attention(q, k, v, return_lse=True, **kwargs)
-    backward_kwargs = {name: kwargs[name] for name in ("mask", "causal", "scale", "num_threads") if name in kwargs}
+    backward_kwargs = {name: kwargs[name] for name in ("mask", "causal", "scale", "window", "alibi_slopes", "softcap",
+                                                      "q_start", "k_start", "num_threads") if name in kwargs}
 
     def backward(dout):
         return attention_backward(dout, q, k, v, out, lse, **backward_kwargs)

@@ -1,9 +1,15 @@
 """Attention layers in NumPy around the fused kernels: multi-head (torch-compatible) and additive (Bahdanau).
 
-The layers hold their parameters as NumPy arrays and run forward only (no autograd): projections are
-NumPy matmuls, the attention itself is one fused call (:func:`fusedattn.attention` or
-:func:`fusedattn.additive_attention`), which reads the projected heads as strided views, so splitting
-into heads never copies.
+The layers hold their parameters as NumPy arrays: projections are NumPy matmuls, the attention itself
+is one fused call (:func:`fusedattn.attention` or :func:`fusedattn.additive_attention`), which reads the
+projected heads as strided views, so splitting into heads never copies.
+
+There is no autograd, but each layer has a hand-written ``backward(dout)`` for its last forward call:
+the forward keeps what the backward needs (inputs, projections, the attention output and its
+log-sum-exp), and the backward runs the fused backward kernel (:func:`fusedattn.attention_backward` /
+:func:`fusedattn.additive_attention_backward`, which recompute the probabilities tile by tile from the
+saved lse) between NumPy matmuls for the projections. It returns the inputs' gradients and fills
+``layer.grads`` with the parameters' gradients, keyed like ``state_dict()``.
 
 Mask convention (the same as :func:`fusedattn.attention`): a ``bool`` mask is True where a query **may**
 attend a key; a float mask is added to the scores (``-inf`` forbids). torch's ``nn.MultiheadAttention``
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -137,6 +144,26 @@ def _load_params(owner: str, expected: dict, state_dict, dtype, hints=()) -> dic
 # Multi-head attention
 # ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _MHACache:
+    """What a MultiHeadAttention forward call keeps for its backward (references, no copies)."""
+
+    inputs: tuple          # (query, key, value) as the call received them (after the dtype cast)
+    key_given: bool        # False for mha(x): backward returns one dx
+    seq_first: bool        # batched (L, B, E) layout
+    batched: bool
+    q: np.ndarray          # (B, H, Lq, hd) projected heads, strided views, as the kernel read them
+    k: np.ndarray          # (B, Hkv, Lk, hd)
+    v: np.ndarray          # (B, Hkv, Lk, hd)
+    heads: np.ndarray      # the attention output's memory: (B, Lq, H, hd), or (Lq, B, H, hd) seq-first
+    heads_view: np.ndarray  # ... viewed as (B, H, Lq, hd)
+    concat: np.ndarray     # ... viewed as (B, Lq, E) / (Lq, B, E): the out projection's input
+    lse: np.ndarray        # (B, H, Lq)
+    mask: object
+    causal: object
+    out_shape: tuple       # the shape of the returned out (and of dout)
+
+
 class MultiHeadAttention:
     """Multi-head attention with torch ``nn.MultiheadAttention``'s parameters, on the fused kernel.
 
@@ -168,6 +195,12 @@ class MultiHeadAttention:
     ``(E + 2 * Ekv,)``; ``out_proj_weight`` ``(E, E)`` and ``out_proj_bias`` ``(E,)`` (the state-dict
     keys ``out_proj.weight`` / ``out_proj.bias``).
 
+    Training: :meth:`backward` ``(dout)`` differentiates the last call. It returns the gradient with
+    respect to that call's inputs (``dx`` for ``mha(x)``; ``(dquery, dkey, dvalue)`` when key was
+    passed) and sets :attr:`grads` to the parameters' gradients, a dict with :meth:`state_dict`'s keys
+    and shapes. Each call keeps references to its inputs and activations for that (about
+    ``B * (Lq * 2E + Lk * 2Ekv)`` numbers) until the next call or :meth:`load_state_dict`.
+
     Example:
         >>> import numpy as np
         >>> from fusedattn.layers import MultiHeadAttention
@@ -176,6 +209,9 @@ class MultiHeadAttention:
         >>> out, weights = mha(x, causal=True, need_weights=True)
         >>> out.shape, out.dtype, weights.shape
         ((2, 10, 64), dtype('float32'), (2, 10, 10))
+        >>> dx = mha.backward(np.ones_like(out))       # d(out.sum()) / dx
+        >>> dx.shape, mha.grads["in_proj_weight"].shape
+        ((2, 10, 64), (96, 64))
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
@@ -205,6 +241,10 @@ class MultiHeadAttention:
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         self.kv_embed_dim = self.num_kv_heads * self.head_dim
         self._params = self._init_params(_check_rng(rng))
+        self._cache = None  # what the last forward call left for backward()
+        #: The parameters' gradients from the last :meth:`backward` (``state_dict()``'s keys and shapes,
+        #: the layer's dtype); None before the first. Replaced, not accumulated, by each backward.
+        self.grads = None
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -287,6 +327,9 @@ class MultiHeadAttention:
              "the dict has no biases: construct the layer with bias=False."),
         )
         self._params = _load_params(type(self).__name__, self._shapes(), state_dict, self.dtype, hints)
+        # The cached activations were computed with the old parameters: a backward through them would
+        # mix old activations with new weights, so it must be preceded by a new forward call.
+        self._cache = None
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -311,7 +354,11 @@ class MultiHeadAttention:
             ``(out, weights)``: ``out`` shaped like ``query`` with ``E`` features, in the layer's dtype;
             ``weights`` None, or ``(B, Lq, Lk)`` (``(Lq, Lk)`` unbatched). A query that may attend no
             key gets weights 0 and ``out`` equal to the output bias (torch gives NaN there).
+
+        The call is remembered for :meth:`backward` (only ``out`` is differentiated; ``weights`` are
+        for inspection).
         """
+        self._cache = None  # a failed call must not leave an older call's activations for backward()
         if key is None and value is not None:
             raise ValueError("value was given without key: pass key too (or neither, for self-attention)")
         # mha(x) and mha(x, x, x) alike take the one-matmul self-attention path.
@@ -333,6 +380,7 @@ class MultiHeadAttention:
                 raise ValueError(f"{name} must have {width} features ({arg}) in its last axis, got shape {x.shape}")
 
         batched = q_in.ndim == 3
+        inputs = (q_in, k_in, v_in)  # in the caller's layout, for backward()
         # Work in (B, L, features): a view of (L, B, features) or of an unbatched (L, features) input.
         if not batched:
             q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]
@@ -352,8 +400,11 @@ class MultiHeadAttention:
         heads = np.empty((lq, b, self.num_heads, self.head_dim) if seq_first else (b, lq, self.num_heads, self.head_dim),
                          dtype=self.dtype)
         heads_view = heads.transpose(1, 2, 0, 3) if seq_first else heads.transpose(0, 2, 1, 3)
-        fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view)
-        out = heads.reshape(heads.shape[:2] + (self.embed_dim,)) @ self._params["out_proj.weight"].T
+        # The lse (B, H, Lq) is all the fused backward needs to recompute the probabilities: one number
+        # per query row, so keeping it for backward() costs next to nothing.
+        _, lse = fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view, return_lse=True)
+        concat = heads.reshape(heads.shape[:2] + (self.embed_dim,))
+        out = concat @ self._params["out_proj.weight"].T
         if self.bias:
             out += self._params["out_proj.bias"]
 
@@ -364,7 +415,106 @@ class MultiHeadAttention:
         if not batched:
             out = out[0]
             weights = None if weights is None else weights[0]
+        self._cache = _MHACache(inputs=inputs, key_given=key is not None, seq_first=seq_first, batched=batched,
+                                q=q, k=k, v=v, heads=heads, heads_view=heads_view, concat=concat, lse=lse,
+                                mask=mask, causal=causal, out_shape=out.shape)
         return out, weights
+
+    def backward(self, dout):
+        """Gradients of the last call, given ``dout``, the gradient of the loss with respect to its ``out``.
+
+        Runs the fused backward kernel (:func:`fusedattn.attention_backward`; with grouped-query
+        attention ``dk``/``dv`` come back per kv head) between NumPy matmuls for the projections,
+        from what the forward call kept: no part of the forward is recomputed. Honours that call's
+        ``batch_first`` layout, unbatched inputs, ``mask`` and ``causal``. A float mask is a constant
+        (no gradient); ``need_weights`` has no effect on the gradients (only ``out`` is differentiated).
+
+        Args:
+            dout: the shape of the call's ``out`` (``(B, Lq, E)``, ``(Lq, B, E)`` or ``(Lq, E)``); a float
+                array, computed in the layer's dtype.
+
+        Returns:
+            For a self-attention call ``mha(x)`` (key omitted): ``dx``, shaped like ``x``, the sum of the
+            query, key and value paths. Otherwise ``(dquery, dkey, dvalue)`` shaped like the call's
+            query, key and value, each the gradient through that argument alone: when one array was
+            passed in several places (``mha(x, kv)`` uses ``kv`` as key and value, ``mha(x, x, x)``), its
+            total gradient is the sum of those entries (``dkey + dvalue``, ...). All in the layer's dtype.
+
+        Also sets :attr:`grads` to a new dict of the parameters' gradients, with :meth:`state_dict`'s
+        keys and shapes (the stacked ``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``,
+        ``out_proj.weight``, ``out_proj.bias``). It may be called again (another ``dout``) for the same
+        forward call.
+
+        Raises:
+            RuntimeError: no forward call to differentiate (none yet, the last one failed, or
+                :meth:`load_state_dict` came after it).
+            ValueError / TypeError: ``dout`` of the wrong shape / a non-float ``dout``.
+
+        Example:
+            >>> import numpy as np
+            >>> from fusedattn.layers import MultiHeadAttention
+            >>> mha = MultiHeadAttention(16, 4, batch_first=False, dtype=np.float64, rng=0)
+            >>> query, memory = np.ones((5, 2, 16)), np.ones((7, 2, 16))   # (L, B, E)
+            >>> out, _ = mha(query, memory)                                 # memory is key and value
+            >>> dquery, dkey, dvalue = mha.backward(2 * out)                # loss = (out ** 2).sum()
+            >>> dquery.shape, (dkey + dvalue).shape, mha.grads["out_proj.weight"].shape
+            ((5, 2, 16), (7, 2, 16), (16, 16))
+        """
+        c = self._cache
+        if c is None:
+            raise RuntimeError("MultiHeadAttention.backward() needs a forward call first: call the layer (mha(x) or "
+                               "mha(query, key, value)), then backward(dout) with the gradient of its output "
+                               "(load_state_dict() discards the last call)")
+        dout = _as_input(dout, "dout", self.dtype)
+        if dout.shape != c.out_shape:
+            raise ValueError(f"dout must have the shape of the forward call's output {c.out_shape}, got {dout.shape}")
+        e = self.embed_dim
+        w_out = self._params["out_proj.weight"]
+        grads = {}
+        # out = concat @ W_o^T + b_o, over all (batch, position) rows of the caller's layout.
+        dout_rows = dout.reshape(-1, e)
+        grads["out_proj.weight"] = (dout_rows.T @ c.concat.reshape(-1, e)).T
+        if self.bias:
+            grads["out_proj.bias"] = dout_rows.sum(axis=0)
+        # dconcat has the memory layout of `heads`, so the kernel reads its heads through the same view.
+        dheads = (dout @ w_out).reshape(c.heads.shape)
+        dheads_view = dheads.transpose(1, 2, 0, 3) if c.seq_first else dheads.transpose(0, 2, 1, 3)
+        dq, dk, dv = fusedattn.attention_backward(dheads_view, c.q, c.k, c.v, c.heads_view, c.lse,
+                                                  mask=c.mask, causal=c.causal)
+        # (B, heads, L, hd) -> the caller's layout with heads * hd features (one copy each).
+        dq, dk, dv = (self._heads_to_caller(g, c) for g in (dq, dk, dv))
+
+        w_q, w_k, w_v = self._in_proj_weights()
+        x_q, x_k, x_v = c.inputs
+        # Each projection y = x @ W^T + b gives dW = dy^T x and dx = dy @ W.
+        d_weights = [dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+                     for dy, x in ((dq, x_q), (dk, x_k), (dv, x_v))]
+        if self._qkv_same_embed_dim:
+            grads["in_proj_weight"] = np.concatenate(d_weights, axis=0)
+        else:
+            grads["q_proj_weight"], grads["k_proj_weight"], grads["v_proj_weight"] = d_weights
+        if self.bias:
+            grads["in_proj_bias"] = np.concatenate([dy.reshape(-1, dy.shape[-1]).sum(axis=0) for dy in (dq, dk, dv)])
+        self.grads = {name: grads[name] for name in self._shapes()}  # state_dict()'s order
+        dx_q, dx_k, dx_v = dq @ w_q, dk @ w_k, dv @ w_v
+        if not c.key_given:
+            return dx_q + dx_k + dx_v
+        return dx_q, dx_k, dx_v
+
+    @staticmethod
+    def _heads_to_caller(g, c):
+        """``(B, heads, L, hd)`` -> ``(B, L, F)`` / ``(L, B, F)`` / ``(L, F)`` as the call's inputs, contiguous."""
+        g = g.transpose(2, 0, 1, 3) if c.seq_first else g.transpose(0, 2, 1, 3)
+        g = g.reshape(g.shape[:2] + (-1,))  # merging the (heads, hd) axes of a transposed array copies once
+        return g if c.batched else g[0]
+
+    def _in_proj_weights(self):
+        """``(W_q, W_k, W_v)``: views of the stacked in_proj_weight, or the separate matrices."""
+        if self._qkv_same_embed_dim:
+            e, ekv = self.embed_dim, self.kv_embed_dim
+            w = self._params["in_proj_weight"]
+            return w[:e], w[e:e + ekv], w[e + ekv:]
+        return tuple(self._params[n] for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
 
     def _project(self, q_in, k_in, v_in, self_attention):
         """q ``(B, H, Lq, hd)``, k and v ``(B, Hkv, Lk, hd)``: strided views of the projections."""
@@ -377,11 +527,7 @@ class MultiHeadAttention:
                 qkv += bias
             q, k, v = qkv[..., :e], qkv[..., e:e + ekv], qkv[..., e + ekv:]
         else:
-            if self._qkv_same_embed_dim:
-                w = self._params["in_proj_weight"]
-                wq, wk, wv = w[:e], w[e:e + ekv], w[e + ekv:]
-            else:
-                wq, wk, wv = (self._params[n] for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            wq, wk, wv = self._in_proj_weights()
             q, k, v = q_in @ wq.T, k_in @ wk.T, v_in @ wv.T
             if bias is not None:
                 q += bias[:e]
@@ -420,6 +566,10 @@ class AdditiveAttention:
     ``W_k`` ``(key_dim, units)`` (glorot-uniform, Keras Dense's default), ``v_a`` ``(units,)`` (uniform in
     ``+-sqrt(3/units)``, Keras' glorot-uniform for a vector).
 
+    Training: :meth:`backward` ``(dout)`` differentiates the last call, returning the inputs'
+    gradients (``dx`` for ``att(x)``; ``(dquery, dkey, dvalue)`` when key was passed) and setting
+    :attr:`grads` to ``{"W_q": ..., "W_k": ..., "v_a": ...}`` (:meth:`state_dict`'s keys and shapes).
+
     Example:
         >>> import numpy as np
         >>> from fusedattn.layers import AdditiveAttention
@@ -428,6 +578,9 @@ class AdditiveAttention:
         >>> out, w = att(q, kv, need_weights=True)
         >>> out.shape, w.shape, att.W_q.shape
         ((2, 3, 8), (2, 3, 5), (8, 16))
+        >>> dq, dk, dv = att.backward(np.ones_like(out))
+        >>> dq.shape, dk.shape, att.grads["v_a"].shape
+        ((2, 3, 8), (2, 5, 8), (16,))
     """
 
     def __init__(self, units, *, query_dim=None, key_dim=None, dtype=np.float32, rng=None):
@@ -437,6 +590,10 @@ class AdditiveAttention:
         self.dtype = _check_dtype(dtype)
         self._rng = _check_rng(rng)
         self._params = None
+        self._cache = None  # what the last forward call left for backward()
+        #: The parameters' gradients from the last :meth:`backward` (``W_q``, ``W_k``, ``v_a``, in the
+        #: layer's dtype); None before the first. Replaced, not accumulated, by each backward.
+        self.grads = None
         if self.query_dim is not None and self.key_dim is not None:
             self._build()
 
@@ -500,6 +657,7 @@ class AdditiveAttention:
         params = _load_params(type(self).__name__, shapes, state_dict, self.dtype)
         self.query_dim, self.key_dim = params["W_q"].shape[0], params["W_k"].shape[0]
         self._params = params
+        self._cache = None  # computed with the old parameters: backward() now needs a new forward call
 
     def __call__(self, query, key=None, value=None, *, mask=None, causal=False, need_weights=False):
         """Attend ``query`` to ``key``/``value`` (self-attention when both are omitted).
@@ -517,7 +675,10 @@ class AdditiveAttention:
         Returns:
             ``(out, weights)``: ``out`` ``(B, Lq, Dv)`` (``(Lq, Dv)``) in the layer's dtype, ``weights``
             None or ``(B, Lq, Lk)``. Rows that may attend no key give 0.
+
+        The call is remembered for :meth:`backward` (only ``out`` is differentiated).
         """
+        self._cache = None  # a failed call must not leave an older call's activations for backward()
         if key is None and value is not None:
             raise ValueError("value was given without key: pass key too (or neither, for self-attention)")
         q_in = _as_input(query, "query", self.dtype)
@@ -545,11 +706,74 @@ class AdditiveAttention:
         kp = k_in @ self._params["W_k"]
         v_a = self._params["v_a"]
         # (B, L, units) inputs are one head each to the kernel: scores (B, Lq, Lk).
-        out = fusedattn.additive_attention(qp, kp, v_in, score_weight=v_a, mask=mask, causal=causal)
+        out, lse = fusedattn.additive_attention(qp, kp, v_in, score_weight=v_a, mask=mask, causal=causal,
+                                                return_lse=True)
         weights = None
         if need_weights:
             weights = fusedattn.attention_weights(qp, kp, mask=mask, causal=causal, kind="additive", score_weight=v_a)
+        self._cache = dict(inputs=(q_in, k_in, v_in), key_given=key is not None, qp=qp, kp=kp, out=out, lse=lse,
+                           mask=mask, causal=causal)
         return out, weights
+
+    def backward(self, dout):
+        """Gradients of the last call, given ``dout``, the gradient of the loss with respect to its ``out``.
+
+        One fused :func:`fusedattn.additive_attention_backward` (which also gives ``v_a``'s gradient)
+        plus NumPy matmuls for the two projections, from what the forward call kept. A float mask is
+        a constant; ``need_weights`` has no effect on the gradients.
+
+        Args:
+            dout: the shape of the call's ``out``, ``(B, Lq, Dv)`` or ``(Lq, Dv)``; a float array,
+                computed in the layer's dtype.
+
+        Returns:
+            For a self-attention call ``att(x)`` (key omitted): ``dx`` shaped like ``x``, the sum of
+            the query, key and value paths. Otherwise ``(dquery, dkey, dvalue)`` shaped like the call's
+            query, key and value, each through that argument alone: when one array was passed in
+            several places (``att(q, kv)`` uses ``kv`` as key and value), its total gradient is the sum
+            of those entries. All in the layer's dtype.
+
+        Also sets :attr:`grads` to a new dict ``{"W_q": (query_dim, units), "W_k": (key_dim, units),
+        "v_a": (units,)}``.
+
+        Raises:
+            RuntimeError: no forward call to differentiate (none yet, the last one failed, or
+                :meth:`load_state_dict` came after it).
+            ValueError / TypeError: ``dout`` of the wrong shape / a non-float ``dout``.
+
+        Example:
+            >>> import numpy as np
+            >>> from fusedattn.layers import AdditiveAttention
+            >>> att = AdditiveAttention(8, dtype=np.float64, rng=0)
+            >>> x = np.random.default_rng(1).standard_normal((6, 4))       # unbatched self-attention
+            >>> out, _ = att(x, causal=True)
+            >>> dx = att.backward(np.ones_like(out))
+            >>> dx.shape, sorted(att.grads)
+            ((6, 4), ['W_k', 'W_q', 'v_a'])
+        """
+        c = self._cache
+        if c is None:
+            raise RuntimeError("AdditiveAttention.backward() needs a forward call first: call the layer (att(x) or "
+                               "att(query, key, value)), then backward(dout) with the gradient of its output "
+                               "(load_state_dict() discards the last call)")
+        dout = _as_input(dout, "dout", self.dtype)
+        if dout.shape != c["out"].shape:
+            raise ValueError(f"dout must have the shape of the forward call's output {c['out'].shape}, got {dout.shape}")
+        w_q, w_k = self._params["W_q"], self._params["W_k"]
+        dqp, dkp, dv, dv_a = fusedattn.additive_attention_backward(
+            dout, c["qp"], c["kp"], c["inputs"][2], c["out"], c["lse"], score_weight=self._params["v_a"],
+            mask=c["mask"], causal=c["causal"])
+        x_q, x_k, _ = c["inputs"]
+        # qp = x_q @ W_q: dW_q = x_q^T dqp over all (batch, position) rows, dx_q = dqp @ W_q^T.
+        self.grads = {
+            "W_q": x_q.reshape(-1, x_q.shape[-1]).T @ dqp.reshape(-1, self.units),
+            "W_k": x_k.reshape(-1, x_k.shape[-1]).T @ dkp.reshape(-1, self.units),
+            "v_a": dv_a,
+        }
+        dx_q, dx_k = dqp @ w_q.T, dkp @ w_k.T
+        if not c["key_given"]:
+            return dx_q + dx_k + dv
+        return dx_q, dx_k, dv
 
     def __repr__(self):
         return (f"AdditiveAttention(units={self.units}, query_dim={self.query_dim}, key_dim={self.key_dim}, "

@@ -14,7 +14,8 @@ __all__ = ["attention", "additive_attention", "attention_weights", "attention_ba
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False, out=None, num_threads=None):
+def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False, out=None,
+              num_threads=None):
     """Softmax attention ``softmax(q @ k^T * scale + mask) @ v`` in float64 NumPy.
 
     Takes exactly the arguments of :func:`fusedattn.attention` (``num_threads`` is accepted and
@@ -30,14 +31,14 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, return_lse=False,
         (2, 4, 8)
     """
     check_num_threads(num_threads)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
     return _finish(p, _softmax_f64(p, _dot_scores(p)), return_lse, out)
 
 
-def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, return_lse=False, out=None,
-                       num_threads=None):
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False,
+                       out=None, num_threads=None):
     """Additive (Bahdanau / Keras) attention in float64 NumPy: ``score[i, j] = sum_d w_d tanh(q[i, d] + k[j, d])``.
 
     The arguments and result of :func:`fusedattn.additive_attention`.
@@ -50,14 +51,15 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, r
         (5, 8)
     """
     check_num_threads(num_threads)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
     return _finish(p, _softmax_f64(p, _additive_scores(p, weight)), return_lse, out)
 
 
-def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, num_threads=None):
+def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0,
+                      num_threads=None):
     """The attention probabilities ``(..., Hq, Lq, Lk)`` in float64 NumPy, cast to the input dtype.
 
     The arguments and result of :func:`fusedattn.attention_weights`.
@@ -71,7 +73,7 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     """
     check_num_threads(num_threads)
     kind = check_kind(kind)
-    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     if kind == "additive":
         scores = _additive_scores(p, check_score_weight(score_weight, p.q.shape[-1], np.float64))
     else:
@@ -82,7 +84,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     return weights.reshape(p.lse_shape + (p.k.shape[-2],)).astype(p.q.dtype)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, num_threads=None):
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, 
+                       num_threads=None):
     """Gradients of :func:`attention` in float64 NumPy, from recomputed probabilities.
 
     The arguments and results of :func:`fusedattn.attention_backward`. ``out`` and ``lse`` are checked
@@ -97,12 +100,12 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
         [(3, 2), (3, 2), (3, 2)]
     """
     check_num_threads(num_threads)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     return _backward_f64(p, dout, out, lse, (q, k, v), None)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
-                                num_threads=None):
+                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, num_threads=None):
     """Gradients of :func:`additive_attention` in float64 NumPy: ``(dq, dk, dv, dscore_weight)``.
 
     The arguments and results of :func:`fusedattn.additive_attention_backward`; like
@@ -117,7 +120,7 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
         [(3, 2), (3, 2), (3, 2), (2,)]
     """
     check_num_threads(num_threads)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0)
+    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
     return _backward_f64(p, dout, out, lse, (q, k, v), weight)
 
@@ -137,6 +140,9 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
     d_v = np.swapaxes(weights, -1, -2) @ d_out
     d_p = d_out @ np.swapaxes(v64, -1, -2)
     d_s = weights * (d_p - (weights * d_p).sum(axis=-1, keepdims=True))
+    cap = p.positions.get("softcap")
+    if cap:  # through s -> cap * tanh(s / cap): times 1 - tanh^2
+        d_s = d_s * (1.0 - np.tanh(scores(0, p.q.shape[-2]) / cap) ** 2)
     if weight is None:
         d_q = p.scale * (d_s @ k64)
         d_k = p.scale * (np.swapaxes(d_s, -1, -2) @ q64)
@@ -200,14 +206,22 @@ def _softmax_f64(p, scores_of, values=True):
     for start in range(0, lq, rows_per_chunk):
         stop = min(lq, start + rows_per_chunk)
         scores = scores_of(start, stop)
+        if "softcap" in p.positions:
+            scores = p.positions["softcap"] * np.tanh(scores / p.positions["softcap"])
+        diagonal = np.arange(start, stop)[:, None] + p.positions["diagonal_offset"]  # (rows, 1)
+        if "alibi_slopes" in p.positions:
+            slopes = p.positions["alibi_slopes"].astype(np.float64)  # (1 or batch, Hq)
+            slopes = slopes.reshape((hq, 1, 1) if slopes.shape[0] == 1 else lead + (hq, 1, 1))
+            scores = scores - slopes * np.abs(diagonal - key_index[None, :])
         if p.mask is not None:
             chunk_mask = p.mask[..., start:stop, :]
             if chunk_mask.dtype == np.bool_:
                 scores = np.where(chunk_mask, scores, -np.inf)
             else:
                 scores = scores + chunk_mask.astype(np.float64)
-        if p.causal_offset is not None:
-            allowed = key_index[None, :] <= np.arange(start, stop)[:, None] + p.causal_offset
+        if "window" in p.positions:
+            left, right = p.positions["window"]
+            allowed = (key_index[None, :] >= diagonal - left) & (key_index[None, :] <= diagonal + right)
             scores = np.where(allowed, scores, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True)
         # A row whose every score is -inf attends nothing: subtract 0 there so its weights are exp(-inf) = 0

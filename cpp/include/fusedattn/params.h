@@ -6,6 +6,9 @@
 namespace fusedattn {
 
 enum class DType { kFloat32, kFloat64 };
+
+// A window bound that never binds: far beyond any sequence length, far from int64 overflow.
+constexpr int64_t kUnbounded = int64_t(1) << 60;
 enum class MaskKind { kNone, kBool, kAdditive };
 // kDot: scale * q.k; kAdditive (Bahdanau / Keras): sum_d w_d tanh(q_d + k_d).
 enum class ScoreKind { kDot, kAdditive };
@@ -52,8 +55,18 @@ struct AttnParams {
   StridedTensor dq, dk, dv;       // shaped like q, k, v
   void* dscore_weight = nullptr;  // additive scores: the gradient of score_weight, (head_dim,) contiguous
 
-  bool causal = false;
-  int64_t causal_offset = 0;      // query i may attend key j iff j <= i + causal_offset
+  // Positions. Row i's diagonal is key i + diagonal_offset (the caller folds in the causal alignment
+  // and the q_start / k_start of a chunk). When `windowed`, row i sees key j iff
+  //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right;
+  // causal attention is window_right = 0. Tiles outside the band are never computed.
+  bool windowed = false;
+  int64_t diagonal_offset = 0;
+  int64_t window_left = kUnbounded;
+  int64_t window_right = kUnbounded;
+  // ALiBi: score -= slope * |i + diagonal_offset - j|, slope = alibi_slopes[batch * alibi_batch_stride + head].
+  const void* alibi_slopes = nullptr;  // dtype
+  int64_t alibi_batch_stride = 0;
+  double softcap = 0;                  // > 0: scaled scores s become softcap * tanh(s / softcap)
   double scale = 1.0;
   int num_threads = 1;
 };

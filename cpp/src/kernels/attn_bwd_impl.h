@@ -45,11 +45,11 @@ struct BackwardPlan {
 template <class Vec>
 struct BackwardScratch {
   using T = typename Vec::T;
-  T *q_t, *q_rows, *do_t, *do_rows, *s_t, *dp_t, *dq_t, *lse, *delta, *dk, *dv;
+  T *q_t, *q_rows, *do_t, *do_rows, *s_t, *dp_t, *cap_grad, *dq_t, *lse, *delta, *dk, *dv;
 
   static int64_t size(const BackwardPlan<Vec>& plan) {
     const AttnParams& p = *plan.p;
-    return plan.lanes * (2 * p.head_dim + p.value_dim + 2 * kBlockK + 2) + plan.lanes * (plan.dim_pad + plan.value_dim_pad) +
+    return plan.lanes * (2 * p.head_dim + p.value_dim + 3 * kBlockK + 2) + plan.lanes * (plan.dim_pad + plan.value_dim_pad) +
            plan.keys_per_chunk * (plan.dim_pad + plan.value_dim_pad);
   }
 
@@ -68,6 +68,7 @@ struct BackwardScratch {
     do_rows = take(lanes * plan.value_dim_pad);
     s_t = take(kBlockK * lanes);
     dp_t = take(kBlockK * lanes);
+    cap_grad = take(kBlockK * lanes);
     dq_t = take(p.head_dim * lanes);
     lse = take(lanes);
     delta = take(lanes);
@@ -173,14 +174,21 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
     for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
       const int64_t q0 = q_block * kBlockQ;
       const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q - q0)};
-      int64_t k_end = chunk_end;
-      if (p.causal) k_end = min_i64(k_end, q0 + block.nq + p.causal_offset);
+      int64_t k_begin = chunk_begin, k_end = chunk_end;
+      visible_keys(p, block, &k_begin, &k_end);
       for (int64_t e = 0; e < dim * lanes; ++e) w.dq_t[e] = T(0);
-      if (chunk_begin < k_end) pack_query_block(plan, block, w);
+      if (k_begin < k_end) pack_query_block(plan, block, w);
 
-      for (int64_t k0 = chunk_begin; k0 < k_end; k0 += kBlockK) {
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
         const int64_t nk = min_i64(kBlockK, k_end - k0);
-        QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
+        QueryLanes::raw_scores<Vec, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
+        // Soft-capping scales the score's gradient by d(cap tanh(s / cap))/ds = 1 - (capped / cap)^2.
+        if (p.softcap > 0)
+          for (int64_t e = 0; e < nk * lanes; ++e) {
+            const T ratio = w.s_t[e] / static_cast<T>(p.softcap);
+            w.cap_grad[e] = T(1) - ratio * ratio;
+          }
+        restrict_scores<Mask>(p, block, k0, nk, w.s_t, /*row_stride=*/1, /*key_stride=*/lanes);
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
                                                                    p.v.row<const T>(batch, kv_head, k0), p.v.row_stride,
                                                                    p.v.col_stride, w.do_t, w.dp_t);
@@ -191,6 +199,9 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
             Vec::store(w.s_t + j * lanes + lane, prob);
             Vec::store(w.dp_t + j * lanes + lane, Vec::mul(prob, Vec::sub(dprob, Vec::load(w.delta + lane))));
           }
+        if (p.softcap > 0)
+          for (int64_t e = 0; e < nk * lanes; e += W)
+            Vec::store(w.dp_t + e, Vec::mul(Vec::load(w.dp_t + e), Vec::load(w.cap_grad + e)));
         T* dv_rows = w.dv + (k0 - chunk_begin) * plan.value_dim_pad;
         T* dk_rows = w.dk + (k0 - chunk_begin) * plan.dim_pad;
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,

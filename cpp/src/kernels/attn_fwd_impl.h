@@ -212,20 +212,72 @@ struct AdditiveMask {  // same dtype as the scores, added after scaling
   }
 };
 
-// Hides key k0 + j from row r when k0 + j > query(r) + causal_offset. Only tiles that cross the
-// diagonal get here; tiles wholly past it are never computed, tiles wholly before it need nothing.
+// The band of keys row r may see (causal attention, sliding windows): [first, last] in key positions.
+inline int64_t first_visible_key(const AttnParams& p, int64_t query) { return query + p.diagonal_offset - p.window_left; }
+inline int64_t last_visible_key(const AttnParams& p, int64_t query) { return query + p.diagonal_offset + p.window_right; }
+
+// Hides the keys outside each row's band. Tiles wholly outside every row's band are never computed
+// (key_range), tiles wholly inside need nothing; only tiles crossing a band edge get here.
 template <class T>
-void apply_causal(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores,
-                  int64_t row_stride, int64_t key_stride) {
-  if (!p.causal || k0 + nk - 1 <= block.q0 + p.causal_offset) return;
+void apply_window(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores, int64_t row_stride,
+                  int64_t key_stride) {
+  if (!p.windowed) return;
+  const int64_t last_query = block.q0 + block.nq - 1;
+  if (k0 >= first_visible_key(p, last_query) && k0 + nk - 1 <= last_visible_key(p, block.q0)) return;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < block.rows(); ++r) {
-    int64_t first_hidden = block.query(r) + p.causal_offset + 1 - k0;
-    for (int64_t j = first_hidden < 0 ? 0 : first_hidden; j < nk; ++j)
-      scores[r * row_stride + j * key_stride] = -std::numeric_limits<T>::infinity();
+    const int64_t first = first_visible_key(p, block.query(r)) - k0, last = last_visible_key(p, block.query(r)) - k0;
+    for (int64_t j = 0; j < nk; ++j)
+      if (j < first || j > last) scores[r * row_stride + j * key_stride] = neg_inf;
   }
 }
 
+// ALiBi: score -= slope(head) * |i + diagonal_offset - j|, FlashAttention's (bottom-right) alignment by default.
+template <class T>
+void apply_alibi(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores, int64_t row_stride,
+                 int64_t key_stride) {
+  if (!p.alibi_slopes) return;
+  const T* slopes = static_cast<const T*>(p.alibi_slopes) + block.batch * p.alibi_batch_stride;
+  for (int64_t r = 0; r < block.rows(); ++r) {
+    const T slope = slopes[block.head(r)];
+    const int64_t diagonal = block.query(r) + p.diagonal_offset - k0;
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t distance = diagonal > j ? diagonal - j : j - diagonal;
+      scores[r * row_stride + j * key_stride] -= slope * static_cast<T>(distance);
+    }
+  }
+}
+
+// Logit soft-capping of `count` contiguous scores: s -> cap * tanh(s / cap). Applied before any bias or
+// mask, so masked positions stay at -inf (zero probability).
+template <class Vec>
+void apply_softcap(typename Vec::T* scores, int64_t count, typename Vec::T cap) {
+  using T = typename Vec::T;
+  const typename Vec::V cap_vec = Vec::set1(cap), inv_cap = Vec::set1(T(1) / cap);
+  int64_t e = 0;
+  for (; e + Vec::W <= count; e += Vec::W)
+    Vec::storeu(scores + e, Vec::mul(cap_vec, tanh_vec<Vec>(Vec::mul(Vec::loadu(scores + e), inv_cap))));
+  for (; e < count; ++e) scores[e] = cap * std::tanh(scores[e] / cap);
+}
+
+// Everything after the raw scores, in order: ALiBi bias, the mask, the band.
+template <class Mask, class T>
+void restrict_scores(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores, int64_t row_stride,
+                     int64_t key_stride) {
+  apply_alibi(p, block, k0, nk, scores, row_stride, key_stride);
+  Mask::apply(p, block, k0, nk, scores, row_stride, key_stride);
+  apply_window(p, block, k0, nk, scores, row_stride, key_stride);
+}
+
 // ---------------------------------------------------------------------------------------------------
+
+// Narrows [*begin, *end) to the keys some row of the block may see.
+inline void visible_keys(const AttnParams& p, const RowBlock& block, int64_t* begin, int64_t* end) {
+  if (!p.windowed) return;
+  const int64_t first = first_visible_key(p, block.q0), last = last_visible_key(p, block.q0 + block.nq - 1);
+  if (first > *begin) *begin = first;
+  if (last + 1 < *end) *end = last + 1;
+}
 
 // Per-row softmax state of one work item: the unnormalised output o(r, e) = o[r * o_row + e * o_col],
 // the running max m[r] and the running sum l[r].
@@ -271,12 +323,12 @@ struct ForwardPlan {
     for (int64_t e = 0; e < rows * value_dim_pad; ++e) acc.o[e] = T(0);
   }
 
-  // The keys [*begin, *end) a split of a row block visits: tiles past the last row's causal limit are
-  // never computed.
+  // The keys [*begin, *end) a split of a row block visits: tiles outside every row's band are never
+  // computed.
   void key_range(const RowBlock& block, int64_t split, int64_t* begin, int64_t* end) const {
     *begin = split * keys_per_split;
     *end = min_i64(p->len_k, *begin + keys_per_split);
-    if (p->causal) *end = min_i64(*end, block.q0 + block.nq + p->causal_offset);
+    visible_keys(*p, block, begin, end);
   }
 
   Accumulators<T> accumulators(int64_t item, int thread_id) const {
@@ -323,9 +375,19 @@ struct QueryLanes {
     for (int64_t e = 0; e < dim * lanes; e += Vec::W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale));
   }
 
-  // S^T (nk x lanes) for keys [k0, k0 + nk): the scores, masked and causally restricted.
+  // S^T (nk x lanes) for keys [k0, k0 + nk): the scores, biased, masked and restricted to the band.
   template <class Vec, class Mask, class Score>
   static void score_tile(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
+                         const typename Vec::T* q_t, typename Vec::T* s_t) {
+    using T = typename Vec::T;
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    raw_scores<Vec, Score>(p, block, lanes, k0, nk, q_t, s_t);
+    restrict_scores<Mask>(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
+  }
+
+  // S^T before any bias or mask: the scores, soft-capped when asked.
+  template <class Vec, class Score>
+  static void raw_scores(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
                          const typename Vec::T* q_t, typename Vec::T* s_t) {
     using T = typename Vec::T;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
@@ -333,8 +395,7 @@ struct QueryLanes {
                                                             p.k.row<const T>(block.batch, kv_head, k0), p.k.row_stride,
                                                             p.k.col_stride, q_t, s_t,
                                                             static_cast<const T*>(p.score_weight));
-    Mask::apply(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
-    apply_causal(p, block, k0, nk, s_t, 1, lanes);
+    if (p.softcap > 0) apply_softcap<Vec>(s_t, nk * lanes, static_cast<T>(p.softcap));
   }
 
   // Online softmax down the key axis: folds S^T into the running max / sum, turns it into P^T in place
@@ -518,10 +579,10 @@ struct DimLanes {
         for (; j + kDotKeys <= nk; j += kDotKeys)
           dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
         for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
+        if (p.softcap > 0) apply_softcap<Vec>(row_scores, nk, static_cast<T>(p.softcap));
         for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp(-inf) = 0
       }
-      Mask::apply(p, block, k0, nk, scores, /*row_stride=*/kBlockK, /*key_stride=*/1);
-      apply_causal(p, block, k0, nk, scores, kBlockK, 1);
+      restrict_scores<Mask>(p, block, k0, nk, scores, /*row_stride=*/kBlockK, /*key_stride=*/1);
 
       for (int64_t r = 0; r < rows; ++r) {
         T* row_scores = scores + r * kBlockK;

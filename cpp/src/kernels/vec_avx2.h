@@ -24,6 +24,7 @@ struct VecAvx2<float> {
   static V load(const T* p) { return _mm256_load_ps(p); }
   static V loadu(const T* p) { return _mm256_loadu_ps(p); }
   static void store(T* p, V x) { _mm256_store_ps(p, x); }
+  static void storeu(T* p, V x) { _mm256_storeu_ps(p, x); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -93,6 +94,7 @@ struct VecAvx2<double> {
   static V load(const T* p) { return _mm256_load_pd(p); }
   static V loadu(const T* p) { return _mm256_loadu_pd(p); }
   static void store(T* p, V x) { _mm256_store_pd(p, x); }
+  static void storeu(T* p, V x) { _mm256_storeu_pd(p, x); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static V add(V a, V b) { return _mm256_add_pd(a, b); }

@@ -23,6 +23,7 @@ struct VecAvx512<float> {
   static V load(const T* p) { return _mm512_load_ps(p); }
   static V loadu(const T* p) { return _mm512_loadu_ps(p); }
   static void store(T* p, V x) { _mm512_store_ps(p, x); }
+  static void storeu(T* p, V x) { _mm512_storeu_ps(p, x); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -86,6 +87,7 @@ struct VecAvx512<double> {
   static V load(const T* p) { return _mm512_load_pd(p); }
   static V loadu(const T* p) { return _mm512_loadu_pd(p); }
   static void store(T* p, V x) { _mm512_store_pd(p, x); }
+  static void storeu(T* p, V x) { _mm512_storeu_pd(p, x); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }

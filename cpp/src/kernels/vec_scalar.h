@@ -17,6 +17,7 @@ struct VecScalar {
   static V load(const T* p) { return *p; }
   static V loadu(const T* p) { return *p; }
   static void store(T* p, V x) { *p = x; }
+  static void storeu(T* p, V x) { *p = x; }
   // Not std::fma: without FMA hardware (no ISA flags here) it is a slow library call.
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static V mul(V a, V b) { return a * b; }
