@@ -83,7 +83,8 @@ struct Call {
 
 // q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
 // `positions` (built by python/fusedattn/_checks.py): diagonal_offset (int), window ((left, right) ints,
-// absent: no restriction), alibi_slopes ((1 or batch, Hq) contiguous, q's dtype), softcap (float).
+// absent: no restriction), alibi_slopes ((1 or batch, Hq) contiguous, q's dtype), softcap (float),
+// dropout_p (float) with seed (uint64), q_start / k_start (ints, for the dropout positions).
 void convert_positions(AttnParams& p, const py::dict& positions, const py::array& q) {
   p.diagonal_offset = positions.contains("diagonal_offset") ? positions["diagonal_offset"].cast<int64_t>() : 0;
   if (positions.contains("window")) {
@@ -103,6 +104,13 @@ void convert_positions(AttnParams& p, const py::dict& positions, const py::array
     p.alibi_batch_stride = slopes.shape(0) == 1 ? 0 : p.heads_q;
   }
   p.softcap = positions.contains("softcap") ? positions["softcap"].cast<double>() : 0.0;
+  if (positions.contains("dropout_p")) {
+    p.dropout_p = positions["dropout_p"].cast<double>();
+    if (!(p.dropout_p >= 0 && p.dropout_p < 1)) throw std::invalid_argument("dropout_p: must be in [0, 1)");
+    p.dropout_seed = positions["seed"].cast<uint64_t>();
+  }
+  p.q_start = positions.contains("q_start") ? positions["q_start"].cast<int64_t>() : 0;
+  p.k_start = positions.contains("k_start") ? positions["k_start"].cast<int64_t>() : 0;
   if (!(p.softcap >= 0) || !std::isfinite(p.softcap)) throw std::invalid_argument("softcap: must be finite and >= 0");
 }
 

@@ -134,6 +134,7 @@ def _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, 
             raise ValueError(f"alibi_slopes must have shape ({hq},) or {tuple(lead) + (hq,)} (batch dims, Hq), "
                              f"got {slopes.shape}")
         positions["alibi_slopes"] = np.ascontiguousarray(slopes, dtype=dtype)
+    positions["q_start"], positions["k_start"] = q_start, k_start
     if softcap is not None and softcap != 0:
         if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
@@ -259,3 +260,51 @@ def check_like(x, name: str, shape: tuple, dtype) -> np.ndarray:
     if x.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
     return x
+
+
+def check_dropout(dropout_p, seed, *, need_seed: bool = False):
+    """Validate ``dropout_p`` and turn ``seed`` (int or numpy Generator) into the kernel's uint64 seed.
+
+    Returns ``{}`` without dropout, else ``{"dropout_p": p, "seed": s}`` to merge into the positions.
+    """
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0:
+        return {}
+    if seed is None:
+        if need_seed:
+            raise ValueError("seed is required with dropout_p > 0 here: pass the seed the forward pass used "
+                             "(attention_vjp does this for you)")
+        seed = np.random.default_rng()
+    if isinstance(seed, np.random.Generator):
+        seed = int(seed.integers(0, 2**63, dtype=np.int64))
+    elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a numpy.random.Generator, got {type(seed).__name__}")
+    elif not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return {"dropout_p": float(dropout_p), "seed": int(seed)}
+
+
+def dropout_keep_factor(positions: dict, batch_head, query, key, dtype=np.float64):
+    """The kernel's dropout factor (0 or 1 / (1 - p)) for broadcastable integer position arrays.
+
+    The same bits as dropout_hash in cpp/src/kernels/attn_fwd_impl.h: murmur3's finaliser over the seed
+    and (batch * Hq + head, q_start + query, k_start + key), all in uint32 arithmetic.
+    """
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+    seed = positions["seed"]
+    u32 = lambda a: np.asarray(a).astype(np.uint64).astype(np.uint32)  # noqa: E731 - wrap modulo 2^32
+    with np.errstate(over="ignore"):
+        h = mix(np.uint32(seed & 0xFFFFFFFF) ^ (u32(batch_head) * np.uint32(0xC2B2AE3D))
+                ^ (u32(positions["q_start"] + np.asarray(query)) * np.uint32(0x9E3779B1)))
+        h = mix(h ^ np.uint32(seed >> 32) ^ (u32(positions["k_start"] + np.asarray(key)) * np.uint32(0x85EBCA77)))
+    threshold = np.uint32(int(positions["dropout_p"] * 4294967296.0))
+    return np.where(h >= threshold, 1.0 / (1.0 - positions["dropout_p"]), 0.0).astype(dtype)

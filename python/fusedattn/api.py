@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
-from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
+from ._checks import check_dropout, check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
            "additive_attention_backward", "backend_info", "set_num_threads", "get_num_threads"]
@@ -17,8 +17,8 @@ except Exception:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False, out=None,
-              num_threads=None):
+def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
+              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, num_threads=None):
     """Fused scaled dot-product attention: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Computed tile by tile with an online softmax: the ``Lq x Lk`` score matrix is never stored.
@@ -45,7 +45,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
             sequence gets exactly its part of the causal / window / ALiBi pattern.
             The diagonal is ``d(i) = i + q_start - k_start``, plus ``Lk - Lq`` unless causal is True /
             ``"top_left"`` (bottom-right alignment, FlashAttention's convention for window and ALiBi).
-        return_lse: also return the log-sum-exp of each row's scaled, masked scores.
+        dropout_p, seed: dropout on the probabilities (after the softmax, scaled by ``1 / (1 - p)``); the
+            mask is a pure function of ``seed`` (an int, or a ``numpy.random.Generator`` to draw one) and the
+            element's position, so it is the same at any thread count and the backward pass regenerates it.
+        return_lse: also return the log-sum-exp of each row's scaled, masked scores (before dropout).
         out: optional array of the output's shape and dtype to write into (must not overlap inputs).
         num_threads: OpenMP threads for this call (default: :func:`get_num_threads`).
 
@@ -66,13 +69,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out,
-                                   window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                                   window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                                   dropout_p=dropout_p, seed=seed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed))
     return _forward(p, None, return_lse, out, threads)
 
 
-def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False,
-                       out=None, num_threads=None):
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None,
+                       softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None,
+                       num_threads=None):
     """Fused additive (Bahdanau / Keras ``AdditiveAttention``) attention.
 
     ``score[i, j] = sum_d w_d * tanh(q[i, d] + k[j, d])``, softmax over ``j`` (with ``mask`` and ``causal``
@@ -105,8 +111,10 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.additive_attention(q, k, v, score_weight=score_weight, mask=mask, causal=causal,
-                                            return_lse=return_lse, out=out, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                                            return_lse=return_lse, out=out, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                                            dropout_p=dropout_p, seed=seed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed))
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
     return _forward(p, weight, return_lse, out, threads)
 
@@ -168,8 +176,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     return weights
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, 
-                       num_threads=None):
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None,
+                       softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None):
     """Gradients of :func:`attention` with respect to q, k and v, by the fused backward kernel.
 
     FlashAttention-2's backward pass on the CPU: the probabilities are recomputed tile by tile from the
@@ -199,13 +207,16 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale,
-                                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                                            dropout_p=dropout_p, seed=seed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
     return _backward(p, dout, out, lse, threads, None)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
-                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, num_threads=None):
+                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, dropout_p=0.0,
+                                seed=None, num_threads=None):
     """Gradients of :func:`additive_attention` with respect to q, k, v and ``score_weight``.
 
     The same fused, deterministic backward pass as :func:`attention_backward`, with the additive score's
@@ -232,8 +243,10 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
     threads = check_num_threads(num_threads)
     if _backend._core is None:
         return reference.additive_attention_backward(dout, q, k, v, out, lse, score_weight=score_weight, mask=mask,
-                                                     causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                                                     causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                                                     dropout_p=dropout_p, seed=seed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
     return _backward(p, dout, out, lse, threads, weight)
 
@@ -279,9 +292,13 @@ def attention_vjp(q, k, v, **kwargs):
     for name in ("return_lse", "out"):
         if name in kwargs:
             raise TypeError(f"attention_vjp() does not take {name!r}: it always keeps the lse it needs")
+    if kwargs.get("dropout_p", 0) and not isinstance(kwargs.get("seed"), (int, np.integer)):
+        # One concrete seed for both passes: the backward must regenerate the forward's dropout mask.
+        kwargs["seed"] = check_dropout(kwargs["dropout_p"], kwargs.get("seed"))["seed"]
     out, lse = attention(q, k, v, return_lse=True, **kwargs)
     backward_kwargs = {name: kwargs[name] for name in ("mask", "causal", "scale", "window", "alibi_slopes", "softcap",
-                                                      "q_start", "k_start", "num_threads") if name in kwargs}
+                                                      "q_start", "k_start", "dropout_p", "seed", "num_threads")
+                       if name in kwargs}
 
     def backward(dout):
         return attention_backward(dout, q, k, v, out, lse, **backward_kwargs)

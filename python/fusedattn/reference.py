@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_kind, check_like, check_num_threads, check_out, check_score_weight, prepare
+from ._checks import check_dropout, check_kind, check_like, dropout_keep_factor, check_num_threads, check_out, check_score_weight, prepare
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward"]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False, out=None,
-              num_threads=None):
+def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
+              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, num_threads=None):
     """Softmax attention ``softmax(q @ k^T * scale + mask) @ v`` in float64 NumPy.
 
     Takes exactly the arguments of :func:`fusedattn.attention` (``num_threads`` is accepted and
@@ -32,13 +32,15 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     """
     check_num_threads(num_threads)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed))
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
     return _finish(p, _softmax_f64(p, _dot_scores(p)), return_lse, out)
 
 
-def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, return_lse=False,
-                       out=None, num_threads=None):
+def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None,
+                       softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None,
+                       num_threads=None):
     """Additive (Bahdanau / Keras) attention in float64 NumPy: ``score[i, j] = sum_d w_d tanh(q[i, d] + k[j, d])``.
 
     The arguments and result of :func:`fusedattn.additive_attention`.
@@ -52,6 +54,7 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     """
     check_num_threads(num_threads)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed))
     weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
@@ -84,8 +87,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     return weights.reshape(p.lse_shape + (p.k.shape[-2],)).astype(p.q.dtype)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, 
-                       num_threads=None):
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None,
+                       softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None):
     """Gradients of :func:`attention` in float64 NumPy, from recomputed probabilities.
 
     The arguments and results of :func:`fusedattn.attention_backward`. ``out`` and ``lse`` are checked
@@ -101,11 +104,13 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     """
     check_num_threads(num_threads)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
     return _backward_f64(p, dout, out, lse, (q, k, v), None)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
-                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, num_threads=None):
+                                window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0, dropout_p=0.0,
+                                seed=None, num_threads=None):
     """Gradients of :func:`additive_attention` in float64 NumPy: ``(dq, dk, dv, dscore_weight)``.
 
     The arguments and results of :func:`fusedattn.additive_attention_backward`; like
@@ -121,6 +126,7 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
     """
     check_num_threads(num_threads)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
     weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
     return _backward_f64(p, dout, out, lse, (q, k, v), weight)
 
@@ -137,8 +143,9 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
     weights = _softmax_f64(p, scores, values=False)  # (..., Hq, Lq, Lk)
     d_out = dout.astype(np.float64).reshape(p.q.shape[:-1] + (p.v.shape[-1],))
     q64, k64, v64 = p.q.astype(np.float64), _kv_heads(p.k, group), _kv_heads(p.v, group)
-    d_v = np.swapaxes(weights, -1, -2) @ d_out
-    d_p = d_out @ np.swapaxes(v64, -1, -2)
+    keep = _dropout_factor(p, 0, p.q.shape[-2])  # 1 without dropout
+    d_v = np.swapaxes(weights * keep, -1, -2) @ d_out
+    d_p = (d_out @ np.swapaxes(v64, -1, -2)) * keep
     d_s = weights * (d_p - (weights * d_p).sum(axis=-1, keepdims=True))
     cap = p.positions.get("softcap")
     if cap:  # through s -> cap * tanh(s / cap): times 1 - tanh^2
@@ -158,6 +165,15 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
     grads = tuple(g.reshape(np.shape(x)).astype(dtype)
                   for g, x in zip((d_q, per_kv_head(d_k), per_kv_head(d_v)), user_inputs))
     return grads if weight is None else grads + (d_w.astype(dtype),)
+
+
+def _dropout_factor(p, start, stop):
+    """The kernel's dropout factors for query rows [start, stop): (..., Hq, rows, Lk), or 1 without dropout."""
+    if "dropout_p" not in p.positions:
+        return 1.0
+    lead, hq, lk = p.q.shape[:-3], p.q.shape[-3], p.k.shape[-2]
+    batch_head = np.arange(int(np.prod(lead)) * hq).reshape(lead + (hq, 1, 1))
+    return dropout_keep_factor(p.positions, batch_head, np.arange(start, stop)[:, None], np.arange(lk)[None, :])
 
 
 def _finish(p, out_and_lse, return_lse, out):
@@ -231,7 +247,7 @@ def _softmax_f64(p, scores_of, values=True):
         weights = np.exp(scores - safe_max)
         denom = np.where(attends_nothing, 1.0, weights.sum(axis=-1, keepdims=True))
         if values:
-            out[..., start:stop, :] = (weights / denom) @ v
+            out[..., start:stop, :] = (weights / denom * _dropout_factor(p, start, stop)) @ v
             lse[..., start:stop] = np.where(attends_nothing, -np.inf, safe_max + np.log(denom))[..., 0]
         else:
             out[..., start:stop, :] = weights / denom

@@ -67,6 +67,12 @@ struct AttnParams {
   const void* alibi_slopes = nullptr;  // dtype
   int64_t alibi_batch_stride = 0;
   double softcap = 0;                  // > 0: scaled scores s become softcap * tanh(s / softcap)
+  // Dropout on the probabilities: element (batch, head, q_start + i, k_start + j) is kept iff
+  // dropout_hash(seed, ...) >= dropout_p * 2^32, and scaled by 1 / (1 - dropout_p). A pure function of the
+  // positions, so any thread count, and the backward pass, see the same mask.
+  double dropout_p = 0;
+  uint64_t dropout_seed = 0;
+  int64_t q_start = 0, k_start = 0;
   double scale = 1.0;
   int num_threads = 1;
 };

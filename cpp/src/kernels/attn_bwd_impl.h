@@ -45,11 +45,11 @@ struct BackwardPlan {
 template <class Vec>
 struct BackwardScratch {
   using T = typename Vec::T;
-  T *q_t, *q_rows, *do_t, *do_rows, *s_t, *dp_t, *cap_grad, *dq_t, *lse, *delta, *dk, *dv;
+  T *q_t, *q_rows, *do_t, *do_rows, *s_t, *dp_t, *cap_grad, *z_t, *dq_t, *lse, *delta, *dk, *dv;
 
   static int64_t size(const BackwardPlan<Vec>& plan) {
     const AttnParams& p = *plan.p;
-    return plan.lanes * (2 * p.head_dim + p.value_dim + 3 * kBlockK + 2) + plan.lanes * (plan.dim_pad + plan.value_dim_pad) +
+    return plan.lanes * (2 * p.head_dim + p.value_dim + 4 * kBlockK + 2) + plan.lanes * (plan.dim_pad + plan.value_dim_pad) +
            plan.keys_per_chunk * (plan.dim_pad + plan.value_dim_pad);
   }
 
@@ -69,6 +69,7 @@ struct BackwardScratch {
     s_t = take(kBlockK * lanes);
     dp_t = take(kBlockK * lanes);
     cap_grad = take(kBlockK * lanes);
+    z_t = take(kBlockK * lanes);
     dq_t = take(p.head_dim * lanes);
     lse = take(lanes);
     delta = take(lanes);
@@ -192,12 +193,22 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
                                                                    p.v.row<const T>(batch, kv_head, k0), p.v.row_stride,
                                                                    p.v.col_stride, w.do_t, w.dp_t);
+        // With dropout (factor Z: 0 or 1 / (1 - p)), dV takes P o Z and dS = P o (dP o Z - D).
+        const bool dropout = p.dropout_p > 0;
+        if (dropout) apply_dropout(p, block, k0, nk, w.z_t, /*row_stride=*/1, /*key_stride=*/lanes, /*factor_only=*/true);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t lane = 0; lane < lanes; lane += W) {
-            const V prob = exp_minus<Vec>(Vec::load(w.s_t + j * lanes + lane), Vec::load(w.lse + lane));
-            const V dprob = Vec::load(w.dp_t + j * lanes + lane);
-            Vec::store(w.s_t + j * lanes + lane, prob);
-            Vec::store(w.dp_t + j * lanes + lane, Vec::mul(prob, Vec::sub(dprob, Vec::load(w.delta + lane))));
+            const int64_t e = j * lanes + lane;
+            const V prob = exp_minus<Vec>(Vec::load(w.s_t + e), Vec::load(w.lse + lane));
+            V dprob = Vec::load(w.dp_t + e);
+            V kept = prob;
+            if (dropout) {
+              const V factor = Vec::load(w.z_t + e);
+              dprob = Vec::mul(dprob, factor);
+              kept = Vec::mul(prob, factor);
+            }
+            Vec::store(w.s_t + e, kept);
+            Vec::store(w.dp_t + e, Vec::mul(prob, Vec::sub(dprob, Vec::load(w.delta + lane))));
           }
         if (p.softcap > 0)
           for (int64_t e = 0; e < nk * lanes; e += W)

@@ -260,6 +260,42 @@ void apply_softcap(typename Vec::T* scores, int64_t count, typename Vec::T cap) 
   for (; e < count; ++e) scores[e] = cap * std::tanh(scores[e] / cap);
 }
 
+// Dropout's keep/drop decision for one element: murmur3's 32-bit finaliser over the seed and the
+// element's (batch * Hq + head, query, key) position. Written with plain uint32 arithmetic so that the
+// compiler vectorises the loop over a tile row; python/fusedattn/reference.py computes the same bits.
+inline uint32_t dropout_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t dropout_hash(uint64_t seed, uint32_t batch_head, uint32_t query, uint32_t key) {
+  const uint32_t h = dropout_mix(static_cast<uint32_t>(seed) ^ (batch_head * 0xC2B2AE3Du) ^ (query * 0x9E3779B1u));
+  return dropout_mix(h ^ static_cast<uint32_t>(seed >> 32) ^ (key * 0x85EBCA77u));
+}
+
+// Multiplies the probabilities of a tile by the dropout factor (0 or 1 / (1 - p)); with `factor_only`
+// writes the factors themselves instead (the backward pass needs them apart).
+template <class T>
+void apply_dropout(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* probs, int64_t row_stride,
+                   int64_t key_stride, bool factor_only = false) {
+  const uint32_t threshold = static_cast<uint32_t>(p.dropout_p * 4294967296.0);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - p.dropout_p));
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint32_t key = static_cast<uint32_t>(p.k_start + k0 + j);
+    for (int64_t r = 0; r < block.rows(); ++r) {
+      const uint32_t batch_head = static_cast<uint32_t>(block.batch * p.heads_q + block.head(r));
+      const uint32_t query = static_cast<uint32_t>(p.q_start + block.query(r));
+      const T factor = dropout_hash(p.dropout_seed, batch_head, query, key) >= threshold ? keep_scale : T(0);
+      T& element = probs[r * row_stride + j * key_stride];
+      element = factor_only ? factor : element * factor;
+    }
+  }
+}
+
 // Everything after the raw scores, in order: ALiBi bias, the mask, the band.
 template <class Mask, class T>
 void restrict_scores(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t nk, T* scores, int64_t row_stride,
@@ -447,6 +483,8 @@ struct QueryLanes {
       const int64_t nk = min_i64(kBlockK, k_end - k0);
       score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
       softmax_update<Vec>(lanes, nk, s_t, acc, p.value_dim);
+      // Dropout acts on P after the row statistics: the sum (and lse) is of the undropped probabilities.
+      if (p.dropout_p > 0) apply_dropout(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
       strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.value_dim, lanes, nk,
                                                                 p.v.row<const T>(block.batch, kv_head, k0),
                                                                 p.v.col_stride, p.v.row_stride, s_t, acc.o);
@@ -608,6 +646,7 @@ struct DimLanes {
         }
         acc.l[r] = sum + Vec::reduce_add(block_sum);
         acc.m[r] = new_max;
+        if (p.dropout_p > 0) apply_dropout(p, RowBlock{block.batch, block.head(r), 1, block.query(r), 1}, k0, nk, row_scores, 0, 1);
         for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
           accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), row_scores, nk, values + c * W,
                                      v_stride, acc.o + r * value_dim_pad + c * W);
