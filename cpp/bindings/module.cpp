@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -79,7 +80,56 @@ struct Call {
   AttnParams p;
   std::vector<py::ssize_t> lead;
   Converted q, k, v, out, mask, lse, weights, dout, dq, dk, dv;
+  std::vector<int64_t> seq_len_q, seq_len_k, seq_diagonal_offset;
 };
+
+// Packed variable-length batches arrive as (1, H, total, D) views (lse (1, H, total)) plus
+// packed = (cu_seqlens_q, cu_seqlens_k, diagonal offsets), int64 and validated in Python. Sequence b is
+// "batch entry" b: its rows start at cu[b] along the L axis, its lengths are the cu differences.
+void apply_packing(Call& call, const py::tuple& packed) {
+  const auto cu_q = packed[0].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+  const auto cu_k = packed[1].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+  const auto diagonal = packed[2].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+  AttnParams& p = call.p;
+  const int64_t batch = static_cast<int64_t>(cu_q.size()) - 1;
+  if (batch < 0 || static_cast<int64_t>(cu_k.size()) != batch + 1 || static_cast<int64_t>(diagonal.size()) != batch ||
+      call.lead.size() != 1 || call.lead[0] != 1 || p.mask_kind != fusedattn::MaskKind::kNone)
+    throw std::invalid_argument("packed batch: inconsistent cu_seqlens / layout");
+  call.seq_len_q.resize(batch);
+  call.seq_len_k.resize(batch);
+  call.seq_diagonal_offset.assign(diagonal.data(), diagonal.data() + batch);
+  int64_t max_q = 0, max_k = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    call.seq_len_q[b] = cu_q.at(b + 1) - cu_q.at(b);
+    call.seq_len_k[b] = cu_k.at(b + 1) - cu_k.at(b);
+    if (call.seq_len_q[b] < 0 || call.seq_len_k[b] < 0 || cu_q.at(b + 1) > p.len_q || cu_k.at(b + 1) > p.len_k)
+      throw std::invalid_argument("packed batch: cu_seqlens out of range");
+    max_q = std::max(max_q, call.seq_len_q[b]);
+    max_k = std::max(max_k, call.seq_len_k[b]);
+  }
+  auto repack = [batch](Converted& c, const int64_t* starts, fusedattn::StridedTensor* target) {
+    if (!c.tensor.data) return;
+    c.batch_offsets.resize(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) c.batch_offsets[b] = starts[b] * c.tensor.row_stride;
+    c.tensor.batch_offsets = c.batch_offsets.data();
+    *target = c.tensor;
+  };
+  repack(call.q, cu_q.data(), &p.q);
+  repack(call.out, cu_q.data(), &p.out);
+  repack(call.lse, cu_q.data(), &p.lse);
+  repack(call.dout, cu_q.data(), &p.dout);
+  repack(call.dq, cu_q.data(), &p.dq);
+  repack(call.k, cu_k.data(), &p.k);
+  repack(call.v, cu_k.data(), &p.v);
+  repack(call.dk, cu_k.data(), &p.dk);
+  repack(call.dv, cu_k.data(), &p.dv);
+  p.batch = batch;
+  p.len_q = max_q;
+  p.len_k = max_k;
+  p.seq_len_q = call.seq_len_q.data();
+  p.seq_len_k = call.seq_len_k.data();
+  p.seq_diagonal_offset = call.seq_diagonal_offset.data();
+}
 
 // q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
 // `positions` (built by python/fusedattn/_checks.py): diagonal_offset (int), window ((left, right) ints,
@@ -165,7 +215,8 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
 
 void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
                        const py::dict& positions, double scale, py::array out,
-                       std::optional<py::array> lse, int num_threads, std::optional<py::array> score_weight) {
+                       std::optional<py::array> lse, int num_threads, std::optional<py::array> score_weight,
+                       std::optional<py::tuple> packed) {
   Call call;
   convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   AttnParams& p = call.p;
@@ -187,6 +238,7 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
     call.lse = convert(*lse, "lse", 2, call.lead);
     p.lse = call.lse.tensor;
   }
+  if (packed) apply_packing(call, *packed);
   py::gil_scoped_release release;
   fusedattn::attention_forward(p);
 }
@@ -208,7 +260,8 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
 void attention_backward(const py::array& dout, const py::array& q, const py::array& k, const py::array& v,
                         const py::array& out, const py::array& lse, std::optional<py::array> mask,
                         const py::dict& positions, double scale, py::array dq, py::array dk, py::array dv,
-                        int num_threads, std::optional<py::array> score_weight, std::optional<py::array> dscore_weight) {
+                        int num_threads, std::optional<py::array> score_weight, std::optional<py::array> dscore_weight,
+                        std::optional<py::tuple> packed) {
   Call call;
   convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   if (score_weight.has_value() != dscore_weight.has_value())
@@ -247,6 +300,7 @@ void attention_backward(const py::array& dout, const py::array& q, const py::arr
   p.dq = call.dq.tensor;
   p.dk = call.dk.tensor;
   p.dv = call.dv.tensor;
+  if (packed) apply_packing(call, *packed);
   py::gil_scoped_release release;
   fusedattn::attention_backward(p);
 }
@@ -263,7 +317,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedattn's compiled core (private: use the fusedattn package)";
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
         py::arg("positions"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
-        py::arg("score_weight") = py::none(),
+        py::arg("score_weight") = py::none(), py::arg("packed") = py::none(),
         "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given). With score_weight "
         "the scores are additive: sum_d w_d tanh(q_d + k_d).");
   m.def("attention_weights", &attention_weights, py::arg("q"), py::arg("k"), py::arg("mask"),
@@ -272,7 +326,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("positions"), py::arg("scale"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("score_weight") = py::none(),
-        py::arg("dscore_weight") = py::none(),
+        py::arg("dscore_weight") = py::none(), py::arg("packed") = py::none(),
         "Gradients of attention_forward into dq, dk, dv (and dscore_weight for additive scores); "
         "deterministic at any thread count.");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });

@@ -5,7 +5,7 @@
 >>> fa.attention(q, k, v).shape
 (2, 8, 128, 64)
 """
-from . import plot, reference
+from . import masks, plot, reference
 from .api import (
     __version__,
     additive_attention,
@@ -20,6 +20,7 @@ from .api import (
 )
 from .kv_cache import KVCache
 from .layers import AdditiveAttention, MultiHeadAttention
+from .varlen import attention_varlen, attention_varlen_backward
 
 __all__ = [
     "attention",
@@ -31,10 +32,13 @@ __all__ = [
     "backend_info",
     "get_num_threads",
     "set_num_threads",
+    "attention_varlen",
+    "attention_varlen_backward",
     "MultiHeadAttention",
     "AdditiveAttention",
     "KVCache",
     "plot",
+    "masks",
     "reference",
     "__version__",
 ]

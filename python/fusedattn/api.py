@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
+from .masks import BlockDiagonal
 from ._checks import check_dropout, check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
@@ -71,6 +72,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
                                    dropout_p=dropout_p, seed=seed)
+    if isinstance(mask, BlockDiagonal):
+        p, packed = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start,
+                                    dropout_p, seed, need_seed=False)
+        return _forward(p, None, return_lse, out, threads, packed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed))
     return _forward(p, None, return_lse, out, threads)
@@ -119,18 +124,42 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     return _forward(p, weight, return_lse, out, threads)
 
 
-def _forward(p, score_weight, return_lse, out, threads):
+def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, dropout_p, seed,
+                    need_seed):
+    """A dense call with a BlockDiagonal mask: the packed kernel over (1, H, total, D) views of the arrays."""
+    from .varlen import _finish_packed
+
+    if q_start or k_start:
+        raise ValueError("q_start / k_start do not combine with a BlockDiagonal mask (positions restart per sequence)")
+    p = prepare(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
+    if p.q.shape[:-3] not in ((), (1,)):
+        raise ValueError(f"a BlockDiagonal mask packs sequences along L of one batch entry: q's leading dims must be "
+                         f"1, got q {np.shape(q)}")
+    if (p.q.shape[-2], p.k.shape[-2]) != (mask.total_q, mask.total_k):
+        raise ValueError(f"mask is {mask!r}, for Lq={mask.total_q} and Lk={mask.total_k}; got Lq={p.q.shape[-2]} and "
+                         f"Lk={p.k.shape[-2]}")
+    if p.q.ndim == 3:  # (L, D) inputs: the packed kernel wants one explicit batch entry (see _view)
+        p.q, p.k, p.v = (x[np.newaxis] for x in (p.q, p.k, p.v))
+    return _finish_packed(p, mask.cu_seqlens_q, mask.cu_seqlens_k, causal, alibi_slopes, dropout_p, seed, need_seed)
+
+
+def _view(x, p, rank):
+    """The kernel's view of a user out / lse / gradient array of kernel rank ``rank`` (that of p.q for
+    arrays shaped like q, one less for lse): head_view, plus a batch axis where _block_diagonal added one."""
+    view = head_view(x, p.user_rank)
+    return view[np.newaxis] if view.ndim < rank else view
+
+
+def _forward(p, score_weight, return_lse, out, threads, packed=None):
     if out is None:
         out = np.empty(p.out_shape, dtype=p.q.dtype)
     else:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
     lse = np.empty(p.lse_shape, dtype=p.q.dtype) if return_lse else None
     _backend._core.attention_forward(
-        p.q, p.k, p.v, p.mask, p.positions, p.scale,
-        head_view(out, p.user_rank),
-        None if lse is None else head_view(lse, p.user_rank),
-        threads or _backend.default_num_threads(),
-        score_weight,
+        p.q, p.k, p.v, p.mask, p.positions, p.scale, _view(out, p, p.q.ndim),
+        None if lse is None else _view(lse, p, p.q.ndim - 1),
+        threads or _backend.default_num_threads(), score_weight, packed,
     )
     return (out, lse) if return_lse else out
 
@@ -172,7 +201,7 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype) if kind == "additive" else None
     weights = np.zeros(p.lse_shape + (p.k.shape[-2],), dtype=p.q.dtype)
     _backend._core.attention_weights(p.q, p.k, p.mask, p.positions, p.scale, weight,
-                                     head_view(weights, p.user_rank), threads or _backend.default_num_threads())
+                                     _view(weights, p, p.q.ndim), threads or _backend.default_num_threads())
     return weights
 
 
@@ -209,9 +238,14 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
         return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale,
                                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
                                             dropout_p=dropout_p, seed=seed)
+    shapes = tuple(np.shape(x) for x in (q, k, v))
+    if isinstance(mask, BlockDiagonal):
+        p, packed = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start,
+                                    dropout_p, seed, need_seed=True)
+        return _backward(p, dout, out, lse, threads, None, shapes, packed)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
-    return _backward(p, dout, out, lse, threads, None)
+    return _backward(p, dout, out, lse, threads, None, shapes)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
@@ -248,32 +282,24 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
-    return _backward(p, dout, out, lse, threads, weight)
+    return _backward(p, dout, out, lse, threads, weight, tuple(np.shape(x) for x in (q, k, v)))
 
 
-def _backward(p, dout, out, lse, threads, score_weight):
+def _backward(p, dout, out, lse, threads, score_weight, user_shapes, packed=None):
     dtype = p.q.dtype
     dout = check_like(dout, "dout", p.out_shape, dtype)
     out = check_like(out, "out", p.out_shape, dtype)
     lse = check_like(lse, "lse", p.lse_shape, dtype)
     # Zero-filled: keys no query may see (and every key when Lq = 0) have zero gradients.
-    grads = tuple(np.zeros(_user_shape(x, p.user_rank), dtype) for x in (p.q, p.k, p.v))
+    grads = tuple(np.zeros(shape, dtype) for shape in user_shapes)
     dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], dtype)
+    rank = p.q.ndim
     _backend._core.attention_backward(
-        head_view(dout, p.user_rank), p.q, p.k, p.v, head_view(out, p.user_rank), head_view(lse, p.user_rank),
-        p.mask, p.positions, p.scale, *(head_view(g, p.user_rank) for g in grads),
-        threads or _backend.default_num_threads(), score_weight, dscore_weight,
+        _view(dout, p, rank), p.q, p.k, p.v, _view(out, p, rank), _view(lse, p, rank - 1),
+        p.mask, p.positions, p.scale, *(_view(g, p, rank) for g in grads),
+        threads or _backend.default_num_threads(), score_weight, dscore_weight, packed,
     )
     return grads if score_weight is None else grads + (dscore_weight,)
-
-
-def _user_shape(internal, user_rank):
-    """The user-facing shape of a (*lead, H, L, D) view that head_view made (2-D / 3-D inputs gain a head axis)."""
-    if user_rank == 2:
-        return internal.shape[1:]
-    if user_rank == 3:
-        return internal.shape[:1] + internal.shape[2:]
-    return internal.shape
 
 
 def attention_vjp(q, k, v, **kwargs):

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .masks import BlockDiagonal
 from ._checks import check_dropout, check_kind, check_like, dropout_keep_factor, check_num_threads, check_out, check_score_weight, prepare
 
-__all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward"]
+__all__ = [
+    "attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward",
+    "attention_varlen", "attention_varlen_backward",
+]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
 
@@ -31,6 +35,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         (2, 4, 8)
     """
     check_num_threads(num_threads)
+    if isinstance(mask, BlockDiagonal):
+        packed_args = _block_diagonal_as_packed(q, k, v, mask)
+        result = attention_varlen(*packed_args[0], mask.cu_seqlens_q, mask.cu_seqlens_k, causal=causal, scale=scale,
+                                  window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                                  seed=seed, return_lse=True)
+        out_full, lse_full = (packed_args[1](x) for x in result)
+        if out is not None:
+            out[...] = out_full
+            out_full = out
+        return (out_full, lse_full) if return_lse else out_full
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed))
     if out is not None:
@@ -167,12 +181,99 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
     return grads if weight is None else grads + (d_w.astype(dtype),)
 
 
+def _block_diagonal_as_packed(q, k, v, mask):
+    """Dense (..., H, total, D) arrays with a BlockDiagonal mask -> packed (total, H, D) arrays, and the
+    function mapping packed results (out (total, H, Dv) or lse (H, total)) back to the dense shapes."""
+    p = prepare(q, k, v)
+    packed = [x.reshape(x.shape[-3:]).swapaxes(0, 1) for x in (p.q, p.k, p.v)]
+
+    def unpack(x):
+        dense = x.swapaxes(0, 1) if x.ndim == 3 else x  # out (H, total, Dv); lse already (H, total)
+        return dense.reshape(p.out_shape if x.ndim == 3 else p.lse_shape)
+
+    return packed, unpack
+
+
+def _packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, alibi_slopes, softcap, dropout_p,
+                      seed, need_seed=False):
+    """Yield (b, Prepared, q rows, k rows) for each sequence of a packed batch, positions as the kernel sees them."""
+    from .varlen import prepare_packed
+
+    _, (cu_q, cu_k, _) = prepare_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                        window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                                        dropout_p=dropout_p, seed=seed, need_seed=need_seed)
+    dropout = check_dropout(dropout_p, seed, need_seed=need_seed)
+    slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)
+    for b in range(cu_q.size - 1):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        views = [x[rows].swapaxes(0, 1)[np.newaxis] for x, rows in ((q, rows_q), (k, rows_k), (v, rows_k))]
+        p = prepare(*views, causal=causal, scale=scale, window=window, softcap=softcap,
+                    alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b]))
+        p.positions.update(dropout, dropout_batch=b)
+        yield b, p, rows_q, rows_k
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                     scale=None, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
+                     return_lse=False, out=None, num_threads=None):
+    """:func:`fusedattn.attention_varlen` in float64 NumPy, one sequence at a time.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> cu = np.array([0, 2, 5])
+        >>> reference.attention_varlen(np.ones((5, 1, 4)), np.ones((5, 1, 4)), np.ones((5, 1, 4)), cu, cu).shape
+        (5, 1, 4)
+    """
+    check_num_threads(num_threads)
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    result = np.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
+    lse = np.full(q.shape[1::-1], -np.inf, q.dtype)
+    for _, p, rows_q, _ in _packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window,
+                                             alibi_slopes, softcap, dropout_p, seed):
+        out64, lse64 = _softmax_f64(p, _dot_scores(p))
+        result[rows_q] = out64[0].swapaxes(0, 1)
+        lse[:, rows_q] = lse64[0]
+    if out is not None:
+        out[...] = result
+        result = out
+    return (result, lse) if return_lse else result
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                              max_seqlen_k=None, causal=False, scale=None, window=None, alibi_slopes=None,
+                              softcap=None, dropout_p=0.0, seed=None, num_threads=None):
+    """:func:`fusedattn.attention_varlen_backward` in float64 NumPy, one sequence at a time.
+
+    Example:
+        >>> import numpy as np
+        >>> from fusedattn import reference
+        >>> cu, x = np.array([0, 2, 5]), np.ones((5, 1, 4))
+        >>> out, lse = reference.attention_varlen(x, x, x, cu, cu, return_lse=True)
+        >>> [g.shape for g in reference.attention_varlen_backward(np.ones_like(out), x, x, x, out, lse, cu, cu)]
+        [(5, 1, 4), (5, 1, 4), (5, 1, 4)]
+    """
+    check_num_threads(num_threads)
+    q, k, v, dout, out, lse = (np.asarray(x) for x in (q, k, v, dout, out, lse))
+    grads = [np.zeros(x.shape, q.dtype) for x in (q, k, v)]
+    for _, p, rows_q, rows_k in _packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window,
+                                                  alibi_slopes, softcap, dropout_p, seed, need_seed=True):
+        seq_views = [x[rows_q].swapaxes(0, 1)[np.newaxis] for x in (dout, out)]
+        d_q, d_k, d_v = _backward_f64(p, seq_views[0], seq_views[1], lse[:, rows_q][np.newaxis],
+                                      (p.q, p.k, p.v), None)
+        grads[0][rows_q] = d_q[0].swapaxes(0, 1)
+        grads[1][rows_k] = d_k[0].swapaxes(0, 1)
+        grads[2][rows_k] = d_v[0].swapaxes(0, 1)
+    return tuple(grads)
+
+
 def _dropout_factor(p, start, stop):
     """The kernel's dropout factors for query rows [start, stop): (..., Hq, rows, Lk), or 1 without dropout."""
     if "dropout_p" not in p.positions:
         return 1.0
     lead, hq, lk = p.q.shape[:-3], p.q.shape[-3], p.k.shape[-2]
-    batch_head = np.arange(int(np.prod(lead)) * hq).reshape(lead + (hq, 1, 1))
+    first = p.positions.get("dropout_batch", 0) * hq  # packed sequences: the kernel's batch index is the sequence
+    batch_head = (first + np.arange(int(np.prod(lead)) * hq)).reshape(lead + (hq, 1, 1))
     return dropout_keep_factor(p.positions, batch_head, np.arange(start, stop)[:, None], np.arange(lk)[None, :])
 
 

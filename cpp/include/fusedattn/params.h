@@ -75,6 +75,16 @@ struct AttnParams {
   int64_t q_start = 0, k_start = 0;
   double scale = 1.0;
   int num_threads = 1;
+
+  // Packed variable-length batches: per-sequence lengths (len_q / len_k are then the maxima) and
+  // diagonal offsets. Null for dense batches, where every entry has len_q, len_k and diagonal_offset.
+  const int64_t* seq_len_q = nullptr;
+  const int64_t* seq_len_k = nullptr;
+  const int64_t* seq_diagonal_offset = nullptr;
+
+  int64_t len_q_of(int64_t b) const { return seq_len_q ? seq_len_q[b] : len_q; }
+  int64_t len_k_of(int64_t b) const { return seq_len_k ? seq_len_k[b] : len_k; }
+  int64_t diagonal_offset_of(int64_t b) const { return seq_diagonal_offset ? seq_diagonal_offset[b] : diagonal_offset; }
 };
 
 }  // namespace fusedattn

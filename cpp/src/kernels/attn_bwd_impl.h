@@ -160,7 +160,7 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   const int64_t kv_head = (item / plan.chunks) % p.heads_kv;
   const int64_t batch = item / plan.chunks / p.heads_kv;
   const int64_t chunk_begin = chunk * plan.keys_per_chunk;
-  const int64_t chunk_end = min_i64(p.len_k, chunk_begin + plan.keys_per_chunk);
+  const int64_t chunk_end = min_i64(p.len_k_of(batch), chunk_begin + plan.keys_per_chunk);
   const int64_t lanes = plan.lanes, dim = p.head_dim, value_dim = p.value_dim;
   const BackwardScratch<Vec> w(plan, thread_id);
   for (int64_t e = 0; e < plan.keys_per_chunk * plan.dim_pad; ++e) w.dk[e] = T(0);
@@ -174,7 +174,8 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
     const int64_t head = kv_head * plan.group + g;
     for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
       const int64_t q0 = q_block * kBlockQ;
-      const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q - q0)};
+      const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q_of(batch) - q0)};
+      if (block.nq <= 0) break;  // past the end of a shorter sequence of a packed batch
       int64_t k_begin = chunk_begin, k_end = chunk_end;
       visible_keys(p, block, &k_begin, &k_end);
       for (int64_t e = 0; e < dim * lanes; ++e) w.dq_t[e] = T(0);
@@ -256,6 +257,7 @@ void sum_dq_chunks(const BackwardPlan<Vec>& plan, int64_t row_index) {
   const int64_t head = (row_index / p.len_q) % p.heads_q;
   const int64_t batch = row_index / p.len_q / p.heads_q;
   const int64_t kv_head = head / plan.group, g = head % plan.group;
+  if (query >= p.len_q_of(batch)) return;
   T* dq_row = p.dq.row<T>(batch, head, query);
   for (int64_t d = 0; d < p.head_dim; ++d) {
     T total = 0;

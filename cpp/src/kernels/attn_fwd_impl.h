@@ -213,8 +213,12 @@ struct AdditiveMask {  // same dtype as the scores, added after scaling
 };
 
 // The band of keys row r may see (causal attention, sliding windows): [first, last] in key positions.
-inline int64_t first_visible_key(const AttnParams& p, int64_t query) { return query + p.diagonal_offset - p.window_left; }
-inline int64_t last_visible_key(const AttnParams& p, int64_t query) { return query + p.diagonal_offset + p.window_right; }
+inline int64_t first_visible_key(const AttnParams& p, int64_t batch, int64_t query) {
+  return query + p.diagonal_offset_of(batch) - p.window_left;
+}
+inline int64_t last_visible_key(const AttnParams& p, int64_t batch, int64_t query) {
+  return query + p.diagonal_offset_of(batch) + p.window_right;
+}
 
 // Hides the keys outside each row's band. Tiles wholly outside every row's band are never computed
 // (key_range), tiles wholly inside need nothing; only tiles crossing a band edge get here.
@@ -223,10 +227,12 @@ void apply_window(const AttnParams& p, const RowBlock& block, int64_t k0, int64_
                   int64_t key_stride) {
   if (!p.windowed) return;
   const int64_t last_query = block.q0 + block.nq - 1;
-  if (k0 >= first_visible_key(p, last_query) && k0 + nk - 1 <= last_visible_key(p, block.q0)) return;
+  if (k0 >= first_visible_key(p, block.batch, last_query) && k0 + nk - 1 <= last_visible_key(p, block.batch, block.q0))
+    return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < block.rows(); ++r) {
-    const int64_t first = first_visible_key(p, block.query(r)) - k0, last = last_visible_key(p, block.query(r)) - k0;
+    const int64_t first = first_visible_key(p, block.batch, block.query(r)) - k0;
+    const int64_t last = last_visible_key(p, block.batch, block.query(r)) - k0;
     for (int64_t j = 0; j < nk; ++j)
       if (j < first || j > last) scores[r * row_stride + j * key_stride] = neg_inf;
   }
@@ -240,7 +246,7 @@ void apply_alibi(const AttnParams& p, const RowBlock& block, int64_t k0, int64_t
   const T* slopes = static_cast<const T*>(p.alibi_slopes) + block.batch * p.alibi_batch_stride;
   for (int64_t r = 0; r < block.rows(); ++r) {
     const T slope = slopes[block.head(r)];
-    const int64_t diagonal = block.query(r) + p.diagonal_offset - k0;
+    const int64_t diagonal = block.query(r) + p.diagonal_offset_of(block.batch) - k0;
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t distance = diagonal > j ? diagonal - j : j - diagonal;
       scores[r * row_stride + j * key_stride] -= slope * static_cast<T>(distance);
@@ -310,7 +316,8 @@ void restrict_scores(const AttnParams& p, const RowBlock& block, int64_t k0, int
 // Narrows [*begin, *end) to the keys some row of the block may see.
 inline void visible_keys(const AttnParams& p, const RowBlock& block, int64_t* begin, int64_t* end) {
   if (!p.windowed) return;
-  const int64_t first = first_visible_key(p, block.q0), last = last_visible_key(p, block.q0 + block.nq - 1);
+  const int64_t first = first_visible_key(p, block.batch, block.q0);
+  const int64_t last = last_visible_key(p, block.batch, block.q0 + block.nq - 1);
   if (first > *begin) *begin = first;
   if (last + 1 < *end) *end = last + 1;
 }
@@ -348,7 +355,9 @@ struct ForwardPlan {
     }
     const int64_t q_block = index % q_blocks;
     const int64_t q0 = q_block * kBlockQ;
-    return {index / q_blocks / p->heads_q, (index / q_blocks) % p->heads_q, 1, q0, min_i64(kBlockQ, p->len_q - q0)};
+    const int64_t batch = index / q_blocks / p->heads_q;
+    // nq <= 0: a block past the end of a shorter sequence of a packed batch; it does nothing.
+    return {batch, (index / q_blocks) % p->heads_q, 1, q0, min_i64(kBlockQ, p->len_q_of(batch) - q0)};
   }
 
   void reset(const Accumulators<T>& acc) const {
@@ -363,7 +372,7 @@ struct ForwardPlan {
   // computed.
   void key_range(const RowBlock& block, int64_t split, int64_t* begin, int64_t* end) const {
     *begin = split * keys_per_split;
-    *end = min_i64(p->len_k, *begin + keys_per_split);
+    *end = min_i64(p->len_k_of(block.batch), *begin + keys_per_split);
     visible_keys(*p, block, begin, end);
   }
 
@@ -669,6 +678,7 @@ void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
   const AttnParams& p = *plan.p;
   const RowBlock block = plan.row_block(item / plan.k_splits);
+  if (block.nq <= 0) return;
   const int64_t split = item % plan.k_splits;
   const Accumulators<T> acc = plan.accumulators(item, thread_id);
   plan.reset(acc);
@@ -689,6 +699,7 @@ void weights_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   constexpr int W = Vec::W;
   const AttnParams& p = *plan.p;
   const RowBlock block = plan.row_block(item);
+  if (block.nq <= 0) return;
   const int64_t lanes = plan.rows;
   const Accumulators<T> acc = plan.accumulators(item, thread_id);
   plan.reset(acc);
@@ -725,6 +736,7 @@ template <class Vec>
 void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
   using T = typename Vec::T;
   const RowBlock block = plan.row_block(block_index);
+  if (block.nq <= 0) return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T merged[kMaxMergeDim];
   for (int64_t r = 0; r < block.rows(); ++r) {
@@ -838,7 +850,7 @@ void run_weights(const AttnParams& p) {
 // Decode (DimLanes) when the queries would fill less than a quarter of the query lanes of a tile.
 template <class Vec>
 bool use_decode_layout(const AttnParams& p) {
-  return p.len_q * 4 <= Vec::W || p.len_q == 1;
+  return !p.seq_len_q && (p.len_q * 4 <= Vec::W || p.len_q == 1);
 }
 
 // Run-time kinds -> compile-time policies: mask, then score, then (dot scores only) the layout.
