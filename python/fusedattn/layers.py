@@ -473,7 +473,7 @@ class MultiHeadAttention:
         grads = {}
         # out = concat @ W_o^T + b_o, over all (batch, position) rows of the caller's layout.
         dout_rows = dout.reshape(-1, e)
-        grads["out_proj.weight"] = (dout_rows.T @ c.concat.reshape(-1, e)).T
+        grads["out_proj.weight"] = dout_rows.T @ c.concat.reshape(-1, e)
         if self.bias:
             grads["out_proj.bias"] = dout_rows.sum(axis=0)
         # dconcat has the memory layout of `heads`, so the kernel reads its heads through the same view.
