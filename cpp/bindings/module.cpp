@@ -26,6 +26,22 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// float32, float64, bfloat16 (ml_dtypes) or float16; TypeError otherwise.
+fusedattn::DType storage_dtype(const py::array& q) {
+  if (py::dtype::of<float>().is(q.dtype())) return fusedattn::DType::kFloat32;
+  if (py::dtype::of<double>().is(q.dtype())) return fusedattn::DType::kFloat64;
+  if (q.dtype().kind() == 'f' && q.itemsize() == 2) return fusedattn::DType::kFloat16;
+  if (q.itemsize() == 2 && py::str(q.dtype().attr("name")).cast<std::string>() == "bfloat16")
+    return fusedattn::DType::kBFloat16;
+  throw py::type_error("q: dtype must be float32, float64, bfloat16 or float16");
+}
+
+// The dtype the kernels compute in (and of lse, float masks, ALiBi slopes, score weights): float32 for
+// 16-bit storage, else the storage dtype itself.
+py::dtype compute_dtype(const py::array& q) {
+  return q.itemsize() == 2 ? py::dtype::of<float>() : q.dtype();
+}
+
 // A tensor whose last `inner` axes are (head, row[, col]) and whose leading axes are flattened into the
 // batch index; owns the per-batch offsets the StridedTensor points to.
 struct Converted {
@@ -147,9 +163,9 @@ void convert_positions(AttnParams& p, const py::dict& positions, const py::array
   }
   if (positions.contains("alibi_slopes")) {
     const py::array slopes = positions["alibi_slopes"].cast<py::array>();
-    if (!slopes.dtype().is(q.dtype()) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
+    if (!slopes.dtype().is(compute_dtype(q)) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
         (slopes.shape(0) != 1 && slopes.shape(0) != p.batch) || !(slopes.flags() & py::array::c_style))
-      throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's dtype");
+      throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's compute dtype");
     p.alibi_slopes = slopes.data();
     p.alibi_batch_stride = slopes.shape(0) == 1 ? 0 : p.heads_q;
   }
@@ -168,13 +184,11 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
                     const py::dict& positions, double scale, const std::optional<py::array>& score_weight,
                     int num_threads) {
   AttnParams& p = call.p;
-  const bool is_f32 = py::dtype::of<float>().is(q.dtype());
-  if (!is_f32 && !py::dtype::of<double>().is(q.dtype())) throw py::type_error("q: dtype must be float32 or float64");
+  p.dtype = storage_dtype(q);
   if (!k.dtype().is(q.dtype())) throw py::type_error("q and k must share one dtype");
   if (q.ndim() < 3 || k.ndim() != q.ndim())
     throw std::invalid_argument("q, k: expected (..., H, L, D) arrays of one rank, got " + shape_str(q) + " and " +
                                 shape_str(k));
-  p.dtype = is_f32 ? fusedattn::DType::kFloat32 : fusedattn::DType::kFloat64;
   call.lead.assign(q.shape(), q.shape() + q.ndim() - 3);
   p.batch = 1;
   for (py::ssize_t s : call.lead) p.batch *= s;
@@ -193,18 +207,18 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
     require_shape(*mask, "mask", {p.heads_q, p.len_q, p.len_k});
     if (py::dtype::of<bool>().is(mask->dtype()))
       p.mask_kind = fusedattn::MaskKind::kBool;
-    else if (mask->dtype().is(q.dtype()))
+    else if (mask->dtype().is(compute_dtype(q)))
       p.mask_kind = fusedattn::MaskKind::kAdditive;
     else
-      throw py::type_error("mask: dtype must be bool or the dtype of q");
+      throw py::type_error("mask: dtype must be bool or the compute dtype of q");
     call.mask = convert(*mask, "mask", 3, call.lead);
     p.mask = call.mask.tensor;
   }
   if (score_weight) {
     const py::array& w = *score_weight;
-    if (!w.dtype().is(q.dtype()) || w.ndim() != 1 || w.shape(0) != p.head_dim ||
+    if (!w.dtype().is(compute_dtype(q)) || w.ndim() != 1 || w.shape(0) != p.head_dim ||
         (w.shape(0) > 1 && w.strides(0) != w.itemsize()))
-      throw std::invalid_argument("score_weight: expected a contiguous (D,) array of q's dtype");
+      throw std::invalid_argument("score_weight: expected a contiguous (D,) array of q's compute dtype");
     p.score_kind = fusedattn::ScoreKind::kAdditive;
     p.score_weight = w.data();
   }
@@ -220,8 +234,10 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
   Call call;
   convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   AttnParams& p = call.p;
-  for (const py::array* a : std::initializer_list<const py::array*>{&v, &out})
-    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v and out must share one dtype");
+  if (!v.dtype().is(q.dtype())) throw py::type_error("q, k and v must share one dtype");
+  p.out_float32 = !out.dtype().is(q.dtype()) && out.dtype().is(compute_dtype(q));
+  if (!out.dtype().is(q.dtype()) && !p.out_float32)
+    throw py::type_error("out: dtype must be q's (or float32 for 16-bit inputs)");
   if (v.ndim() != q.ndim()) throw std::invalid_argument("v: must have as many dimensions as q");
   if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
   p.value_dim = v.shape(v.ndim() - 1);
@@ -232,7 +248,7 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
   p.v = call.v.tensor;
   p.out = call.out.tensor;
   if (lse) {
-    if (!lse->dtype().is(q.dtype())) throw py::type_error("lse: dtype must be the dtype of q");
+    if (!lse->dtype().is(compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
     if (!lse->writeable()) throw std::invalid_argument("lse: array is read-only");
     require_shape(*lse, "lse", {p.heads_q, p.len_q});
     call.lse = convert(*lse, "lse", 2, call.lead);
@@ -268,14 +284,15 @@ void attention_backward(const py::array& dout, const py::array& q, const py::arr
     throw std::invalid_argument("score_weight and dscore_weight come together");
   if (dscore_weight) {
     py::array& dw = *dscore_weight;
-    if (!dw.dtype().is(q.dtype()) || dw.ndim() != 1 || dw.shape(0) != call.p.head_dim || !dw.writeable() ||
+    if (!dw.dtype().is(compute_dtype(q)) || dw.ndim() != 1 || dw.shape(0) != call.p.head_dim || !dw.writeable() ||
         (dw.shape(0) > 1 && dw.strides(0) != dw.itemsize()))
-      throw std::invalid_argument("dscore_weight: expected a writeable contiguous (D,) array of q's dtype");
+      throw std::invalid_argument("dscore_weight: expected a writeable contiguous (D,) array of q's compute dtype");
     call.p.dscore_weight = dw.mutable_data();
   }
   AttnParams& p = call.p;
-  for (const py::array* a : std::initializer_list<const py::array*>{&v, &out, &lse, &dout, &dq, &dk, &dv})
-    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v, out, lse, dout and the gradients must share one dtype");
+  for (const py::array* a : std::initializer_list<const py::array*>{&v, &out, &dout, &dq, &dk, &dv})
+    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v, out, dout and the gradients must share one dtype");
+  if (!lse.dtype().is(compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
   for (const py::array* a : std::initializer_list<const py::array*>{&dq, &dk, &dv})
     if (!a->writeable()) throw std::invalid_argument("gradient arrays must be writeable");
   p.value_dim = v.shape(v.ndim() - 1);

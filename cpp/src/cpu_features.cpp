@@ -25,7 +25,9 @@ bool always() { return true; }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // __builtin_cpu_supports also checks that the OS saves the wide registers (XGETBV).
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && cpu_has_avx2();

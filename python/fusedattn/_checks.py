@@ -13,6 +13,24 @@ from typing import Optional
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _half_dtypes():
+    try:  # ml_dtypes is the NumPy ecosystem's bfloat16; only users who have bfloat16 arrays need it
+        import ml_dtypes
+    except ImportError:
+        return (np.dtype(np.float16),)
+    return (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+# 16-bit storage: the kernels compute in float32 (lse, float masks, ALiBi slopes too) and store 16-bit.
+HALF_DTYPES = _half_dtypes()
+ATTENTION_DTYPES = SUPPORTED_DTYPES + HALF_DTYPES
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
+    return np.dtype(np.float32) if np.dtype(dtype) in HALF_DTYPES else np.dtype(dtype)
 MAX_HEAD_DIM = 512
 _CAUSAL_CHOICES = (False, True, "top_left", "bottom_right")
 _TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
@@ -39,8 +57,8 @@ def _as_float_array(x, name: str) -> np.ndarray:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists, objects numpy cannot hold
             raise TypeError(f"{name} must be a float32 or float64 array; could not convert {type(x).__name__}: {exc}") from None
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16 (ml_dtypes), got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have shape (L, D), (B, L, D) or (..., H, L, D) (at least 2 dimensions), "
@@ -133,7 +151,7 @@ def _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, 
         else:
             raise ValueError(f"alibi_slopes must have shape ({hq},) or {tuple(lead) + (hq,)} (batch dims, Hq), "
                              f"got {slopes.shape}")
-        positions["alibi_slopes"] = np.ascontiguousarray(slopes, dtype=dtype)
+        positions["alibi_slopes"] = np.ascontiguousarray(slopes, dtype=compute_dtype(dtype))
     positions["q_start"], positions["k_start"] = q_start, k_start
     if softcap is not None and softcap != 0:
         if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
@@ -191,8 +209,8 @@ def prepare(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_
             mask = np.asarray(mask)
         if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.floating):
             raise TypeError(f"mask must be a bool array (True = may attend) or a float array (added to scores), got dtype {mask.dtype}")
-        if mask.dtype != np.bool_ and mask.dtype != q.dtype:
-            mask = mask.astype(q.dtype)  # the small, un-broadcast mask; broadcasting below stays a view
+        if mask.dtype != np.bool_ and mask.dtype != compute_dtype(q.dtype):
+            mask = mask.astype(compute_dtype(q.dtype))  # the small, un-broadcast mask; broadcasting below stays a view
         try:
             mask = np.broadcast_to(mask, scores_shape)
         except ValueError:
@@ -205,14 +223,29 @@ def prepare(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_
     return Prepared(qh, kh, vh, prepared_mask, positions, scale, q.shape[:-1] + (v.shape[-1],), q.shape[:-1], q.ndim)
 
 
-def check_out(out, prepared: Prepared, inputs) -> np.ndarray:
+def check_out_dtype(out_dtype, dtype) -> np.dtype:
+    """``out_dtype``: None (the inputs' dtype) or float32, which 16-bit inputs may ask for."""
+    if out_dtype is None:
+        return np.dtype(dtype)
+    try:
+        resolved = np.dtype(out_dtype)
+    except TypeError:
+        raise TypeError(f"out_dtype must be None or a dtype, got {out_dtype!r}") from None
+    if resolved != np.dtype(dtype) and not (resolved == np.float32 and np.dtype(dtype) in HALF_DTYPES):
+        raise TypeError(f"out_dtype must be the inputs' dtype {np.dtype(dtype)} or, for 16-bit inputs, float32; "
+                        f"got {resolved}")
+    return resolved
+
+
+def check_out(out, prepared: Prepared, inputs, out_dtype=None) -> np.ndarray:
     """Validate a user-supplied ``out`` array: shape, dtype, writeable, and not aliasing any input."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != prepared.out_shape:
         raise ValueError(f"out must have shape {prepared.out_shape} (q's shape with v's last axis), got {out.shape}")
-    if out.dtype != prepared.q.dtype:
-        raise TypeError(f"out must have dtype {prepared.q.dtype} (the inputs' dtype), got {out.dtype}")
+    expected = np.dtype(prepared.q.dtype if out_dtype is None else out_dtype)
+    if out.dtype != expected:
+        raise TypeError(f"out must have dtype {expected} (the output's dtype), got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
     for name, arr in inputs:
@@ -248,7 +281,7 @@ def check_score_weight(score_weight, head_dim: int, dtype) -> np.ndarray:
         raise TypeError(f"score_weight must be a real-valued array of shape ({head_dim},), got dtype {weight.dtype}")
     if weight.shape != (head_dim,):
         raise ValueError(f"score_weight must have shape ({head_dim},) (the head dim D of q and k), got {weight.shape}")
-    return np.ascontiguousarray(weight, dtype=dtype)
+    return np.ascontiguousarray(weight, dtype=compute_dtype(dtype))
 
 
 def check_like(x, name: str, shape: tuple, dtype) -> np.ndarray:

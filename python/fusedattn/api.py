@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _backend, reference
 from .masks import BlockDiagonal
-from ._checks import check_dropout, check_kind, check_like, check_num_threads, check_out, check_score_weight, head_view, prepare
+from ._checks import check_dropout, check_kind, check_like, check_out_dtype, compute_dtype, check_num_threads, check_out, check_score_weight, head_view, prepare
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
            "additive_attention_backward", "backend_info", "set_num_threads", "get_num_threads"]
@@ -19,7 +19,7 @@ except Exception:  # running from a source tree that was never installed
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
-              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, num_threads=None):
+              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None, num_threads=None):
     """Fused scaled dot-product attention: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Computed tile by tile with an online softmax: the ``Lq x Lk`` score matrix is never stored.
@@ -49,12 +49,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         dropout_p, seed: dropout on the probabilities (after the softmax, scaled by ``1 / (1 - p)``); the
             mask is a pure function of ``seed`` (an int, or a ``numpy.random.Generator`` to draw one) and the
             element's position, so it is the same at any thread count and the backward pass regenerates it.
-        return_lse: also return the log-sum-exp of each row's scaled, masked scores (before dropout).
+        return_lse: also return the log-sum-exp of each row's scaled, masked scores (before dropout), in
+            the compute dtype (float32 for 16-bit inputs).
+        out_dtype: None (the inputs' dtype) or float32 for float16 / bfloat16 inputs.
         out: optional array of the output's shape and dtype to write into (must not overlap inputs).
         num_threads: OpenMP threads for this call (default: :func:`get_num_threads`).
 
+    dtypes: float32, float64, float16 and ``ml_dtypes.bfloat16`` (16-bit inputs accumulate in float32).
+
     Returns:
-        ``out`` of shape ``(..., Hq, Lq, Dv)`` in the inputs' dtype (float32 or float64), and with
+        ``out`` of shape ``(..., Hq, Lq, Dv)`` in the inputs' dtype (or ``out_dtype``), and with
         ``return_lse=True`` a tuple ``(out, lse)`` with ``lse`` of shape ``(..., Hq, Lq)``.
         A query row that may attend no key gets output 0 and lse ``-inf`` (torch >= 2.5 also gives 0).
 
@@ -75,15 +79,15 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     if isinstance(mask, BlockDiagonal):
         p, packed = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start,
                                     dropout_p, seed, need_seed=False)
-        return _forward(p, None, return_lse, out, threads, packed)
+        return _forward(p, None, return_lse, out, threads, packed, out_dtype)
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed))
-    return _forward(p, None, return_lse, out, threads)
+    return _forward(p, None, return_lse, out, threads, out_dtype=out_dtype)
 
 
 def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None,
                        softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None,
-                       num_threads=None):
+                       out_dtype=None, num_threads=None):
     """Fused additive (Bahdanau / Keras ``AdditiveAttention``) attention.
 
     ``score[i, j] = sum_d w_d * tanh(q[i, d] + k[j, d])``, softmax over ``j`` (with ``mask`` and ``causal``
@@ -121,7 +125,7 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed))
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
-    return _forward(p, weight, return_lse, out, threads)
+    return _forward(p, weight, return_lse, out, threads, out_dtype=out_dtype)
 
 
 def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, dropout_p, seed,
@@ -150,12 +154,13 @@ def _view(x, p, rank):
     return view[np.newaxis] if view.ndim < rank else view
 
 
-def _forward(p, score_weight, return_lse, out, threads, packed=None):
+def _forward(p, score_weight, return_lse, out, threads, packed=None, out_dtype=None):
+    out_dtype = check_out_dtype(out_dtype, p.q.dtype)
     if out is None:
-        out = np.empty(p.out_shape, dtype=p.q.dtype)
+        out = np.empty(p.out_shape, dtype=out_dtype)
     else:
-        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
-    lse = np.empty(p.lse_shape, dtype=p.q.dtype) if return_lse else None
+        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)), out_dtype)
+    lse = np.empty(p.lse_shape, dtype=compute_dtype(p.q.dtype)) if return_lse else None
     _backend._core.attention_forward(
         p.q, p.k, p.v, p.mask, p.positions, p.scale, _view(out, p, p.q.ndim),
         None if lse is None else _view(lse, p, p.q.ndim - 1),
@@ -289,10 +294,10 @@ def _backward(p, dout, out, lse, threads, score_weight, user_shapes, packed=None
     dtype = p.q.dtype
     dout = check_like(dout, "dout", p.out_shape, dtype)
     out = check_like(out, "out", p.out_shape, dtype)
-    lse = check_like(lse, "lse", p.lse_shape, dtype)
+    lse = check_like(lse, "lse", p.lse_shape, compute_dtype(dtype))
     # Zero-filled: keys no query may see (and every key when Lq = 0) have zero gradients.
     grads = tuple(np.zeros(shape, dtype) for shape in user_shapes)
-    dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], dtype)
+    dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], compute_dtype(dtype))
     rank = p.q.ndim
     _backend._core.attention_backward(
         _view(dout, p, rank), p.q, p.k, p.v, _view(out, p, rank), _view(lse, p, rank - 1),

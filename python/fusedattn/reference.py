@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from .masks import BlockDiagonal
-from ._checks import check_dropout, check_kind, check_like, dropout_keep_factor, check_num_threads, check_out, check_score_weight, prepare
+from ._checks import (check_dropout, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
+                      check_score_weight, compute_dtype, dropout_keep_factor, prepare)
 
 __all__ = [
     "attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward",
@@ -19,7 +20,7 @@ _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never n
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
-              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, num_threads=None):
+              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None, num_threads=None):
     """Softmax attention ``softmax(q @ k^T * scale + mask) @ v`` in float64 NumPy.
 
     Takes exactly the arguments of :func:`fusedattn.attention` (``num_threads`` is accepted and
@@ -48,13 +49,13 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     p.positions.update(check_dropout(dropout_p, seed))
     if out is not None:
-        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
-    return _finish(p, _softmax_f64(p, _dot_scores(p)), return_lse, out)
+        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)), check_out_dtype(out_dtype, p.q.dtype))
+    return _finish(p, _softmax_f64(p, _dot_scores(p)), return_lse, out, out_dtype)
 
 
 def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None,
                        softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None,
-                       num_threads=None):
+                       out_dtype=None, num_threads=None):
     """Additive (Bahdanau / Keras) attention in float64 NumPy: ``score[i, j] = sum_d w_d tanh(q[i, d] + k[j, d])``.
 
     The arguments and result of :func:`fusedattn.additive_attention`.
@@ -72,7 +73,7 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     weight = check_score_weight(score_weight, p.q.shape[-1], np.float64)
     if out is not None:
         check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)))
-    return _finish(p, _softmax_f64(p, _additive_scores(p, weight)), return_lse, out)
+    return _finish(p, _softmax_f64(p, _additive_scores(p, weight)), return_lse, out, out_dtype)
 
 
 def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0,
@@ -150,7 +151,7 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
     dtype = p.q.dtype
     dout = check_like(dout, "dout", p.out_shape, dtype)
     check_like(out, "out", p.out_shape, dtype)
-    check_like(lse, "lse", p.lse_shape, dtype)
+    check_like(lse, "lse", p.lse_shape, compute_dtype(dtype))
     hq, hkv = p.q.shape[-3], p.k.shape[-3]
     group = hq // hkv
     scores = _dot_scores(p) if weight is None else _additive_scores(p, weight)
@@ -178,7 +179,7 @@ def _backward_f64(p, dout, out, lse, user_inputs, weight):
 
     grads = tuple(g.reshape(np.shape(x)).astype(dtype)
                   for g, x in zip((d_q, per_kv_head(d_k), per_kv_head(d_v)), user_inputs))
-    return grads if weight is None else grads + (d_w.astype(dtype),)
+    return grads if weight is None else grads + (d_w.astype(compute_dtype(dtype)),)
 
 
 def _block_diagonal_as_packed(q, k, v, mask):
@@ -277,14 +278,14 @@ def _dropout_factor(p, start, stop):
     return dropout_keep_factor(p.positions, batch_head, np.arange(start, stop)[:, None], np.arange(lk)[None, :])
 
 
-def _finish(p, out_and_lse, return_lse, out):
+def _finish(p, out_and_lse, return_lse, out, out_dtype=None):
     out64, lse64 = out_and_lse
-    result = out64.reshape(p.out_shape).astype(p.q.dtype)
+    result = out64.reshape(p.out_shape).astype(check_out_dtype(out_dtype, p.q.dtype) if out is None else out.dtype)
     if out is not None:
         out[...] = result
         result = out
     if return_lse:
-        return result, lse64.reshape(p.lse_shape).astype(p.q.dtype)
+        return result, lse64.reshape(p.lse_shape).astype(compute_dtype(p.q.dtype))
     return result
 
 

@@ -5,7 +5,16 @@
 
 namespace fusedattn {
 
-enum class DType { kFloat32, kFloat64 };
+// bfloat16 and float16 are storage types: the kernels compute in float32 and convert on load and store.
+enum class DType { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// 16-bit storage types, bit patterns as numpy (ml_dtypes.bfloat16, np.float16) holds them.
+struct BFloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
 
 // A window bound that never binds: far beyond any sequence length, far from int64 overflow.
 constexpr int64_t kUnbounded = int64_t(1) << 60;
@@ -43,7 +52,9 @@ struct AttnParams {
   StridedTensor mask;             // (batch, heads_q, len_q, len_k); uint8 for kBool, dtype for kAdditive
   MaskKind mask_kind = MaskKind::kNone;
   StridedTensor out;              // (batch, heads_q, len_q, value_dim)
-  StridedTensor lse;              // (batch, heads_q, len_q) in `row_stride`; data may be null
+  bool out_float32 = false;       // 16-bit inputs only: out is float32 instead of the input dtype
+  StridedTensor lse;              // (batch, heads_q, len_q) in `row_stride`; data may be null; float32 for
+                                  // 16-bit inputs (the compute type), else the input dtype
 
   ScoreKind score_kind = ScoreKind::kDot;
   const void* score_weight = nullptr;  // kAdditive: w, (head_dim,) contiguous, in dtype

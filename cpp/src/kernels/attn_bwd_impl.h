@@ -78,13 +78,14 @@ struct BackwardScratch {
   }
 };
 
-// Copies rows x cols (strided) into a zero-padded row-major buffer of rows_pad x cols_pad, times factor.
-template <class T>
-void pack_rows(int64_t rows, int64_t cols, const T* src, int64_t src_row, int64_t src_col, T factor, T* dst,
+// Copies rows x cols (strided, any storage type) into a zero-padded row-major buffer of rows_pad x
+// cols_pad, times factor.
+template <class T, class S>
+void pack_rows(int64_t rows, int64_t cols, const S* src, int64_t src_row, int64_t src_col, T factor, T* dst,
                int64_t rows_pad, int64_t cols_pad) {
   for (int64_t r = 0; r < rows_pad; ++r)
     for (int64_t c = 0; c < cols_pad; ++c)
-      dst[r * cols_pad + c] = (r < rows && c < cols) ? src[r * src_row + c * src_col] * factor : T(0);
+      dst[r * cols_pad + c] = (r < rows && c < cols) ? widen(src[r * src_row + c * src_col]) * factor : T(0);
 }
 
 // Everything about one query block that the key loop reads: Q^T, scale * Q rows, dO^T, dO rows, the
@@ -92,15 +93,16 @@ void pack_rows(int64_t rows, int64_t cols, const T* src, int64_t src_row, int64_
 template <class Vec>
 void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, const BackwardScratch<Vec>& w) {
   using T = typename Vec::T;
+  using S = typename Vec::S;
   const AttnParams& p = *plan.p;
   const int64_t lanes = plan.lanes, nq = block.nq;
   const T inf = std::numeric_limits<T>::infinity();
   QueryLanes::pack_queries<Vec>(p, block, lanes, w.q_t);
-  pack_rows<T>(nq, p.head_dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
+  pack_rows<T>(nq, p.head_dim, p.q.row<const S>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
                static_cast<T>(p.scale), w.q_rows, lanes, plan.dim_pad);
   for (int64_t e = 0; e < p.value_dim; ++e)
     for (int64_t i = nq; i < lanes; ++i) w.do_t[e * lanes + i] = T(0);
-  const T* dout = p.dout.row<const T>(block.batch, block.head0, block.q0);
+  const S* dout = p.dout.row<const S>(block.batch, block.head0, block.q0);
   transpose_copy<Vec>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, w.do_t, lanes, 1);
   pack_rows<T>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, T(1), w.do_rows, lanes, plan.value_dim_pad);
   for (int64_t i = 0; i < lanes; ++i) {
@@ -109,10 +111,11 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
     if (i >= nq) continue;
     const T lse = *p.lse.row<const T>(block.batch, block.head0, block.q0 + i);
     w.lse[i] = lse == -inf ? inf : lse;
-    const T* out_row = p.out.row<const T>(block.batch, block.head0, block.q0 + i);
-    const T* dout_row = p.dout.row<const T>(block.batch, block.head0, block.q0 + i);
+    const S* out_row = p.out.row<const S>(block.batch, block.head0, block.q0 + i);
+    const S* dout_row = p.dout.row<const S>(block.batch, block.head0, block.q0 + i);
     T delta = 0;
-    for (int64_t e = 0; e < p.value_dim; ++e) delta += dout_row[e * p.dout.col_stride] * out_row[e * p.out.col_stride];
+    for (int64_t e = 0; e < p.value_dim; ++e)
+      delta += widen(dout_row[e * p.dout.col_stride]) * widen(out_row[e * p.out.col_stride]);
     w.delta[i] = delta;
   }
 }
@@ -121,7 +124,7 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
 // ds/dw_d = t_d. One tile's contributions to dQ^T, dK and dw, recomputing each t once; the dK terms need
 // one horizontal sum per (key, d), a small cost next to the lanes/W tanh evaluations beside it.
 template <class Vec>
-void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, const typename Vec::T* keys,
+void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, const typename Vec::S* keys,
                             const typename Vec::T* q_t, const typename Vec::T* ds_t, typename Vec::T* dq_t,
                             typename Vec::T* dk_rows, int64_t dk_stride, typename Vec::T* dw) {
   using T = typename Vec::T;
@@ -133,7 +136,7 @@ void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, cons
     const V w_d = Vec::set1(weight[d]);
     V dw_sum = Vec::zero();
     for (int64_t j = 0; j < nk; ++j) {
-      const V key = Vec::set1(keys[j * p.k.row_stride + d * p.k.col_stride]);
+      const V key = Vec::set1(widen(keys[j * p.k.row_stride + d * p.k.col_stride]));
       V g_sum = Vec::zero();
       for (int64_t lane = 0; lane < lanes; lane += W) {
         const V ds = Vec::load(ds_t + j * lanes + lane);
@@ -153,6 +156,7 @@ void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, cons
 template <class Vec, class Mask, class Score>
 void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
+  using S = typename Vec::S;
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   const AttnParams& p = *plan.p;
@@ -192,11 +196,15 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
           }
         restrict_scores<Mask>(p, block, k0, nk, w.s_t, /*row_stride=*/1, /*key_stride=*/lanes);
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
-                                                                   p.v.row<const T>(batch, kv_head, k0), p.v.row_stride,
+                                                                   p.v.row<const S>(batch, kv_head, k0), p.v.row_stride,
                                                                    p.v.col_stride, w.do_t, w.dp_t);
         // With dropout (factor Z: 0 or 1 / (1 - p)), dV takes P o Z and dS = P o (dP o Z - D).
         const bool dropout = p.dropout_p > 0;
-        if (dropout) apply_dropout(p, block, k0, nk, w.z_t, /*row_stride=*/1, /*key_stride=*/lanes, /*factor_only=*/true);
+        if (dropout) {
+          // Padding lanes get factor 0 too: the additive gradients sum over every lane.
+          for (int64_t e = 0; e < nk * lanes; ++e) w.z_t[e] = T(0);
+          apply_dropout(p, block, k0, nk, w.z_t, /*row_stride=*/1, /*key_stride=*/lanes, /*factor_only=*/true);
+        }
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t lane = 0; lane < lanes; lane += W) {
             const int64_t e = j * lanes + lane;
@@ -219,13 +227,13 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
                                                                   w.do_rows, dv_rows);
         if constexpr (kAdditive) {
-          additive_gradient_tile<Vec>(p, lanes, nk, p.k.row<const T>(batch, kv_head, k0), w.q_t, w.dp_t, w.dq_t,
+          additive_gradient_tile<Vec>(p, lanes, nk, p.k.row<const S>(batch, kv_head, k0), w.q_t, w.dp_t, w.dq_t,
                                       dk_rows, plan.dim_pad, dw);
         } else {
           strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1,
                                                                     w.q_rows, dk_rows);
           strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(dim, lanes, nk,
-                                                                    p.k.row<const T>(batch, kv_head, k0),
+                                                                    p.k.row<const S>(batch, kv_head, k0),
                                                                     p.k.col_stride, p.k.row_stride, w.dp_t, w.dq_t);
         }
       }
@@ -233,7 +241,7 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
       const V scale = Vec::set1(static_cast<T>(p.scale));
       for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(w.dq_t + e, Vec::mul(Vec::load(w.dq_t + e), scale));
       if (plan.chunks == 1)
-        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, p.dq.row<T>(batch, head, q0), p.dq.row_stride,
+        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, p.dq.row<S>(batch, head, q0), p.dq.row_stride,
                             p.dq.col_stride);
       else
         transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, plan.dq_partial(batch, kv_head, chunk, g, q0), dim, 1);
@@ -241,10 +249,11 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   }
 
   for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    T* dk_row = p.dk.row<T>(batch, kv_head, j);
-    T* dv_row = p.dv.row<T>(batch, kv_head, j);
-    for (int64_t d = 0; d < dim; ++d) dk_row[d * p.dk.col_stride] = w.dk[(j - chunk_begin) * plan.dim_pad + d];
-    for (int64_t e = 0; e < value_dim; ++e) dv_row[e * p.dv.col_stride] = w.dv[(j - chunk_begin) * plan.value_dim_pad + e];
+    S* dk_row = p.dk.row<S>(batch, kv_head, j);
+    S* dv_row = p.dv.row<S>(batch, kv_head, j);
+    for (int64_t d = 0; d < dim; ++d) narrow(dk_row + d * p.dk.col_stride, w.dk[(j - chunk_begin) * plan.dim_pad + d]);
+    for (int64_t e = 0; e < value_dim; ++e)
+      narrow(dv_row + e * p.dv.col_stride, w.dv[(j - chunk_begin) * plan.value_dim_pad + e]);
   }
 }
 
@@ -258,11 +267,11 @@ void sum_dq_chunks(const BackwardPlan<Vec>& plan, int64_t row_index) {
   const int64_t batch = row_index / p.len_q / p.heads_q;
   const int64_t kv_head = head / plan.group, g = head % plan.group;
   if (query >= p.len_q_of(batch)) return;
-  T* dq_row = p.dq.row<T>(batch, head, query);
+  typename Vec::S* dq_row = p.dq.row<typename Vec::S>(batch, head, query);
   for (int64_t d = 0; d < p.head_dim; ++d) {
     T total = 0;
     for (int64_t c = 0; c < plan.chunks; ++c) total += plan.dq_partial(batch, kv_head, c, g, query)[d];
-    dq_row[d * p.dq.col_stride] = total;
+    narrow(dq_row + d * p.dq.col_stride, total);
   }
 }
 
@@ -333,12 +342,14 @@ void backward_dtype(const AttnParams& p) {
   }
 }
 
+template <class Vec>
+struct RunBackward {
+  static void run(const AttnParams& p) { backward_dtype<Vec>(p); }
+};
+
 template <template <class> class VecFor>
 void backward(const AttnParams& p) {
-  if (p.dtype == DType::kFloat32)
-    backward_dtype<VecFor<float>>(p);
-  else
-    backward_dtype<VecFor<double>>(p);
+  by_dtype<VecFor, RunBackward>(p);
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

@@ -1,6 +1,7 @@
 // Compiled with AVX-512 flags; reached only through the dispatcher after CPUID says AVX-512F/DQ/BW/VL.
 // Instantiation only: the kernels are attn_fwd_impl.h and attn_bwd_impl.h, the machine probes probe_impl.h.
 #include <cmath>
+#include <cstring>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -13,6 +14,7 @@
 
 #define FUSEDATTN_KERNEL_NS isa_avx512
 #include "kernels/vec_avx512.h"
+#include "kernels/convert.h"
 #include "kernels/attn_fwd_impl.h"
 #include "kernels/attn_bwd_impl.h"
 #include "kernels/probe_impl.h"

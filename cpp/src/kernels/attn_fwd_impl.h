@@ -86,8 +86,8 @@ constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep 
 // can be the user's K or V in any layout; b and c are packed, aligned, `b_stride`/`c_stride` apart.
 // kAccumulate is a template parameter, not a flag: a run-time choice here made GCC shuttle the
 // accumulators through the stack around the loop.
-template <class Vec, class Score, bool kAccumulate, int kRows, int kVecs>
-inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_stride, int64_t a_depth_stride,
+template <class Vec, class Score, bool kAccumulate, int kRows, int kVecs, class A>
+inline void tile_kernel(int64_t depth, const A* a, int64_t a_row_stride, int64_t a_depth_stride,
                         const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride,
                         const typename Vec::T* depth_weights) {
   using V = typename Vec::V;
@@ -105,12 +105,12 @@ inline void tile_kernel(int64_t depth, const typename Vec::T* a, int64_t a_row_s
   int64_t k = 0;
   do {
     const typename Vec::T* b_row = b + k * b_stride;
-    const typename Vec::T* a_col = a + k * a_depth_stride;
+    const A* a_col = a + k * a_depth_stride;
     V b_vec[kVecs];
     for (int v = 0; v < kVecs; ++v) b_vec[v] = Vec::load(b_row + v * W);
     const V w = Score::template depth_weight<Vec>(depth_weights, k);
     for (int r = 0; r < kRows; ++r) {
-      const V a_bcast = Vec::set1(a_col[r * a_row_stride]);
+      const V a_bcast = Vec::set1(widen(a_col[r * a_row_stride]));
       for (int v = 0; v < kVecs; ++v) acc[r][v] = Score::template combine<Vec>(acc[r][v], a_bcast, b_vec[v], w);
     }
   } while (++k < depth);
@@ -136,8 +136,8 @@ inline void tile_kernel_any(int rows, int vecs, Args... args) {
 }
 
 // C (rows x lanes) (+)= A (rows x depth, strided, broadcast) . B (depth x lanes, packed), combined by Score.
-template <class Vec, class Score, bool kAccumulate>
-void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const typename Vec::T* a,
+template <class Vec, class Score, bool kAccumulate, class A>
+void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const A* a,
                           int64_t a_row_stride, int64_t a_depth_stride, const typename Vec::T* b,
                           typename Vec::T* c, const typename Vec::T* depth_weights = nullptr) {
   constexpr int W = Vec::W;
@@ -153,20 +153,29 @@ void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const type
   }
 }
 
-// dst(c, r) = src(r, c) * row_factor(r) for a rows x cols matrix; element (r, c) of a matrix lives at
+// dst(c, r) = src(r, c) for a rows x cols matrix; element (r, c) of a matrix lives at
 // base + r * row_stride + c * col_stride. Whole W x W blocks go through the ISA's register transpose when
-// both sides are contiguous along c / r; the edges (and other layouts) are copied one by one.
-template <class Vec>
-void transpose_copy(int64_t rows, int64_t cols, const typename Vec::T* src, int64_t src_row, int64_t src_col,
-                    typename Vec::T* dst, int64_t dst_row, int64_t dst_col) {
+// both sides hold the compute type and are contiguous along c / r; the edges, other layouts and 16-bit
+// storage are converted one by one.
+template <class Vec, class Src, class Dst>
+void transpose_copy(int64_t rows, int64_t cols, const Src* src, int64_t src_row, int64_t src_col, Dst* dst,
+                    int64_t dst_row, int64_t dst_col) {
   constexpr int W = Vec::W;
-  const bool blocks = src_col == 1 && dst_col == 1;
-  const int64_t full_rows = blocks ? rows / W * W : 0, full_cols = blocks ? cols / W * W : 0;
-  for (int64_t r = 0; r < full_rows; r += W)
-    for (int64_t c = 0; c < full_cols; c += W) Vec::transpose(src + r * src_row + c, src_row, dst + c * dst_row + r, dst_row);
+  using T = typename Vec::T;
+  int64_t full_rows = 0, full_cols = 0;
+  if constexpr (std::is_same_v<Src, T> && std::is_same_v<Dst, T>) {
+    if (src_col == 1 && dst_col == 1) {
+      full_rows = rows / W * W;
+      full_cols = cols / W * W;
+      for (int64_t r = 0; r < full_rows; r += W)
+        for (int64_t c = 0; c < full_cols; c += W)
+          Vec::transpose(src + r * src_row + c, src_row, dst + c * dst_row + r, dst_row);
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t first_col = r < full_rows ? full_cols : 0;
-    for (int64_t c = first_col; c < cols; ++c) dst[c * dst_row + r * dst_col] = src[r * src_row + c * src_col];
+    for (int64_t c = first_col; c < cols; ++c)
+      narrow(dst + c * dst_row + r * dst_col, static_cast<T>(widen(src[r * src_row + c * src_col])));
   }
 }
 
@@ -389,13 +398,27 @@ T row_lse(T m, T l) {
   return l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
 }
 
+// Calls write(pointer) with the output's first element typed as the caller's storage: the input dtype,
+// or float32 when 16-bit inputs asked for float32 output.
+template <class Vec, class Write>
+void with_output(const AttnParams& p, const RowBlock& block, int64_t r, Write write) {
+  using S = typename Vec::S;
+  if constexpr (!std::is_same_v<S, typename Vec::T>) {
+    if (p.out_float32) return write(p.out.row<float>(block.batch, block.head(r), block.query(r)));
+  }
+  write(p.out.row<S>(block.batch, block.head(r), block.query(r)));
+}
+
 // Normalised output and logsumexp of row r, from its accumulators.
-template <class T>
-void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const T* o, int64_t o_col, T m, T l) {
+template <class Vec>
+void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const typename Vec::T* o, int64_t o_col,
+              typename Vec::T m, typename Vec::T l) {
+  using T = typename Vec::T;
   // l == 0: the row may attend nothing; its o is 0, so a factor of 0 gives the output 0.
   const T inv_sum = l == T(0) ? T(0) : T(1) / l;
-  T* out_row = p.out.row<T>(block.batch, block.head(r), block.query(r));
-  for (int64_t e = 0; e < p.value_dim; ++e) out_row[e * p.out.col_stride] = o[e * o_col] * inv_sum;
+  with_output<Vec>(p, block, r, [&](auto* out_row) {
+    for (int64_t e = 0; e < p.value_dim; ++e) narrow(out_row + e * p.out.col_stride, o[e * o_col] * inv_sum);
+  });
   if (p.lse.data) *p.lse.row<T>(block.batch, block.head(r), block.query(r)) = row_lse(m, l);
 }
 
@@ -414,7 +437,7 @@ struct QueryLanes {
     const int64_t dim = p.head_dim;
     for (int64_t d = 0; d < dim; ++d)
       for (int64_t i = block.nq; i < lanes; ++i) q_t[d * lanes + i] = T(0);
-    transpose_copy<Vec>(block.nq, dim, p.q.row<const T>(block.batch, block.head0, block.q0), p.q.row_stride,
+    transpose_copy<Vec>(block.nq, dim, p.q.row<const typename Vec::S>(block.batch, block.head0, block.q0), p.q.row_stride,
                         p.q.col_stride, q_t, lanes, 1);
     const typename Vec::V scale = Vec::set1(static_cast<T>(p.scale));
     for (int64_t e = 0; e < dim * lanes; e += Vec::W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale));
@@ -437,7 +460,8 @@ struct QueryLanes {
     using T = typename Vec::T;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
     strided_times_packed<Vec, Score, /*kAccumulate=*/false>(nk, lanes, p.head_dim,
-                                                            p.k.row<const T>(block.batch, kv_head, k0), p.k.row_stride,
+                                                            p.k.row<const typename Vec::S>(block.batch, kv_head, k0),
+                                                            p.k.row_stride,
                                                             p.k.col_stride, q_t, s_t,
                                                             static_cast<const T*>(p.score_weight));
     if (p.softcap > 0) apply_softcap<Vec>(s_t, nk * lanes, static_cast<T>(p.softcap));
@@ -495,7 +519,7 @@ struct QueryLanes {
       // Dropout acts on P after the row statistics: the sum (and lse) is of the undropped probabilities.
       if (p.dropout_p > 0) apply_dropout(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
       strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.value_dim, lanes, nk,
-                                                                p.v.row<const T>(block.batch, kv_head, k0),
+                                                                p.v.row<const typename Vec::S>(block.batch, kv_head, k0),
                                                                 p.v.col_stride, p.v.row_stride, s_t, acc.o);
     }
   }
@@ -514,8 +538,9 @@ struct QueryLanes {
     for (int64_t e = 0; e < p.value_dim; ++e)
       for (int64_t lane = 0; lane < lanes; lane += W)
         Vec::store(acc.o + e * lanes + lane, Vec::mul(Vec::load(acc.o + e * lanes + lane), Vec::load(acc.l + lane)));
-    transpose_copy<Vec>(p.value_dim, block.nq, acc.o, lanes, 1, p.out.row<T>(block.batch, block.head0, block.q0),
-                        p.out.row_stride, p.out.col_stride);
+    with_output<Vec>(p, block, 0, [&](auto* out) {
+      transpose_copy<Vec>(p.value_dim, block.nq, acc.o, lanes, 1, out, p.out.row_stride, p.out.col_stride);
+    });
   }
 };
 
@@ -536,19 +561,22 @@ struct DimLanes {
   }
 
   // Makes a block of K or V readable with aligned-width vector loads: used in place when rows are
-  // contiguous and a whole number of vectors, else copied into zero-padded scratch.
+  // contiguous, a whole number of vectors and in the compute type, else copied into zero-padded scratch.
   template <class Vec>
   static const typename Vec::T* rows_for_vectors(const StridedTensor& t, const RowBlock& block, int64_t kv_head,
                                                  int64_t k0, int64_t nk, int64_t width, int64_t width_pad,
                                                  typename Vec::T* pack, int64_t* stride) {
     using T = typename Vec::T;
-    const T* first = t.row<const T>(block.batch, kv_head, k0);
-    if (t.col_stride == 1 && width == width_pad) {
-      *stride = t.row_stride;
-      return first;
+    using S = typename Vec::S;
+    const S* first = t.row<const S>(block.batch, kv_head, k0);
+    if constexpr (std::is_same_v<S, T>) {
+      if (t.col_stride == 1 && width == width_pad) {
+        *stride = t.row_stride;
+        return first;
+      }
     }
-    for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = first[j * t.row_stride + e * t.col_stride];
+    for (int64_t j = 0; j < nk; ++j) {  // 16-bit storage is widened here, once per element
+      for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = widen(first[j * t.row_stride + e * t.col_stride]);
       for (int64_t e = width; e < width_pad; ++e) pack[j * width_pad + e] = T(0);
     }
     *stride = width_pad;
@@ -609,8 +637,8 @@ struct DimLanes {
     const T neg_inf = -std::numeric_limits<T>::infinity();
 
     for (int64_t r = 0; r < rows; ++r) {
-      const T* q_row = p.q.row<const T>(block.batch, block.head(r), block.query(r));
-      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = q_row[d * p.q.col_stride] * scale;
+      const typename Vec::S* q_row = p.q.row<const typename Vec::S>(block.batch, block.head(r), block.query(r));
+      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = widen(q_row[d * p.q.col_stride]) * scale;
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
@@ -666,7 +694,7 @@ struct DimLanes {
   template <class Vec>
   static void emit(const ForwardPlan<Vec>& plan, const RowBlock& block, const Accumulators<typename Vec::T>& acc) {
     for (int64_t r = 0; r < block.rows(); ++r)
-      emit_row(*plan.p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
+      emit_row<Vec>(*plan.p, block, r, acc.o + r * plan.o_row, plan.o_col, acc.m[r], acc.l[r]);
   }
 };
 
@@ -726,7 +754,7 @@ void weights_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
         Vec::store(s_t + j * lanes + lane, Vec::mul(prob, Vec::load(acc.l + lane)));
       }
     transpose_copy<Vec>(nk, block.nq, s_t, lanes, 1,
-                        p.weights.row<T>(block.batch, block.head0, block.q0) + k0 * p.weights.col_stride,
+                        p.weights.row<typename Vec::S>(block.batch, block.head0, block.q0) + k0 * p.weights.col_stride,
                         p.weights.row_stride, p.weights.col_stride);
   }
 }
@@ -754,7 +782,7 @@ void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
       total += part.l[r] * weight;
       for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] += part.o[r * plan.o_row + e * plan.o_col] * weight;
     }
-    emit_row(*plan.p, block, r, merged, 1, reference, total);
+    emit_row<Vec>(*plan.p, block, r, merged, 1, reference, total);
   }
 }
 
@@ -890,20 +918,34 @@ void weights_dtype(const AttnParams& p) {
   }
 }
 
+// DType -> the vector policy, with the storage type for 16-bit inputs (computed in float).
+template <template <class> class VecFor, template <class> class Run>
+void by_dtype(const AttnParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return Run<VecFor<float>>::run(p);
+    case DType::kFloat64: return Run<VecFor<double>>::run(p);
+    case DType::kBFloat16: return Run<WithStorage<VecFor<float>, BFloat16>>::run(p);
+    case DType::kFloat16: return Run<WithStorage<VecFor<float>, Float16>>::run(p);
+  }
+}
+
+template <class Vec>
+struct RunForward {
+  static void run(const AttnParams& p) { forward_dtype<Vec>(p); }
+};
+template <class Vec>
+struct RunWeights {
+  static void run(const AttnParams& p) { weights_dtype<Vec>(p); }
+};
+
 template <template <class> class VecFor>
 void forward(const AttnParams& p) {
-  if (p.dtype == DType::kFloat32)
-    forward_dtype<VecFor<float>>(p);
-  else
-    forward_dtype<VecFor<double>>(p);
+  by_dtype<VecFor, RunForward>(p);
 }
 
 template <template <class> class VecFor>
 void weights(const AttnParams& p) {
-  if (p.dtype == DType::kFloat32)
-    weights_dtype<VecFor<float>>(p);
-  else
-    weights_dtype<VecFor<double>>(p);
+  by_dtype<VecFor, RunWeights>(p);
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

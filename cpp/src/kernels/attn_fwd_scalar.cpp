@@ -1,6 +1,7 @@
 // The portable path: compiled without ISA flags, it runs on any CPU (and alone on non-x86 hosts).
 // Instantiation only: the kernels are attn_fwd_impl.h and attn_bwd_impl.h, the machine probes probe_impl.h.
 #include <cmath>
+#include <cstring>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -12,6 +13,7 @@
 
 #define FUSEDATTN_KERNEL_NS isa_scalar
 #include "kernels/vec_scalar.h"
+#include "kernels/convert.h"
 #include "kernels/attn_fwd_impl.h"
 #include "kernels/attn_bwd_impl.h"
 #include "kernels/probe_impl.h"

@@ -15,6 +15,7 @@ template <>
 struct VecAvx2<float> {
   using T = float;
   using V = __m256;
+  using S = T;  // storage type of the caller's arrays (WithStorage overrides it)
   static constexpr int W = 8;
   static constexpr int kTileRows = 3;
   static constexpr int kTileVecs = 4;
@@ -85,6 +86,7 @@ template <>
 struct VecAvx2<double> {
   using T = double;
   using V = __m256d;
+  using S = T;  // storage type of the caller's arrays (WithStorage overrides it)
   static constexpr int W = 4;
   static constexpr int kTileRows = 3;
   static constexpr int kTileVecs = 4;

@@ -14,6 +14,7 @@ template <>
 struct VecAvx512<float> {
   using T = float;
   using V = __m512;
+  using S = T;  // storage type of the caller's arrays (WithStorage overrides it)
   static constexpr int W = 16;
   static constexpr int kTileRows = 4;
   static constexpr int kTileVecs = 4;
@@ -78,6 +79,7 @@ template <>
 struct VecAvx512<double> {
   using T = double;
   using V = __m512d;
+  using S = T;  // storage type of the caller's arrays (WithStorage overrides it)
   static constexpr int W = 8;
   static constexpr int kTileRows = 4;
   static constexpr int kTileVecs = 4;

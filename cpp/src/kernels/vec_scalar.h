@@ -7,6 +7,7 @@ template <class Scalar>
 struct VecScalar {
   using T = Scalar;
   using V = Scalar;
+  using S = T;  // storage type of the caller's arrays (WithStorage overrides it)
   static constexpr int W = 1;
   // 4 x 4 scalar accumulators fit the 16 registers every x86-64 / AArch64 core has.
   static constexpr int kTileRows = 4;

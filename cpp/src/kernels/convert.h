@@ -1,0 +1,75 @@
+// Loads and stores between the caller's storage type S and the compute type: identity for float and
+// double; bfloat16 and float16 widen to float on load and round to nearest-even on store. Included
+// inside each kernel's ISA namespace; float16 uses the F16C instructions where the TU is built with them.
+#pragma once
+
+namespace fusedattn::FUSEDATTN_KERNEL_NS {
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline void narrow(float* dst, float x) { *dst = x; }
+inline void narrow(double* dst, double x) { *dst = x; }
+inline void narrow(BFloat16* dst, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN: keep it a (quiet) NaN, which truncation might not
+    dst->bits = static_cast<uint16_t>((bits >> 16) | 0x0040u);
+    return;
+  }
+  dst->bits = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+}
+
+#ifdef __F16C__
+inline float widen(Float16 x) { return _cvtsh_ss(x.bits); }
+inline void narrow(Float16* dst, float x) { dst->bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+#else
+inline float widen(Float16 x) {
+  const uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1Fu) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf / NaN
+  } else if (exponent == 0) {                       // zero / subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -magnitude : magnitude;
+  } else {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline void narrow(Float16* dst, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7FFFFFFFu;
+  uint32_t half;
+  if (magnitude > 0x7F800000u) {
+    half = 0x7E00u;  // NaN
+  } else if (magnitude >= 0x477FF000u) {
+    half = 0x7C00u;  // rounds to infinity (>= 65520)
+  } else if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal half, mantissa = round(|x| * 2^24)
+    float absolute;
+    std::memcpy(&absolute, &magnitude, sizeof absolute);
+    half = static_cast<uint32_t>(std::nearbyint(absolute * 16777216.0f));
+  } else {  // normal: rebias the exponent, round the mantissa to nearest even at bit 13
+    half = ((magnitude + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13) - (112u << 10);
+  }
+  dst->bits = static_cast<uint16_t>(sign | half);
+}
+#endif
+
+// The compute type and the vector policy of a storage type: 16-bit storage computes in float.
+template <class Base, class Storage>
+struct WithStorage : Base {
+  using S = Storage;
+};
+
+}  // namespace fusedattn::FUSEDATTN_KERNEL_NS
