@@ -46,6 +46,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
             sequence gets exactly its part of the causal / window / ALiBi pattern.
             The diagonal is ``d(i) = i + q_start - k_start``, plus ``Lk - Lq`` unless causal is True /
             ``"top_left"`` (bottom-right alignment, FlashAttention's convention for window and ALiBi).
+            Since that ``Lk - Lq`` is the chunk's own, chunk with ``causal=True`` (top-left) and, for a
+            bottom-right pattern, add the *global* ``Lk - Lq`` to ``q_start`` yourself (as
+            ``fusedattn.dask`` does).
         dropout_p, seed: dropout on the probabilities (after the softmax, scaled by ``1 / (1 - p)``); the
             mask is a pure function of ``seed`` (an int, or a ``numpy.random.Generator`` to draw one) and the
             element's position, so it is the same at any thread count and the backward pass regenerates it.
