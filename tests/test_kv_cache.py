@@ -173,7 +173,7 @@ def test_attend_forwards_kernel_errors():
     (dict(batch=1, num_kv_heads=1, max_len=0, head_dim=2), ValueError, r"max_len must be >= 1"),
     (dict(batch=1, num_kv_heads=1, max_len=4, head_dim=513), ValueError, r"head_dim must be between 1 and 512, got 513"),
     (dict(batch=1, num_kv_heads=1, max_len=4, head_dim=2, value_dim=0), ValueError, r"value_dim must be between 1 and 512"),
-    (dict(batch=1, num_kv_heads=1, max_len=4, head_dim=2, dtype=np.float16), TypeError, r"dtype must be float32 or float64"),
+    (dict(batch=1, num_kv_heads=1, max_len=4, head_dim=2, dtype=np.complex64), TypeError, r"dtype must be float32 or float64"),
     (dict(batch=True, num_kv_heads=1, max_len=4, head_dim=2), TypeError, r"batch must be a positive int"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):

@@ -331,7 +331,7 @@ MHA_CONSTRUCTOR_ERRORS = [
     (dict(embed_dim=8, num_heads=4, num_kv_heads=3), ValueError, r"num_kv_heads must divide num_heads"),
     (dict(embed_dim=1026, num_heads=2), ValueError, r"head_dim.*at most 512.*513"),
     (dict(embed_dim=8, num_heads=2, kdim=0), ValueError, r"kdim must be >= 1"),
-    (dict(embed_dim=8, num_heads=2, dtype=np.float16), TypeError, r"dtype must be float32 or float64.*float16"),
+    (dict(embed_dim=8, num_heads=2, dtype=np.complex64), TypeError, r"dtype must be float32 or float64.*complex64"),
     (dict(embed_dim=8, num_heads=2, dtype="int"), TypeError, r"dtype must be float32 or float64"),
     (dict(embed_dim=8, num_heads=2, rng="seed"), TypeError, r"rng must be a numpy\.random\.Generator"),
     (dict(embed_dim=8, num_heads=2, rng=1.5), TypeError, r"rng must be"),

@@ -102,6 +102,12 @@ struct Call {
 // Packed variable-length batches arrive as (1, H, total, D) views (lse (1, H, total)) plus
 // packed = (cu_seqlens_q, cu_seqlens_k, diagonal offsets), int64 and validated in Python. Sequence b is
 // "batch entry" b: its rows start at cu[b] along the L axis, its lengths are the cu differences.
+void check_alibi_rows(const AttnParams& p) {
+  if (p.alibi_slopes && p.alibi_rows != 1 && p.alibi_rows != p.batch)
+    throw std::invalid_argument("alibi_slopes: expected (1 or batch, Hq) rows, got " + std::to_string(p.alibi_rows) +
+                                " for a batch of " + std::to_string(p.batch));
+}
+
 void apply_packing(Call& call, const py::tuple& packed) {
   const auto cu_q = packed[0].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
   const auto cu_k = packed[1].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
@@ -163,11 +169,13 @@ void convert_positions(AttnParams& p, const py::dict& positions, const py::array
   }
   if (positions.contains("alibi_slopes")) {
     const py::array slopes = positions["alibi_slopes"].cast<py::array>();
+    // A (batch, Hq) table is checked against the batch in check_alibi_rows, after any packing.
     if (!slopes.dtype().is(compute_dtype(q)) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
-        (slopes.shape(0) != 1 && slopes.shape(0) != p.batch) || !(slopes.flags() & py::array::c_style))
+        !(slopes.flags() & py::array::c_style))
       throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's compute dtype");
     p.alibi_slopes = slopes.data();
     p.alibi_batch_stride = slopes.shape(0) == 1 ? 0 : p.heads_q;
+    p.alibi_rows = slopes.shape(0);
   }
   p.softcap = positions.contains("softcap") ? positions["softcap"].cast<double>() : 0.0;
   if (positions.contains("dropout_p")) {
@@ -255,6 +263,7 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
     p.lse = call.lse.tensor;
   }
   if (packed) apply_packing(call, *packed);
+  check_alibi_rows(p);
   py::gil_scoped_release release;
   fusedattn::attention_forward(p);
 }
@@ -269,6 +278,7 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
   require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
   call.weights = convert(weights, "weights", 3, call.lead);
   call.p.weights = call.weights.tensor;
+  check_alibi_rows(call.p);
   py::gil_scoped_release release;
   fusedattn::attention_weights(call.p);
 }
@@ -318,6 +328,7 @@ void attention_backward(const py::array& dout, const py::array& q, const py::arr
   p.dk = call.dk.tensor;
   p.dv = call.dv.tensor;
   if (packed) apply_packing(call, *packed);
+  check_alibi_rows(p);
   py::gil_scoped_release release;
   fusedattn::attention_backward(p);
 }

@@ -28,6 +28,15 @@ HALF_DTYPES = _half_dtypes()
 ATTENTION_DTYPES = SUPPORTED_DTYPES + HALF_DTYPES
 
 
+def _is_float(dtype) -> bool:
+    """A floating dtype, bfloat16 included (NumPy does not count ml_dtypes' bfloat16 as np.floating)."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) in HALF_DTYPES
+
+
+def _is_real(dtype) -> bool:
+    return np.dtype(dtype) != np.bool_ and (_is_float(dtype) or np.issubdtype(dtype, np.integer))
+
+
 def compute_dtype(dtype) -> np.dtype:
     """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
     return np.dtype(np.float32) if np.dtype(dtype) in HALF_DTYPES else np.dtype(dtype)
@@ -141,7 +150,7 @@ def _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, 
         positions["window"] = (left, 0 if is_causal else right)
     if alibi_slopes is not None:
         slopes = np.asarray(alibi_slopes)
-        if slopes.dtype == np.bool_ or not (np.issubdtype(slopes.dtype, np.floating) or np.issubdtype(slopes.dtype, np.integer)):
+        if not _is_real(slopes.dtype):
             raise TypeError(f"alibi_slopes must be a real-valued array, got dtype {slopes.dtype}")
         batch = int(np.prod(lead)) if lead else 1
         if slopes.shape == (hq,):
@@ -207,7 +216,7 @@ def prepare(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_
     if mask is not None:
         if not isinstance(mask, np.ndarray):
             mask = np.asarray(mask)
-        if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.floating):
+        if mask.dtype != np.bool_ and not _is_float(mask.dtype):
             raise TypeError(f"mask must be a bool array (True = may attend) or a float array (added to scores), got dtype {mask.dtype}")
         if mask.dtype != np.bool_ and mask.dtype != compute_dtype(q.dtype):
             mask = mask.astype(compute_dtype(q.dtype))  # the small, un-broadcast mask; broadcasting below stays a view
@@ -275,9 +284,9 @@ def check_kind(kind) -> str:
 def check_score_weight(score_weight, head_dim: int, dtype) -> np.ndarray:
     """The additive score's weight vector ``w`` of shape ``(D,)``: all ones when None, else validated."""
     if score_weight is None:
-        return np.ones(head_dim, dtype=dtype)
+        return np.ones(head_dim, dtype=compute_dtype(dtype))
     weight = np.asarray(score_weight)
-    if weight.dtype == np.bool_ or not (np.issubdtype(weight.dtype, np.floating) or np.issubdtype(weight.dtype, np.integer)):
+    if not _is_real(weight.dtype):
         raise TypeError(f"score_weight must be a real-valued array of shape ({head_dim},), got dtype {weight.dtype}")
     if weight.shape != (head_dim,):
         raise ValueError(f"score_weight must have shape ({head_dim},) (the head dim D of q and k), got {weight.shape}")

@@ -25,7 +25,9 @@ class KVCache:
         max_len: capacity in tokens.
         head_dim: D, the key (and query) head dim, 1..512.
         value_dim: Dv, the value head dim, 1..512 (default ``head_dim``).
-        dtype: float32 or float64, for the buffers and every array appended or attended.
+        dtype: float32 or float64, for the buffers and every array appended or attended; or float16 /
+            ``ml_dtypes.bfloat16``: 16-bit buffers (half the memory of float32), attended by the fused
+            kernel with float32 accumulation, the output in the cache's 16-bit dtype.
 
     Buffers: :attr:`key_buffer` ``(batch, num_kv_heads, max_len, head_dim)`` and :attr:`value_buffer`
     ``(batch, num_kv_heads, max_len, value_dim)``. Their unfilled tail is never read.
@@ -160,8 +162,8 @@ class KVCache:
             scale: default ``1 / sqrt(head_dim)``.
 
         Returns:
-            ``(batch, Hq, Lq, value_dim)`` in the cache's dtype. A query that sees no cached token
-            (an empty cache, say) gets 0.
+            ``(batch, Hq, Lq, value_dim)`` in the cache's dtype (float32 accumulation inside the kernel
+            for a 16-bit cache). A query that sees no cached token (an empty cache, say) gets 0.
 
         Example:
             >>> import numpy as np

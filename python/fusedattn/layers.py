@@ -11,6 +11,14 @@ log-sum-exp), and the backward runs the fused backward kernel (:func:`fusedattn.
 saved lse) between NumPy matmuls for the projections. It returns the inputs' gradients and fills
 ``layer.grads`` with the parameters' gradients, keyed like ``state_dict()``.
 
+16-bit layers (``dtype=np.float16`` or ``ml_dtypes.bfloat16``): the parameters are stored, and every
+input, output and gradient is returned, in the 16-bit dtype, and the fused attention runs on 16-bit
+projections (float32 accumulation inside the kernel). The projections themselves are NumPy matmuls done in
+float32 (16-bit operands widened, the result rounded to 16 bits once): NumPy has no BLAS kernel for
+float16 (its matmul is a slow generic loop) and none at all for bfloat16, and a float32 product rounded
+once is also more accurate than a 16-bit accumulation. Each call therefore makes float32 copies of the
+weights it multiplies by (O(E^2), small next to the O(B * L * E^2) products).
+
 Mask convention (the same as :func:`fusedattn.attention`): a ``bool`` mask is True where a query **may**
 attend a key; a float mask is added to the scores (``-inf`` forbids). torch's ``nn.MultiheadAttention``
 uses the opposite for bool masks (``attn_mask`` and ``key_padding_mask``: True = NOT allowed), so convert
@@ -32,7 +40,7 @@ import numpy as np
 
 import fusedattn  # the fused entry points are looked up at call time (fusedattn.attention, ...)
 
-from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ._checks import HALF_DTYPES, MAX_HEAD_DIM, SUPPORTED_DTYPES, compute_dtype
 
 __all__ = ["AdditiveAttention", "MultiHeadAttention"]
 
@@ -50,14 +58,36 @@ def _check_positive_int(value, name: str, *, upper=None) -> int:
     return int(value)
 
 
+_LAYER_DTYPES = SUPPORTED_DTYPES + HALF_DTYPES
+_DTYPE_CHOICES = "float32 or float64 (or 16-bit: float16, ml_dtypes.bfloat16)"
+
+
 def _check_dtype(dtype, name: str = "dtype") -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
-    if resolved not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {resolved}")
+        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {dtype!r}") from None
+    if resolved not in _LAYER_DTYPES:
+        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {resolved}")
     return resolved
+
+
+def _is_float(dtype) -> bool:
+    # ml_dtypes.bfloat16 is not a NumPy floating subtype (its kind is 'V'), so it is named explicitly.
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) in HALF_DTYPES
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for the projections, in the compute dtype: float32 for 16-bit operands (see the module
+    docstring), so the result is float32 for a 16-bit layer; float32 / float64 operands are multiplied as
+    they are (no copy)."""
+    dtype = compute_dtype(a.dtype)
+    return a.astype(dtype, copy=False) @ b.astype(dtype, copy=False)
+
+
+def _sum_rows(x: np.ndarray) -> np.ndarray:
+    """Column sums of a 2-D array, accumulated in the compute dtype (a bias gradient)."""
+    return x.sum(axis=0, dtype=compute_dtype(x.dtype))
 
 
 def _check_rng(rng) -> np.random.Generator:
@@ -89,7 +119,7 @@ def _as_input(x, name: str, dtype: np.dtype) -> np.ndarray:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"{name} must be a floating-point array; could not convert {type(x).__name__}: {exc}") from None
-    if not np.issubdtype(x.dtype, np.floating):
+    if not _is_float(x.dtype):
         raise TypeError(f"{name} must be a floating-point array (computed in the layer's {dtype}), got dtype {x.dtype}")
     # Any float input is computed in the layer's dtype, as a layer holds one set of weights.
     return x.astype(dtype, copy=False)
@@ -97,12 +127,15 @@ def _as_input(x, name: str, dtype: np.dtype) -> np.ndarray:
 
 def _param_to_numpy(value, name: str) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor: no torch import needed
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()  # torch cannot export bfloat16 to NumPy; float32 holds it exactly
+        value = value.numpy()
     try:
         arr = np.asarray(value)
     except Exception as exc:
         raise TypeError(f"state_dict[{name!r}] must be an array, could not convert {type(value).__name__}: {exc}") from None
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if arr.dtype == np.bool_ or not (_is_float(arr.dtype) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"state_dict[{name!r}] must hold real numbers, got dtype {arr.dtype}")
     return arr
 
@@ -181,7 +214,9 @@ class MultiHeadAttention:
         bias: whether the input and output projections have biases.
         batch_first: inputs and output are ``(B, L, E)`` when True, ``(L, B, E)`` when False (as torch).
             Unbatched ``(L, E)`` inputs are accepted either way.
-        dtype: float32 or float64: the parameters' dtype and the dtype every call computes in.
+        dtype: float32 or float64: the parameters' dtype and the dtype every call computes in; or
+            float16 / ``ml_dtypes.bfloat16``: parameters, inputs, outputs and gradients in 16 bits,
+            projections computed in float32 and rounded once (see the module docstring).
         rng: ``numpy.random.Generator``, an int seed or None, for the initialisation.
 
     Initialisation follows torch: xavier-uniform in-projection weights (over the stacked
@@ -404,14 +439,15 @@ class MultiHeadAttention:
         # per query row, so keeping it for backward() costs next to nothing.
         _, lse = fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view, return_lse=True)
         concat = heads.reshape(heads.shape[:2] + (self.embed_dim,))
-        out = concat @ self._params["out_proj.weight"].T
+        out = _mm(concat, self._params["out_proj.weight"].T)
         if self.bias:
-            out += self._params["out_proj.bias"]
+            out += self._params["out_proj.bias"].astype(out.dtype, copy=False)
+        out = out.astype(self.dtype, copy=False)  # 16-bit layers: the float32 product rounded once
 
         weights = None
         if need_weights:
             probs = fusedattn.attention_weights(q, k, mask=mask, causal=causal)  # (B, H, Lq, Lk)
-            weights = probs.mean(axis=1, dtype=self.dtype)
+            weights = probs.mean(axis=1, dtype=compute_dtype(self.dtype)).astype(self.dtype, copy=False)
         if not batched:
             out = out[0]
             weights = None if weights is None else weights[0]
@@ -473,11 +509,12 @@ class MultiHeadAttention:
         grads = {}
         # out = concat @ W_o^T + b_o, over all (batch, position) rows of the caller's layout.
         dout_rows = dout.reshape(-1, e)
-        grads["out_proj.weight"] = dout_rows.T @ c.concat.reshape(-1, e)
+        grads["out_proj.weight"] = _mm(dout_rows.T, c.concat.reshape(-1, e))
         if self.bias:
-            grads["out_proj.bias"] = dout_rows.sum(axis=0)
-        # dconcat has the memory layout of `heads`, so the kernel reads its heads through the same view.
-        dheads = (dout @ w_out).reshape(c.heads.shape)
+            grads["out_proj.bias"] = _sum_rows(dout_rows)
+        # dconcat has the memory layout of `heads`, so the kernel reads its heads through the same view
+        # (in the layer's dtype: the fused backward takes dout in the dtype of q).
+        dheads = _mm(dout, w_out).astype(self.dtype, copy=False).reshape(c.heads.shape)
         dheads_view = dheads.transpose(1, 2, 0, 3) if c.seq_first else dheads.transpose(0, 2, 1, 3)
         dq, dk, dv = fusedattn.attention_backward(dheads_view, c.q, c.k, c.v, c.heads_view, c.lse,
                                                   mask=c.mask, causal=c.causal)
@@ -487,19 +524,20 @@ class MultiHeadAttention:
         w_q, w_k, w_v = self._in_proj_weights()
         x_q, x_k, x_v = c.inputs
         # Each projection y = x @ W^T + b gives dW = dy^T x and dx = dy @ W.
-        d_weights = [dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        d_weights = [_mm(dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1]))
                      for dy, x in ((dq, x_q), (dk, x_k), (dv, x_v))]
         if self._qkv_same_embed_dim:
             grads["in_proj_weight"] = np.concatenate(d_weights, axis=0)
         else:
             grads["q_proj_weight"], grads["k_proj_weight"], grads["v_proj_weight"] = d_weights
         if self.bias:
-            grads["in_proj_bias"] = np.concatenate([dy.reshape(-1, dy.shape[-1]).sum(axis=0) for dy in (dq, dk, dv)])
-        self.grads = {name: grads[name] for name in self._shapes()}  # state_dict()'s order
-        dx_q, dx_k, dx_v = dq @ w_q, dk @ w_k, dv @ w_v
+            grads["in_proj_bias"] = np.concatenate([_sum_rows(dy.reshape(-1, dy.shape[-1])) for dy in (dq, dk, dv)])
+        # state_dict()'s order, in the layer's dtype (16-bit layers: float32 results rounded once).
+        self.grads = {name: grads[name].astype(self.dtype, copy=False) for name in self._shapes()}
+        dx_q, dx_k, dx_v = _mm(dq, w_q), _mm(dk, w_k), _mm(dv, w_v)
         if not c.key_given:
-            return dx_q + dx_k + dx_v
-        return dx_q, dx_k, dx_v
+            return (dx_q + dx_k + dx_v).astype(self.dtype, copy=False)
+        return tuple(dx.astype(self.dtype, copy=False) for dx in (dx_q, dx_k, dx_v))
 
     @staticmethod
     def _heads_to_caller(g, c):
@@ -522,17 +560,20 @@ class MultiHeadAttention:
         bias = self._params.get("in_proj_bias")
         if self_attention and self._qkv_same_embed_dim:
             # One matmul for all three projections; q, k and v are column slices of its result.
-            qkv = q_in @ self._params["in_proj_weight"].T
+            qkv = _mm(q_in, self._params["in_proj_weight"].T)
             if bias is not None:
-                qkv += bias
+                qkv += bias.astype(qkv.dtype, copy=False)
+            qkv = qkv.astype(self.dtype, copy=False)  # 16-bit layers: round the float32 projection once
             q, k, v = qkv[..., :e], qkv[..., e:e + ekv], qkv[..., e + ekv:]
         else:
             wq, wk, wv = self._in_proj_weights()
-            q, k, v = q_in @ wq.T, k_in @ wk.T, v_in @ wv.T
+            q, k, v = _mm(q_in, wq.T), _mm(k_in, wk.T), _mm(v_in, wv.T)
             if bias is not None:
+                bias = bias.astype(q.dtype, copy=False)
                 q += bias[:e]
                 k += bias[e:e + ekv]
                 v += bias[e + ekv:]
+            q, k, v = (x.astype(self.dtype, copy=False) for x in (q, k, v))
         # (B, L, heads * hd) -> (B, heads, L, hd): splitting the last axis and transposing are views.
         return (x.reshape(x.shape[:2] + (heads, self.head_dim)).transpose(0, 2, 1, 3)
                 for x, heads in ((q, self.num_heads), (k, self.num_kv_heads), (v, self.num_kv_heads)))
@@ -559,7 +600,9 @@ class AdditiveAttention:
         query_dim: features of ``query``; key_dim: features of ``key``. Either may be None: it is then
             inferred from the first call (or from :meth:`load_state_dict`), Keras-style, and the
             parameters are created at that point (from ``rng``, so still reproducible).
-        dtype: float32 or float64: the parameters' dtype and the dtype every call computes in.
+        dtype: float32 or float64: the parameters' dtype and the dtype every call computes in; or
+            float16 / ``ml_dtypes.bfloat16``: parameters, inputs, outputs and gradients in 16 bits,
+            projections computed in float32 and rounded once (see the module docstring).
         rng: ``numpy.random.Generator``, an int seed or None, for the initialisation.
 
     Parameters (NumPy arrays; also the :meth:`state_dict` keys): ``W_q`` ``(query_dim, units)``,
@@ -702,9 +745,13 @@ class AdditiveAttention:
         if q_in.shape[:-2] != k_in.shape[:-2]:
             raise ValueError(f"query and key must have the same batch size, got query {q_in.shape} and key {k_in.shape}")
 
-        qp = q_in @ self._params["W_q"]
-        kp = k_in @ self._params["W_k"]
-        v_a = self._params["v_a"]
+        # 16-bit layers: float32 products rounded once to the layer's dtype, which the fused kernel reads.
+        qp = _mm(q_in, self._params["W_q"]).astype(self.dtype, copy=False)
+        kp = _mm(k_in, self._params["W_k"]).astype(self.dtype, copy=False)
+        # The kernel reads score_weight in the compute dtype (float32 for 16-bit layers); handing it over in
+        # that dtype is exact, and _checks rejects a bfloat16 score_weight (np.issubdtype(bfloat16, floating)
+        # is False).
+        v_a = self._params["v_a"].astype(compute_dtype(self.dtype), copy=False)
         # (B, L, units) inputs are one head each to the kernel: scores (B, Lq, Lk).
         out, lse = fusedattn.additive_attention(qp, kp, v_in, score_weight=v_a, mask=mask, causal=causal,
                                                 return_lse=True)
@@ -760,20 +807,22 @@ class AdditiveAttention:
         if dout.shape != c["out"].shape:
             raise ValueError(f"dout must have the shape of the forward call's output {c['out'].shape}, got {dout.shape}")
         w_q, w_k = self._params["W_q"], self._params["W_k"]
+        v_a = self._params["v_a"].astype(compute_dtype(self.dtype), copy=False)  # as in the forward call
         dqp, dkp, dv, dv_a = fusedattn.additive_attention_backward(
-            dout, c["qp"], c["kp"], c["inputs"][2], c["out"], c["lse"], score_weight=self._params["v_a"],
-            mask=c["mask"], causal=c["causal"])
+            dout, c["qp"], c["kp"], c["inputs"][2], c["out"], c["lse"], score_weight=v_a, mask=c["mask"],
+            causal=c["causal"])
         x_q, x_k, _ = c["inputs"]
         # qp = x_q @ W_q: dW_q = x_q^T dqp over all (batch, position) rows, dx_q = dqp @ W_q^T.
-        self.grads = {
-            "W_q": x_q.reshape(-1, x_q.shape[-1]).T @ dqp.reshape(-1, self.units),
-            "W_k": x_k.reshape(-1, x_k.shape[-1]).T @ dkp.reshape(-1, self.units),
-            "v_a": dv_a,
-        }
-        dx_q, dx_k = dqp @ w_q.T, dkp @ w_k.T
+        # (dv_a comes back in the compute dtype, float32 for a 16-bit layer: cast like the others.)
+        self.grads = {name: g.astype(self.dtype, copy=False) for name, g in (
+            ("W_q", _mm(x_q.reshape(-1, x_q.shape[-1]).T, dqp.reshape(-1, self.units))),
+            ("W_k", _mm(x_k.reshape(-1, x_k.shape[-1]).T, dkp.reshape(-1, self.units))),
+            ("v_a", dv_a),
+        )}
+        dx_q, dx_k = _mm(dqp, w_q.T), _mm(dkp, w_k.T)
         if not c["key_given"]:
-            return dx_q + dx_k + dv
-        return dx_q, dx_k, dv
+            return (dx_q + dx_k + dv).astype(self.dtype, copy=False)
+        return dx_q.astype(self.dtype, copy=False), dx_k.astype(self.dtype, copy=False), dv
 
     def __repr__(self):
         return (f"AdditiveAttention(units={self.units}, query_dim={self.query_dim}, key_dim={self.key_dim}, "

@@ -229,7 +229,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     check_num_threads(num_threads)
     q, k, v = (np.asarray(x) for x in (q, k, v))
     result = np.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
-    lse = np.full(q.shape[1::-1], -np.inf, q.dtype)
+    lse = np.full(q.shape[1::-1], -np.inf, compute_dtype(q.dtype))
     for _, p, rows_q, _ in _packed_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window,
                                              alibi_slopes, softcap, dropout_p, seed):
         out64, lse64 = _softmax_f64(p, _dot_scores(p))

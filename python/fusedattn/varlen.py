@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend
 from ._checks import (_as_float_array, _check_alignment, _overlaps, _positions, check_dropout, check_like,
-                      check_num_threads, prepare)
+                      check_num_threads, compute_dtype, prepare)
 
 __all__ = ["attention_varlen", "attention_varlen_backward"]
 
@@ -125,7 +125,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         for name, arr in (("q", p.q), ("k", p.k), ("v", p.v)):
             if _overlaps(out, arr):
                 raise ValueError(f"out must not overlap {name}: the kernel reads {name} while writing out")
-    lse = np.empty((p.q.shape[-3], p.q.shape[-2]), p.q.dtype) if return_lse else None
+    lse = np.empty((p.q.shape[-3], p.q.shape[-2]), compute_dtype(p.q.dtype)) if return_lse else None
     run_packed_forward(p, packed, out.swapaxes(0, 1)[np.newaxis], None if lse is None else lse[np.newaxis], threads)
     return (out, lse) if return_lse else out
 
@@ -173,7 +173,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     packed_out = (p.q.shape[-2], p.q.shape[-3], p.v.shape[-1])
     dout = check_like(dout, "dout", packed_out, dtype)
     out = check_like(out, "out", packed_out, dtype)
-    lse = check_like(lse, "lse", (p.q.shape[-3], p.q.shape[-2]), dtype)
+    lse = check_like(lse, "lse", (p.q.shape[-3], p.q.shape[-2]), compute_dtype(dtype))
     grads = tuple(np.zeros(np.shape(x), dtype) for x in (q, k, v))
     run_packed_backward(p, packed, dout.swapaxes(0, 1)[np.newaxis], out.swapaxes(0, 1)[np.newaxis], lse[np.newaxis],
                         tuple(g.swapaxes(0, 1)[np.newaxis] for g in grads), threads)

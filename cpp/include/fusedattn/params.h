@@ -77,6 +77,7 @@ struct AttnParams {
   // ALiBi: score -= slope * |i + diagonal_offset - j|, slope = alibi_slopes[batch * alibi_batch_stride + head].
   const void* alibi_slopes = nullptr;  // dtype
   int64_t alibi_batch_stride = 0;
+  int64_t alibi_rows = 0;              // 1 (shared) or batch: checked by the bindings
   double softcap = 0;                  // > 0: scaled scores s become softcap * tanh(s / softcap)
   // Dropout on the probabilities: element (batch, head, q_start + i, k_start + j) is kept iff
   // dropout_hash(seed, ...) >= dropout_p * 2^32, and scaled by 1 / (1 - dropout_p). A pure function of the
