@@ -298,7 +298,7 @@ def check_like(x, name: str, shape: tuple, dtype) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the dtype of q), got {x.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype} (what these inputs produce), got {x.dtype}")
     if x.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
     return x

@@ -202,6 +202,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     kind = check_kind(kind)
     if kind == "dot" and score_weight is not None:
         raise ValueError("score_weight applies to kind='additive' only")
+    if kind == "additive" and scale is not None:
+        raise ValueError("scale applies to kind='dot' only (additive scores are not scaled)")
     if _backend._core is None:
         return reference.attention_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind,
                                            score_weight=score_weight, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)

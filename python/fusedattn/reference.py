@@ -91,6 +91,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     """
     check_num_threads(num_threads)
     kind = check_kind(kind)
+    if kind == "additive" and scale is not None:
+        raise ValueError("scale applies to kind='dot' only (additive scores are not scaled)")
     p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
     if kind == "additive":
         scores = _additive_scores(p, check_score_weight(score_weight, p.q.shape[-1], np.float64))
@@ -319,7 +321,7 @@ def _softmax_f64(p, scores_of, values=True):
     if lk == 0:
         return (out, lse) if values else out  # no key at all: every row attends nothing
     per_row = 8 * lk * hq * max(1, int(np.prod(lead))) * d  # the additive scores' (rows, Lk, D) temporary
-    rows_per_chunk = max(1, _CHUNK_BYTES // per_row)
+    rows_per_chunk = max(1, _CHUNK_BYTES // max(1, per_row))  # per_row is 0 when there are no heads
     key_index = np.arange(lk)
     for start in range(0, lq, rows_per_chunk):
         stop = min(lq, start + rows_per_chunk)

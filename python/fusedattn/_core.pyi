@@ -1,0 +1,75 @@
+"""Type stub of fusedattn's compiled core (cpp/bindings/module.cpp). Private: use the fusedattn package.
+
+The kernels check only what they rely on; the user-facing validation (shapes, dtypes, messages) lives
+in fusedattn._checks. Arrays are ``(*lead, H, L, D)`` views in the kernel's layout.
+"""
+from typing import Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Array = npt.NDArray[np.floating]
+_Packed = Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
+def attention_forward(
+    q: _Array,
+    k: _Array,
+    v: _Array,
+    mask: Optional[np.ndarray],
+    positions: dict,
+    scale: float,
+    out: _Array,
+    lse: Optional[_Array],
+    num_threads: int,
+    score_weight: Optional[_Array] = None,
+    packed: Optional[_Packed] = None,
+) -> None:
+    """Fused attention forward; writes ``out`` (and ``lse`` when given). ``score_weight``: additive scores."""
+
+def attention_weights(
+    q: _Array,
+    k: _Array,
+    mask: Optional[np.ndarray],
+    positions: dict,
+    scale: float,
+    score_weight: Optional[_Array],
+    weights: _Array,
+    num_threads: int,
+) -> None:
+    """Softmax probabilities into ``weights`` ``(*lead, Hq, Lq, Lk)``, zero-filled by the caller."""
+
+def attention_backward(
+    dout: _Array,
+    q: _Array,
+    k: _Array,
+    v: _Array,
+    out: _Array,
+    lse: _Array,
+    mask: Optional[np.ndarray],
+    positions: dict,
+    scale: float,
+    dq: _Array,
+    dk: _Array,
+    dv: _Array,
+    num_threads: int,
+    score_weight: Optional[_Array] = None,
+    dscore_weight: Optional[_Array] = None,
+    packed: Optional[_Packed] = None,
+) -> None:
+    """Gradients into ``dq``, ``dk``, ``dv`` (and ``dscore_weight``); bit-identical at any thread count."""
+
+def compiled_isas() -> list[str]: ...
+def supported_isas() -> list[str]: ...
+def current_isa() -> str: ...
+def set_isa(name: str) -> None: ...
+def measure_fma_peak_gflops(num_threads: int) -> float:
+    """fp32 FMA throughput of the selected ISA on ``num_threads`` threads, GFLOP/s."""
+
+def measure_read_bandwidth_gbs(num_threads: int, bytes: int = ...) -> float:
+    """Streaming read bandwidth over a buffer of ``bytes`` (default 512 MiB), GB/s."""
+
+def max_threads() -> int: ...
+def openmp() -> bool: ...
+def cuda_built() -> bool: ...
