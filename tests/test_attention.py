@@ -740,3 +740,19 @@ def test_property_matches_reference(isa, case):
         mask = np.asarray(rng.standard_normal(case["mask_shape"]) * 2)
         mask[np.asarray(rng.random(case["mask_shape"])) < 0.2] = -np.inf
     check_attention(q, k, v, mask=mask, causal=case["causal"], scale=case["scale"], oracle="both")
+
+
+def test_unpickled_inputs_are_accepted(isa, rng):
+    # Arrays that went through pickle (multiprocessing, Dask workers) carry equal but distinct dtype
+    # objects: the bindings must compare dtypes by equivalence, not identity.
+    import pickle
+
+    q, k, v = make_qkv(rng, lq=9, lk=11, d=8)
+    mask = rng.random((9, 11)) > 0.3
+    clones = [pickle.loads(pickle.dumps(x)) for x in (q, k, v, mask)]
+    out, lse = fusedattn.attention(*clones[:3], mask=clones[3], return_lse=True)
+    assert_close(out, reference.attention(q, k, v, mask=mask))
+    dout = pickle.loads(pickle.dumps(np.ones_like(out)))
+    grads = fusedattn.attention_backward(dout, *clones[:3], out, lse, mask=clones[3])
+    for got, want in zip(grads, reference.attention_backward(dout, q, k, v, out, lse, mask=mask)):
+        assert_close(got, want)

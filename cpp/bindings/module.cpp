@@ -26,10 +26,16 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// dtype equivalence, not identity: an array that went through pickle (multiprocessing, Dask workers)
+// carries an equal but distinct dtype object.
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
+}
+
 // float32, float64, bfloat16 (ml_dtypes) or float16; TypeError otherwise.
 fusedattn::DType storage_dtype(const py::array& q) {
-  if (py::dtype::of<float>().is(q.dtype())) return fusedattn::DType::kFloat32;
-  if (py::dtype::of<double>().is(q.dtype())) return fusedattn::DType::kFloat64;
+  if (same_dtype(py::dtype::of<float>(), q.dtype())) return fusedattn::DType::kFloat32;
+  if (same_dtype(py::dtype::of<double>(), q.dtype())) return fusedattn::DType::kFloat64;
   if (q.dtype().kind() == 'f' && q.itemsize() == 2) return fusedattn::DType::kFloat16;
   if (q.itemsize() == 2 && py::str(q.dtype().attr("name")).cast<std::string>() == "bfloat16")
     return fusedattn::DType::kBFloat16;
@@ -170,7 +176,7 @@ void convert_positions(AttnParams& p, const py::dict& positions, const py::array
   if (positions.contains("alibi_slopes")) {
     const py::array slopes = positions["alibi_slopes"].cast<py::array>();
     // A (batch, Hq) table is checked against the batch in check_alibi_rows, after any packing.
-    if (!slopes.dtype().is(compute_dtype(q)) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
+    if (!same_dtype(slopes.dtype(), compute_dtype(q)) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
         !(slopes.flags() & py::array::c_style))
       throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's compute dtype");
     p.alibi_slopes = slopes.data();
@@ -193,7 +199,7 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
                     int num_threads) {
   AttnParams& p = call.p;
   p.dtype = storage_dtype(q);
-  if (!k.dtype().is(q.dtype())) throw py::type_error("q and k must share one dtype");
+  if (!same_dtype(k.dtype(), q.dtype())) throw py::type_error("q and k must share one dtype");
   if (q.ndim() < 3 || k.ndim() != q.ndim())
     throw std::invalid_argument("q, k: expected (..., H, L, D) arrays of one rank, got " + shape_str(q) + " and " +
                                 shape_str(k));
@@ -213,9 +219,9 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
   p.k = call.k.tensor;
   if (mask) {
     require_shape(*mask, "mask", {p.heads_q, p.len_q, p.len_k});
-    if (py::dtype::of<bool>().is(mask->dtype()))
+    if (same_dtype(py::dtype::of<bool>(), mask->dtype()))
       p.mask_kind = fusedattn::MaskKind::kBool;
-    else if (mask->dtype().is(compute_dtype(q)))
+    else if (same_dtype(mask->dtype(), compute_dtype(q)))
       p.mask_kind = fusedattn::MaskKind::kAdditive;
     else
       throw py::type_error("mask: dtype must be bool or the compute dtype of q");
@@ -224,7 +230,7 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
   }
   if (score_weight) {
     const py::array& w = *score_weight;
-    if (!w.dtype().is(compute_dtype(q)) || w.ndim() != 1 || w.shape(0) != p.head_dim ||
+    if (!same_dtype(w.dtype(), compute_dtype(q)) || w.ndim() != 1 || w.shape(0) != p.head_dim ||
         (w.shape(0) > 1 && w.strides(0) != w.itemsize()))
       throw std::invalid_argument("score_weight: expected a contiguous (D,) array of q's compute dtype");
     p.score_kind = fusedattn::ScoreKind::kAdditive;
@@ -242,9 +248,9 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
   Call call;
   convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
   AttnParams& p = call.p;
-  if (!v.dtype().is(q.dtype())) throw py::type_error("q, k and v must share one dtype");
-  p.out_float32 = !out.dtype().is(q.dtype()) && out.dtype().is(compute_dtype(q));
-  if (!out.dtype().is(q.dtype()) && !p.out_float32)
+  if (!same_dtype(v.dtype(), q.dtype())) throw py::type_error("q, k and v must share one dtype");
+  p.out_float32 = !same_dtype(out.dtype(), q.dtype()) && same_dtype(out.dtype(), compute_dtype(q));
+  if (!same_dtype(out.dtype(), q.dtype()) && !p.out_float32)
     throw py::type_error("out: dtype must be q's (or float32 for 16-bit inputs)");
   if (v.ndim() != q.ndim()) throw std::invalid_argument("v: must have as many dimensions as q");
   if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
@@ -256,7 +262,7 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
   p.v = call.v.tensor;
   p.out = call.out.tensor;
   if (lse) {
-    if (!lse->dtype().is(compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
+    if (!same_dtype(lse->dtype(), compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
     if (!lse->writeable()) throw std::invalid_argument("lse: array is read-only");
     require_shape(*lse, "lse", {p.heads_q, p.len_q});
     call.lse = convert(*lse, "lse", 2, call.lead);
@@ -273,7 +279,7 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
                        py::array weights, int num_threads) {
   Call call;
   convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
-  if (!weights.dtype().is(q.dtype())) throw py::type_error("weights: dtype must be the dtype of q");
+  if (!same_dtype(weights.dtype(), q.dtype())) throw py::type_error("weights: dtype must be the dtype of q");
   if (!weights.writeable()) throw std::invalid_argument("weights: array is read-only");
   require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
   call.weights = convert(weights, "weights", 3, call.lead);
@@ -294,15 +300,15 @@ void attention_backward(const py::array& dout, const py::array& q, const py::arr
     throw std::invalid_argument("score_weight and dscore_weight come together");
   if (dscore_weight) {
     py::array& dw = *dscore_weight;
-    if (!dw.dtype().is(compute_dtype(q)) || dw.ndim() != 1 || dw.shape(0) != call.p.head_dim || !dw.writeable() ||
+    if (!same_dtype(dw.dtype(), compute_dtype(q)) || dw.ndim() != 1 || dw.shape(0) != call.p.head_dim || !dw.writeable() ||
         (dw.shape(0) > 1 && dw.strides(0) != dw.itemsize()))
       throw std::invalid_argument("dscore_weight: expected a writeable contiguous (D,) array of q's compute dtype");
     call.p.dscore_weight = dw.mutable_data();
   }
   AttnParams& p = call.p;
   for (const py::array* a : std::initializer_list<const py::array*>{&v, &out, &dout, &dq, &dk, &dv})
-    if (!a->dtype().is(q.dtype())) throw py::type_error("q, k, v, out, dout and the gradients must share one dtype");
-  if (!lse.dtype().is(compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
+    if (!same_dtype(a->dtype(), q.dtype())) throw py::type_error("q, k, v, out, dout and the gradients must share one dtype");
+  if (!same_dtype(lse.dtype(), compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
   for (const py::array* a : std::initializer_list<const py::array*>{&dq, &dk, &dv})
     if (!a->writeable()) throw std::invalid_argument("gradient arrays must be writeable");
   p.value_dim = v.shape(v.ndim() - 1);

@@ -20,6 +20,7 @@ from .api import (
 )
 from .kv_cache import KVCache
 from .layers import AdditiveAttention, MultiHeadAttention
+from .merge import merge_attention
 from .varlen import attention_varlen, attention_varlen_backward
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "backend_info",
     "get_num_threads",
     "set_num_threads",
+    "merge_attention",
     "attention_varlen",
     "attention_varlen_backward",
     "MultiHeadAttention",
