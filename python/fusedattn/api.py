@@ -202,12 +202,12 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     kind = check_kind(kind)
     if kind == "dot" and score_weight is not None:
         raise ValueError("score_weight applies to kind='additive' only")
-    if kind == "additive" and scale is not None:
-        raise ValueError("scale applies to kind='dot' only (additive scores are not scaled)")
     if _backend._core is None:
         return reference.attention_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind,
                                            score_weight=score_weight, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    if kind == "additive":  # scale is validated above but additive scores are not scaled
+        p.scale = 1.0
     weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype) if kind == "additive" else None
     weights = np.zeros(p.lse_shape + (p.k.shape[-2],), dtype=p.q.dtype)
     _backend._core.attention_weights(p.q, p.k, p.mask, p.positions, p.scale, weight,

@@ -91,9 +91,9 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
     """
     check_num_threads(num_threads)
     kind = check_kind(kind)
-    if kind == "additive" and scale is not None:
-        raise ValueError("scale applies to kind='dot' only (additive scores are not scaled)")
-    p = prepare(q, k, k, mask=mask, causal=causal, scale=1.0 if kind == "additive" else scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    p = prepare(q, k, k, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+    if kind == "additive":  # scale is validated above but additive scores are not scaled
+        p.scale = 1.0
     if kind == "additive":
         scores = _additive_scores(p, check_score_weight(score_weight, p.q.shape[-1], np.float64))
     else:
