@@ -63,15 +63,11 @@ def test_attention_speed(benchmark, case, library, threads, torch_module, machin
         fp32_peak_gflops=machine.fp32_peak_gflops, read_bandwidth_gbs=machine.read_bandwidth_gbs,
     )
     with _bench.isa_for(library):
-        if not benchmark.enabled:
-            benchmark.pedantic(run)  # --benchmark-disable: a single call, no timing
-            return
         # At least 3 rounds even for second-long naive cases (the scalar path: 1), fast ones as many as fit
         # in ~0.3 s.
-        rounds, iterations = _bench.plan_repetitions(run, **_bench.timing_budget(library, min_reps=6))
-        benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-
-    seconds = benchmark.stats.stats.min
+        seconds = _bench.run_benchmark(benchmark, run, **_bench.timing_budget(library, min_reps=6))
+    if seconds is None:  # --benchmark-disable: one untimed call
+        return
     best_s[case.label, library] = seconds
     benchmark.extra_info["gflops"] = _bench.gflops(shape, seconds)
     benchmark.extra_info.update(_bench.utilisation(shape, case.dtype, seconds, machine))

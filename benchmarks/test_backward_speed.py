@@ -63,13 +63,9 @@ def test_forward_backward_speed(benchmark, case, library, threads, torch_module,
         threads=threads, gflop=_bench.forward_backward_flops(shape) / 1e9, fp32_peak_gflops=machine.fp32_peak_gflops,
         flop_convention="fwd+bwd = 3.5 x 4*B*H*Lq*Lk*D (7 matmuls), halved if causal",
     )
-    if not benchmark.enabled:
-        benchmark.pedantic(run)  # --benchmark-disable: a single call, no timing
+    seconds = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=6)
+    if seconds is None:  # --benchmark-disable: one untimed call
         return
-    rounds, iterations = _bench.plan_repetitions(run, target_s=0.5, min_reps=6)
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-
-    seconds = benchmark.stats.stats.min
     best_s[key, library] = seconds
     gflops = _bench.forward_backward_flops(shape) / seconds / 1e9
     peak = machine.peak_gflops(case.dtype)

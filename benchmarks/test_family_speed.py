@@ -63,12 +63,9 @@ def test_additive_speed(benchmark, shape, library, threads, best_s):
     b, h, lq, lk, d = shape.dims
     benchmark.extra_info.update(library=library, shape=shape.label, dims=list(shape.dims), dtype="float32",
                                 threads=threads, tanh_evaluations=b * h * lq * lk * d)
-    if not benchmark.enabled:
-        benchmark.pedantic(run)
+    seconds = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=6)
+    if seconds is None:  # --benchmark-disable: one untimed call
         return
-    rounds, iterations = _bench.plan_repetitions(run, target_s=0.5, min_reps=6)
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
     best_s[key, library] = seconds
     benchmark.extra_info["ms"] = seconds * 1e3
     if library == "fusedattn" and (key, "numpy") in best_s:
@@ -147,12 +144,9 @@ def test_kv_cache_decode_speed(benchmark, config, library, fusedattn_threads, to
     benchmark.group = f"decode {config}"
     benchmark.extra_info.update(library=library, q_heads=Q_HEADS, kv_heads=cache.num_kv_heads, cache_len=CACHE_LEN,
                                 head_dim=HEAD_DIM, dtype="float32", threads=fusedattn_threads, bytes=step_bytes)
-    if not benchmark.enabled:
-        benchmark.pedantic(run)
+    seconds = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=10)
+    if seconds is None:  # --benchmark-disable: one untimed call
         return
-    rounds, iterations = _bench.plan_repetitions(run, target_s=0.5, min_reps=10)
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    seconds = benchmark.stats.stats.min
     best_s[key, library] = seconds
     gbs = step_bytes / seconds / 1e9
     bandwidth = machine.read_bandwidth_gbs

@@ -76,13 +76,9 @@ def test_half_speed(benchmark, shape, dtype_name, library, threads, torch_module
     benchmark.group = f"{shape.label}-{dtype_name}"
     benchmark.extra_info.update(library=library, shape=shape.label, dims=list(shape.dims), dtype=dtype_name,
                                 threads=threads, gflop=_bench.attention_flops(shape) / 1e9)
-    if not benchmark.enabled:
-        benchmark.pedantic(run)  # --benchmark-disable: a single call, no timing
+    seconds = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=6)
+    if seconds is None:  # --benchmark-disable: one untimed call
         return
-    rounds, iterations = _bench.plan_repetitions(run, target_s=0.5, min_reps=6)
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-
-    seconds = benchmark.stats.stats.min
     best_s[key, library] = seconds
     benchmark.extra_info.update(ms=seconds * 1e3, gflops=_bench.gflops(shape, seconds))
     if _bench.is_memory_bound(shape):

@@ -91,13 +91,9 @@ def test_window_speed(benchmark, label, length, window, threads, best_s):
         visible_keys_per_row=visible_keys_per_row(length, window), gflop=flops(length, window) / 1e9,
         flop_convention="4*B*H*Lq*(visible keys per row, averaged)*D",
     )
-    if not benchmark.enabled:
-        benchmark.pedantic(run)  # --benchmark-disable: a single call, no timing
+    seconds = _bench.run_benchmark(benchmark, run, target_s=1.0, min_reps=5)
+    if seconds is None:  # --benchmark-disable: one untimed call
         return
-    rounds, iterations = _bench.plan_repetitions(run, target_s=1.0, min_reps=5)
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-
-    seconds = benchmark.stats.stats.min
     best_s[label] = seconds
     benchmark.extra_info.update(ms=seconds * 1e3, gflops=flops(length, window) / seconds / 1e9)
     if label == "window-L16384" and "window-L4096" in best_s:

@@ -27,7 +27,7 @@ __all__ = [
     "attention_flops", "bytes_moved", "cases_from", "causal_keep_mask", "check_against_naive", "fused_variant",
     "gflops", "isa_for", "isa_unavailable", "is_memory_bound", "library_isa", "limit_threads", "load_torch",
     "make_inputs", "make_runner", "measure_extra_memory", "measure_machine", "naive_attention", "naive_fits",
-    "parse_shape", "plan_repetitions", "score_bytes", "time_best", "timing_budget", "utilisation",
+    "parse_shape", "plan_repetitions", "run_benchmark", "score_bytes", "time_best", "timing_budget", "utilisation",
     "FORWARD_BACKWARD_FLOP_FACTOR", "NAIVE_ADDITIVE_CHUNK_BYTES", "forward_backward_flops", "make_backward_runner",
     "naive_additive_attention",
 ]
@@ -398,6 +398,19 @@ class Timing(NamedTuple):
     best_s: float
     reps: int
     inner: int
+
+
+def run_benchmark(benchmark, run: Callable[[], object], *, target_s: float = 0.5, min_reps: int = 6):
+    """Time ``run`` under pytest-benchmark: a warm-up, then the rounds :func:`plan_repetitions` fits in
+    ``target_s``; returns the best time in seconds. Under ``--benchmark-disable`` it calls ``run`` once,
+    untimed, and returns None.
+    """
+    if not benchmark.enabled:
+        benchmark.pedantic(run)
+        return None
+    rounds, iterations = plan_repetitions(run, target_s=target_s, min_reps=min_reps)
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    return benchmark.stats.stats.min
 
 
 def plan_repetitions(fn: Callable[[], object], *, target_s: float = 0.3, min_reps: int = 3,
