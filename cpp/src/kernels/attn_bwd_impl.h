@@ -97,7 +97,7 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
   const AttnParams& p = *plan.p;
   const int64_t lanes = plan.lanes, nq = block.nq;
   const T inf = std::numeric_limits<T>::infinity();
-  QueryLanes::pack_queries<Vec>(p, block, lanes, w.q_t);
+  WidenedProducts::pack_queries<Vec>(p, block, lanes, w.q_t);
   pack_rows<T>(nq, p.head_dim, p.q.row<const S>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
                static_cast<T>(p.scale), w.q_rows, lanes, plan.dim_pad);
   for (int64_t e = 0; e < p.value_dim; ++e)

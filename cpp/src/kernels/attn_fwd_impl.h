@@ -52,8 +52,20 @@ inline typename Vec::V tanh_vec(typename Vec::V x) {
 }
 
 // Score policies: how one depth step k of a score tile combines a broadcast element a (from K) with a
-// vector b (from Q^T). The P.V product is always DotScore.
-struct DotScore {
+// vector b (from Q^T), how `a` is read, and what happens to a finished accumulator. The P.V product is
+// always DotScore (or, for native bfloat16 pairs, its paired counterpart in bf16_pairs.h).
+struct WidenedOperand {  // `a` is one element of the caller's storage, widened to the compute type
+  template <class Vec, class A>
+  static typename Vec::V broadcast(const A* a) {
+    return Vec::set1(widen(*a));
+  }
+  template <class Vec>
+  static typename Vec::V finish(typename Vec::V acc, const typename Vec::T*) {
+    return acc;
+  }
+};
+
+struct DotScore : WidenedOperand {
   template <class Vec>
   static typename Vec::V depth_weight(const typename Vec::T*, int64_t) {
     return Vec::zero();
@@ -64,7 +76,7 @@ struct DotScore {
   }
 };
 
-struct AdditiveScore {  // sum_d w_d tanh(q_d + k_d), Keras AdditiveAttention / Bahdanau
+struct AdditiveScore : WidenedOperand {  // sum_d w_d tanh(q_d + k_d), Keras AdditiveAttention / Bahdanau
   template <class Vec>
   static typename Vec::V depth_weight(const typename Vec::T* weight, int64_t k) {
     return Vec::set1(weight[k]);
@@ -84,12 +96,13 @@ constexpr int64_t kMaxMergeDim = 512;  // the largest Dv, so the merge can keep 
 // (or, with AdditiveScore, sum_k w_k tanh(a(r, k) + b[k][lane])),
 // all accumulators in registers. a(r, k) = a[r * a_row_stride + k * a_depth_stride] is broadcast, so `a`
 // can be the user's K or V in any layout; b and c are packed, aligned, `b_stride`/`c_stride` apart.
+// `score_data` is the Score policy's constant operand (AdditiveScore's w, a paired product's scale).
 // kAccumulate is a template parameter, not a flag: a run-time choice here made GCC shuttle the
 // accumulators through the stack around the loop.
 template <class Vec, class Score, bool kAccumulate, int kRows, int kVecs, class A>
 inline void tile_kernel(int64_t depth, const A* a, int64_t a_row_stride, int64_t a_depth_stride,
                         const typename Vec::T* b, int64_t b_stride, typename Vec::T* c, int64_t c_stride,
-                        const typename Vec::T* depth_weights) {
+                        const typename Vec::T* score_data) {
   using V = typename Vec::V;
   constexpr int W = Vec::W;
   V acc[kRows][kVecs];
@@ -108,14 +121,14 @@ inline void tile_kernel(int64_t depth, const A* a, int64_t a_row_stride, int64_t
     const A* a_col = a + k * a_depth_stride;
     V b_vec[kVecs];
     for (int v = 0; v < kVecs; ++v) b_vec[v] = Vec::load(b_row + v * W);
-    const V w = Score::template depth_weight<Vec>(depth_weights, k);
+    const V w = Score::template depth_weight<Vec>(score_data, k);
     for (int r = 0; r < kRows; ++r) {
-      const V a_bcast = Vec::set1(widen(a_col[r * a_row_stride]));
+      const V a_bcast = Score::template broadcast<Vec>(a_col + r * a_row_stride);
       for (int v = 0; v < kVecs; ++v) acc[r][v] = Score::template combine<Vec>(acc[r][v], a_bcast, b_vec[v], w);
     }
   } while (++k < depth);
   for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVecs; ++v) Vec::store(c + r * c_stride + v * W, acc[r][v]);
+    for (int v = 0; v < kVecs; ++v) Vec::store(c + r * c_stride + v * W, Score::template finish<Vec>(acc[r][v], score_data));
 }
 
 // Run-time (rows, vecs) -> the compile-time tile, for the edges of a panel.
@@ -139,7 +152,7 @@ inline void tile_kernel_any(int rows, int vecs, Args... args) {
 template <class Vec, class Score, bool kAccumulate, class A>
 void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const A* a,
                           int64_t a_row_stride, int64_t a_depth_stride, const typename Vec::T* b,
-                          typename Vec::T* c, const typename Vec::T* depth_weights = nullptr) {
+                          typename Vec::T* c, const typename Vec::T* score_data = nullptr) {
   constexpr int W = Vec::W;
   const int64_t vecs = lanes / W;
   for (int64_t r = 0; r < rows; r += Vec::kTileRows) {
@@ -148,7 +161,7 @@ void strided_times_packed(int64_t rows, int64_t lanes, int64_t depth, const A* a
       const int tile_vecs = static_cast<int>(min_i64(Vec::kTileVecs, vecs - v));
       tile_kernel_any<Vec, Score, kAccumulate>(tile_rows, tile_vecs, depth, a + r * a_row_stride, a_row_stride,
                                                a_depth_stride, b + v * W, lanes, c + r * lanes + v * W, lanes,
-                                               depth_weights);
+                                               score_data);
     }
   }
 }
@@ -423,11 +436,15 @@ void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const typen
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Prefill layout: queries in lanes (see the top of this file).
-struct QueryLanes {
+// Prefill layout: queries in lanes (see the top of this file). The two products of a tile are a policy,
+// QueryProducts<Vec, Score>::type: WidenedProducts computes them in the compute type from the caller's
+// storage; bf16_pairs.h specialises it with native bfloat16 dot products for the CPUs that have them.
+
+// Scores and P.V in the compute type, K and V broadcast element by element from the caller's memory.
+struct WidenedProducts {
   template <class Vec>
   static int64_t scratch_size(const AttnParams& p, int64_t lanes) {
-    return lanes * (p.head_dim + kBlockK);  // Q^T | S^T
+    return lanes * p.head_dim;  // Q^T
   }
 
   // Q^T (D x lanes), pre-scaled; padding lanes are zero so they stay finite and are never stored.
@@ -443,12 +460,42 @@ struct QueryLanes {
     for (int64_t e = 0; e < dim * lanes; e += Vec::W) Vec::store(q_t + e, Vec::mul(Vec::load(q_t + e), scale));
   }
 
-  // S^T (nk x lanes) for keys [k0, k0 + nk): the scores, biased, masked and restricted to the band.
+  // Scaled S^T, nothing else applied.
+  template <class Vec, class Score>
+  static void scores(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
+                     const typename Vec::T* q_t, typename Vec::T* s_t) {
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    strided_times_packed<Vec, Score, /*kAccumulate=*/false>(nk, lanes, p.head_dim,
+                                                            p.k.row<const typename Vec::S>(block.batch, kv_head, k0),
+                                                            p.k.row_stride, p.k.col_stride, q_t, s_t,
+                                                            static_cast<const typename Vec::T*>(p.score_weight));
+  }
+
+  // O^T (Dv x lanes) += V^T . P^T
+  template <class Vec>
+  static void accumulate_values(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
+                                const typename Vec::T* p_t, typename Vec::T*, typename Vec::T* o_t) {
+    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.value_dim, lanes, nk,
+                                                              p.v.row<const typename Vec::S>(block.batch, kv_head, k0),
+                                                              p.v.col_stride, p.v.row_stride, p_t, o_t);
+  }
+};
+
+template <class Vec, class Score>
+struct QueryProducts {
+  using type = WidenedProducts;
+};
+
+struct QueryLanes {
+  template <class Vec>
+  static int64_t scratch_size(const AttnParams& p, int64_t lanes);  // below the class
+
+  // S^T (nk x lanes) for keys [k0, k0 + nk) from the packed Q^T: the scores, biased, masked and
+  // restricted to the band.
   template <class Vec, class Mask, class Score>
   static void score_tile(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
                          const typename Vec::T* q_t, typename Vec::T* s_t) {
-    using T = typename Vec::T;
-    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
     raw_scores<Vec, Score>(p, block, lanes, k0, nk, q_t, s_t);
     restrict_scores<Mask>(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
   }
@@ -457,14 +504,13 @@ struct QueryLanes {
   template <class Vec, class Score>
   static void raw_scores(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
                          const typename Vec::T* q_t, typename Vec::T* s_t) {
-    using T = typename Vec::T;
-    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
-    strided_times_packed<Vec, Score, /*kAccumulate=*/false>(nk, lanes, p.head_dim,
-                                                            p.k.row<const typename Vec::S>(block.batch, kv_head, k0),
-                                                            p.k.row_stride,
-                                                            p.k.col_stride, q_t, s_t,
-                                                            static_cast<const T*>(p.score_weight));
-    if (p.softcap > 0) apply_softcap<Vec>(s_t, nk * lanes, static_cast<T>(p.softcap));
+    WidenedProducts::scores<Vec, Score>(p, block, lanes, k0, nk, q_t, s_t);
+    soft_cap<Vec>(p, nk * lanes, s_t);
+  }
+
+  template <class Vec>
+  static void soft_cap(const AttnParams& p, int64_t count, typename Vec::T* s_t) {
+    if (p.softcap > 0) apply_softcap<Vec>(s_t, count, static_cast<typename Vec::T>(p.softcap));
   }
 
   // Online softmax down the key axis: folds S^T into the running max / sum, turns it into P^T in place
@@ -506,21 +552,21 @@ struct QueryLanes {
   static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
                   const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
     using T = typename Vec::T;
+    using Products = typename QueryProducts<Vec, Score>::type;
     const AttnParams& p = *plan.p;
     const int64_t lanes = plan.rows;
-    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
-    T* q_t = scratch;
-    T* s_t = q_t + p.head_dim * lanes;
-    pack_queries<Vec>(p, block, lanes, q_t);
+    T* s_t = scratch;
+    T* packed = s_t + kBlockK * lanes;
+    Products::template pack_queries<Vec>(p, block, lanes, packed);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0);
-      score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
+      Products::template scores<Vec, Score>(p, block, lanes, k0, nk, packed, s_t);
+      soft_cap<Vec>(p, nk * lanes, s_t);
+      restrict_scores<Mask>(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
       softmax_update<Vec>(lanes, nk, s_t, acc, p.value_dim);
       // Dropout acts on P after the row statistics: the sum (and lse) is of the undropped probabilities.
       if (p.dropout_p > 0) apply_dropout(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
-      strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.value_dim, lanes, nk,
-                                                                p.v.row<const typename Vec::S>(block.batch, kv_head, k0),
-                                                                p.v.col_stride, p.v.row_stride, s_t, acc.o);
+      Products::template accumulate_values<Vec>(p, block, lanes, k0, nk, s_t, packed, acc.o);
     }
   }
 
@@ -543,6 +589,15 @@ struct QueryLanes {
     });
   }
 };
+
+
+template <class Vec>
+int64_t QueryLanes::scratch_size(const AttnParams& p, int64_t lanes) {
+  // S^T | the products' packed operands (the widest of the policies this Vec may use)
+  const int64_t widened = WidenedProducts::scratch_size<Vec>(p, lanes);
+  const int64_t dot = QueryProducts<Vec, DotScore>::type::template scratch_size<Vec>(p, lanes);
+  return lanes * kBlockK + (dot > widened ? dot : widened);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Decode layout: few queries, so the head dimension is in lanes. Each score is a dot product over D
@@ -704,7 +759,6 @@ struct DimLanes {
 template <class Vec, class Mask, class Score, class Layout>
 void forward_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
-  const AttnParams& p = *plan.p;
   const RowBlock block = plan.row_block(item / plan.k_splits);
   if (block.nq <= 0) return;
   const int64_t split = item % plan.k_splits;
@@ -735,7 +789,7 @@ void weights_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
   plan.key_range(block, 0, &k_begin, &k_end);
   T* q_t = plan.scratch + thread_id * plan.scratch_per_thread;
   T* s_t = q_t + p.head_dim * lanes;
-  QueryLanes::pack_queries<Vec>(p, block, lanes, q_t);
+  WidenedProducts::pack_queries<Vec>(p, block, lanes, q_t);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
     const int64_t nk = min_i64(kBlockK, k_end - k0);
     QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
