@@ -46,7 +46,7 @@ from fusedattn import _backend, reference
 # ISA fixture
 # ---------------------------------------------------------------------------------------------
 
-ISA_PREFERENCE = ("avx512", "avx2", "scalar")  # best first
+ISA_PREFERENCE = ("avx512bf16", "avx512", "avx2", "scalar")  # best first
 
 
 def _isa_params():

@@ -239,8 +239,27 @@ def _run_varlen(case, fa, reference):
                                  guarded_like(lse, "contiguous", where), cu_q, cu_k, causal=causal)
 
 
+def _run_half_forward(case, fa, reference):
+    """16-bit inputs: widened element by element, or (bfloat16 on the avx512bf16 path) read in 32-bit pairs
+    of K and Q and 32-word masked loads of V rows, the pair layouts that could stray past a row's end."""
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if case["seed"] % 2 else np.dtype(np.float16)
+    case = dict(case, dtype=dtype, mask="bool" if case["mask"] == "float" else case["mask"])  # float masks are f32
+    q, k, v, mask = _inputs(case)
+    b, hq, hkv, lq, lk, d, dv = case["shape"]
+    out = guarded_empty((b, hq, lq, dv), dtype, where=case["where"])
+    fa.attention(q, k, v, mask=mask, causal=case["causal"], out=out)
+    want = reference.attention(*(np.array(x, np.float64) for x in (q, k, v)),
+                               mask=None if mask is None else np.array(mask), causal=case["causal"])
+    # Two roundings of half an ulp (P to bfloat16 on the paired path, the output) on outputs that are convex
+    # combinations of the values: within 2 eps of the largest value.
+    eps = float(ml_dtypes.finfo(dtype).eps)
+    _close(out, want, 2 * eps * max(float(np.abs(np.asarray(v, np.float64)).max(initial=0)), 1.0), "half out")
+
+
 PATHS = {"forward": _run_forward, "additive": _run_additive, "weights": _run_weights, "backward": _run_backward,
-         "varlen": _run_varlen}
+         "varlen": _run_varlen, "half_forward": _run_half_forward}
 
 
 def worker(path):
@@ -282,7 +301,7 @@ def test_guard_pages_fault():
 # Every ISA name, skipped at run time where unavailable: this module must import without fusedattn, as
 # the harness test's child process imports it for guarded_empty alone.
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
 def test_no_access_outside_the_arrays(isa, path):
     from conftest import subprocess_env
     from fusedattn import _backend
@@ -291,6 +310,8 @@ def test_no_access_outside_the_arrays(isa, path):
         pytest.skip("fusedattn's compiled extension is not importable")
     if isa not in _backend.available_isas():
         pytest.skip(f"ISA {isa!r} is not compiled into this build or not supported by this CPU")
+    if path == "half_forward":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes: pip install ml_dtypes")
 
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), path], capture_output=True, text=True,
                           timeout=600, env=subprocess_env(FUSEDATTN_ISA=isa), cwd=HERE)

@@ -157,15 +157,20 @@ def repeat_kv(x, hq):
     return np.repeat(x, hq // x.shape[-3], axis=-3)
 
 
-def naive_probabilities(scores, allowed, bias):
-    """float32 masked softmax; rows that attend nothing give 0 (the kernel's rule)."""
+def naive_probabilities(scores, allowed, bias, round_to=None):
+    """float32 masked softmax; rows that attend nothing give 0 (the kernel's rule). With ``round_to``, the
+    unnormalised exponentials are rounded to that dtype before the (float32) normalisation: the
+    probabilities that torch's bfloat16 SDPA (and fusedattn's native AVX512-BF16 path) feed to P @ V."""
     if scores.shape[-1] == 0:  # no keys at all (an empty sequence of a packed batch)
         return np.zeros(scores.shape, np.float32)
     s = np.where(allowed, scores + bias, np.float32(-np.inf))
     mx = s.max(axis=-1, keepdims=True)
     dead = np.isneginf(mx)
     e = np.exp(s - np.where(dead, np.float32(0), mx))
-    return e / np.where(dead, np.float32(1), e.sum(axis=-1, keepdims=True))
+    total = np.where(dead, np.float32(1), e.sum(axis=-1, keepdims=True))
+    if round_to is not None:
+        e = e.astype(round_to).astype(np.float32)
+    return e / total
 
 
 def dot_scores(q, k, scale):
@@ -178,9 +183,15 @@ def additive_scores(q, k, weight):
     return np.tanh(q[..., :, None, :] + k[..., None, :, :]) @ f32(weight)
 
 
-def naive_attention(q, k, v, scores, kwargs):
+def naive_attention(q, k, v, scores, kwargs, round_to=None):
     allowed, bias = allowed_and_bias(kwargs, q.shape[:-2], q.shape[-2], k.shape[-2])
-    return naive_probabilities(scores, allowed, bias) @ repeat_kv(f32(v), q.shape[-3])
+    return naive_probabilities(scores, allowed, bias, round_to) @ repeat_kv(f32(v), q.shape[-3])
+
+
+def paired_bf16(isa, dtype_name) -> bool:
+    """Whether a forward call with 16-bit output rounds P to bfloat16 for P @ V: the native AVX512-BF16
+    path does, like torch's bfloat16 SDPA; its naive counterpart is ``naive_attention(..., round_to=BF16)``."""
+    return isa == "avx512bf16" and dtype_name == "bfloat16"
 
 
 def group_sum(grad, hkv):
@@ -300,6 +311,13 @@ def case_id(case):
 
 
 @functools.lru_cache(maxsize=None)
+def naive_paired(dtype_name, case):
+    """The naive float32 result with P rounded to bfloat16 for P @ V, rounded to the output dtype."""
+    q, k, v, _, kwargs = make_case(dtype_name, *case)
+    return naive_attention(q, k, v, dot_scores(q, k, kwargs.get("scale")), kwargs, round_to=BF16).astype(half(dtype_name))
+
+
+@functools.lru_cache(maxsize=None)
 def forward_expectations(dtype_name, case):
     """Truth (float64 out, lse), the naive float32 result rounded, and torch's (or None): ISA-independent."""
     q, k, v, _, kwargs = make_case(dtype_name, *case)
@@ -334,20 +352,26 @@ def test_attention_relative_oracle(isa, dtype_name, case):
     q, k, v, _, kwargs = make_case(dtype_name, *case)
     dtype = half(dtype_name)
     (truth_out, truth_lse), naive, _ = forward_expectations(dtype_name, case)
+    paired = paired_bf16(isa, dtype_name)
     out, lse = fusedattn.attention(q, k, v, return_lse=True, **kwargs)
     assert out.dtype == dtype and out.shape == truth_out.shape
     assert lse.dtype == np.float32 and lse.shape == truth_lse.shape
     live = live_rows(truth_lse)
-    assert_oracle("out", out, truth_out, naive, live)
-    # lse is a float32 computation on exact inputs.
+    assert_oracle("out", out, truth_out, naive_paired(dtype_name, case) if paired else naive, live)
+    # lse is a float32 computation on exact inputs (the paired products are exact too, summed in float32).
     np.testing.assert_allclose(lse, truth_lse, **F32_TOL)
     assert np.all(out[~live] == 0), "a row that attends nothing must give exactly 0"
 
     out32 = fusedattn.attention(q, k, v, out_dtype=np.float32, **kwargs)
     assert out32.dtype == np.float32
     np.testing.assert_allclose(out32, truth_out, **F32_TOL)
-    # The 16-bit output is the float32 result rounded to nearest even, once.
-    np.testing.assert_array_equal(out, out32.astype(dtype))
+    if paired:
+        # P rounded to bfloat16 (2^-9 relative each) and the output rounded once more (2^-9): within one
+        # bfloat16 eps (2^-8) of the float32 output, normwise.
+        assert normwise_error(out, out32, live) <= eps(dtype)
+    else:
+        # The 16-bit output is the float32 result rounded to nearest even, once.
+        np.testing.assert_array_equal(out, out32.astype(dtype))
 
 
 @pytest.mark.parametrize("dtype_name", HALF)
@@ -355,9 +379,38 @@ def test_attention_relative_oracle(isa, dtype_name, case):
 def test_attention_vs_torch(isa, torch, dtype_name, case):
     q, k, v, _, kwargs = make_case(dtype_name, *case)
     (truth_out, truth_lse), naive, theirs = forward_expectations(dtype_name, case)
+    if paired_bf16(isa, dtype_name):
+        naive = naive_paired(dtype_name, case)
     out = fusedattn.attention(q, k, v, **kwargs)
     # Rows that attend nothing are 0 here and NaN or 0 in torch, depending on its path: left out.
     assert_oracle("out", out, truth_out, naive, live_rows(truth_lse), theirs)
+
+
+def odd_layouts(x):
+    """The same values seen through layouts the kernel must read differently: an odd row stride (rows
+    carved from a wider buffer), every other column, reversed columns."""
+    wide = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+    wide[..., :-1] = x
+    stepped = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    stepped[..., ::2] = x
+    flipped = np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    return {"odd_row_stride": wide[..., :-1], "stepped": stepped[..., ::2], "reversed_columns": flipped}
+
+
+@pytest.mark.parametrize("dtype_name", HALF)
+@pytest.mark.parametrize("d, dv", [(63, 40), (7, 80), (96, 96), (256, 33)], ids=lambda x: str(x))
+def test_attention_layouts_and_odd_dims(isa, dtype_name, d, dv):
+    """Odd D (the last bf16 pair half empty), Dv not a whole number of 32-word permutes, and K / V / Q read
+    in place or packed: every layout gives the contiguous call's bits, and that call is within the oracle."""
+    q, k, v, _, kwargs = make_case(dtype_name, 70, 131, d, "causal", dv=dv)
+    truth = reference.attention(f64(q), f64(k), f64(v), **kwargs)
+    naive = naive_attention(q, k, v, dot_scores(q, k, None), kwargs,
+                            round_to=BF16 if paired_bf16(isa, dtype_name) else None).astype(q.dtype)
+    want = fusedattn.attention(q, k, v, **kwargs)
+    assert_oracle("out", want, truth, naive)
+    for name, (qx, kx, vx) in zip(odd_layouts(q), zip(*(odd_layouts(x).values() for x in (q, k, v)))):
+        got = fusedattn.attention(qx, kx, vx, **kwargs)
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype_name", HALF)
@@ -517,8 +570,10 @@ def test_varlen_forward(isa, dtype_name):
     q, k, v, _, cu_q, cu_k = varlen_case(dtype_name)
     kwargs = dict(causal="bottom_right")
     truth_out, truth_lse = reference.attention_varlen(f64(q), f64(k), f64(v), cu_q, cu_k, return_lse=True, **kwargs)
+    round_to = BF16 if paired_bf16(isa, dtype_name) else None
     naive = np.concatenate([o[0].swapaxes(0, 1) for o in per_sequence(
-        lambda q_, k_, v_: naive_attention(q_, k_, v_, dot_scores(q_, k_, None), kwargs), q, k, v, cu_q, cu_k)])
+        lambda q_, k_, v_: naive_attention(q_, k_, v_, dot_scores(q_, k_, None), kwargs, round_to), q, k, v, cu_q,
+        cu_k)])
     out = fusedattn.attention_varlen(q, k, v, cu_q, cu_k, **kwargs)
     assert out.dtype == dtype
     live = live_rows(truth_lse).T  # (total_q, Hq)

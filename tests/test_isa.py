@@ -12,11 +12,12 @@ import fusedattn
 from conftest import ISA_PREFERENCE, PYTHON, assert_close, make_qkv, subprocess_env
 from fusedattn import _backend, reference
 
-KNOWN_ISAS = {"scalar", "avx2", "avx512"}
+KNOWN_ISAS = {"scalar", "avx2", "avx512", "avx512bf16"}
 # CPU flags each path needs, from the compile flags in CMakeLists.txt.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma"},
     "avx512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"},
+    "avx512bf16": {"avx512_bf16", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"},
 }
 
 REPORT_SCRIPT = (

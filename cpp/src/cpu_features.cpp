@@ -32,9 +32,11 @@ bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && cpu_has_avx2();
 }
+bool cpu_has_avx512bf16() { return __builtin_cpu_supports("avx512bf16") && cpu_has_avx512(); }
 #else
 [[maybe_unused]] bool cpu_has_avx2() { return false; }
 [[maybe_unused]] bool cpu_has_avx512() { return false; }
+[[maybe_unused]] bool cpu_has_avx512bf16() { return false; }
 #endif
 
 // Ordered worst to best.
@@ -51,6 +53,11 @@ const IsaEntry kTable[] = {
     {Isa::kAvx512, "avx512", kernels::attention_forward_avx512, kernels::attention_weights_avx512,
      kernels::attention_backward_avx512,
      kernels::machine_probe_avx512, cpu_has_avx512},
+#endif
+#ifdef FUSEDATTN_HAVE_AVX512BF16
+    // Only bfloat16 forward calls have a kernel of their own; the rest is the AVX-512 path.
+    {Isa::kAvx512Bf16, "avx512bf16", kernels::attention_forward_avx512bf16, kernels::attention_weights_avx512,
+     kernels::attention_backward_avx512, kernels::machine_probe_avx512, cpu_has_avx512bf16},
 #endif
 };
 
@@ -69,12 +76,13 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
   }
   return "unknown";
 }
 
 bool isa_from_name(const std::string& name, Isa* isa) {
-  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
     if (name == isa_name(candidate)) {
       *isa = candidate;
       return true;

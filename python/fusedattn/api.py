@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
+from . import cuda as _cuda_path
 from .masks import BlockDiagonal
 from ._checks import check_dropout, check_kind, check_like, check_out_dtype, compute_dtype, check_num_threads, check_out, check_score_weight, head_view, prepare
 
@@ -19,7 +20,8 @@ except Exception:  # running from a source tree that was never installed
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
-              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None, num_threads=None):
+              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None, num_threads=None,
+              device=None):
     """Fused scaled dot-product attention: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Computed tile by tile with an online softmax: the ``Lq x Lk`` score matrix is never stored.
@@ -57,8 +59,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         out_dtype: None (the inputs' dtype) or float32 for float16 / bfloat16 inputs.
         out: optional array of the output's shape and dtype to write into (must not overlap inputs).
         num_threads: OpenMP threads for this call (default: :func:`get_num_threads`).
+        device: None or ``"cpu"``: this CPU. ``"cuda"`` / ``"cuda:N"``: the optional CUDA path
+            (:mod:`fusedattn.cuda`; NumPy arrays are copied over and back). CUDA arrays (CuPy, torch, any
+            ``__cuda_array_interface__`` / DLPack producer) go there without it and get results of
+            their own kind on their device and stream.
 
     dtypes: float32, float64, float16 and ``ml_dtypes.bfloat16`` (16-bit inputs accumulate in float32).
+    On CPUs with AVX512-BF16 (ISA ``"avx512bf16"``) bfloat16 inputs with bfloat16 output use native
+    ``vdpbf16ps`` dot products, which round the probabilities to bfloat16 before ``P @ V`` exactly as
+    torch's bfloat16 SDPA does (the error stays at torch's); ``out_dtype=np.float32`` keeps them in
+    float32 instead.
 
     Returns:
         ``out`` of shape ``(..., Hq, Lq, Dv)`` in the inputs' dtype (or ``out_dtype``), and with
@@ -75,6 +85,11 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         (2, 8, 128, 64)
     """
     threads = check_num_threads(num_threads)
+    if _cuda_path.wants_cuda(device, q, k, v):
+        return _cuda_path.attention(q, k, v, device=device, mask=mask, causal=causal, scale=scale, window=window,
+                                    alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                                    dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out,
+                                    out_dtype=out_dtype, num_threads=num_threads)
     if _backend._core is None:
         return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out,
                                    window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
@@ -356,8 +371,9 @@ def backend_info() -> dict:
     """What this installation runs on.
 
     Returns a dict: ``isa`` (the selected instruction-set path), ``compiled_isas``, ``supported_isas``
-    (compiled and runnable on this CPU), ``num_threads``, ``openmp``, ``version``, ``cuda`` (whether the
-    CUDA path was built), and ``extension`` (False when running on the NumPy reference fallback).
+    (compiled and runnable on this CPU), ``num_threads``, ``openmp``, ``version``, ``cuda`` (a dict:
+    ``built``, ``devices`` with each one's ``index``, ``name`` and ``compute_capability``, and ``error``
+    saying why there are none), and ``extension`` (False when running on the NumPy reference fallback).
 
     Example:
         >>> import fusedattn as fa
@@ -367,7 +383,8 @@ def backend_info() -> dict:
     core = _backend._core
     if core is None:
         return {"isa": "reference", "compiled_isas": ["reference"], "supported_isas": ["reference"],
-                "num_threads": 1, "openmp": False, "version": __version__, "cuda": False, "extension": False}
+                "num_threads": 1, "openmp": False, "version": __version__, "cuda": _cuda_path.info(),
+                "extension": False}
     return {
         "isa": core.current_isa(),
         "compiled_isas": list(core.compiled_isas()),
@@ -375,6 +392,6 @@ def backend_info() -> dict:
         "num_threads": get_num_threads(),
         "openmp": bool(core.openmp()),
         "version": __version__,
-        "cuda": bool(core.cuda_built()),
+        "cuda": _cuda_path.info(),
         "extension": True,
     }

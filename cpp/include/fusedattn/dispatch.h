@@ -8,7 +8,8 @@
 
 namespace fusedattn {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16 is kAvx512 plus native bfloat16 dot products (vdpbf16ps) for bfloat16 inputs.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 const char* isa_name(Isa isa);
 bool isa_from_name(const std::string& name, Isa* isa);

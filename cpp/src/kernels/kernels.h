@@ -28,5 +28,8 @@ void attention_weights_avx512(const AttnParams& params);
 void attention_backward_avx512(const AttnParams& params);
 MachineProbe machine_probe_avx512();
 #endif
+#ifdef FUSEDATTN_HAVE_AVX512BF16
+void attention_forward_avx512bf16(const AttnParams& params);  // bfloat16; other dtypes go to the AVX-512 path
+#endif
 
 }  // namespace fusedattn::kernels
