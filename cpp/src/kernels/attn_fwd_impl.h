@@ -631,7 +631,11 @@ struct DimLanes {
       }
     }
     for (int64_t j = 0; j < nk; ++j) {  // 16-bit storage is widened here, once per element
-      for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = widen(first[j * t.row_stride + e * t.col_stride]);
+      if (t.col_stride == 1) {
+        widen_contiguous(first + j * t.row_stride, width, pack + j * width_pad);
+      } else {
+        for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = widen(first[j * t.row_stride + e * t.col_stride]);
+      }
       for (int64_t e = width; e < width_pad; ++e) pack[j * width_pad + e] = T(0);
     }
     *stride = width_pad;

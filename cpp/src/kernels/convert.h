@@ -66,6 +66,45 @@ inline void narrow(Float16* dst, float x) {
 }
 #endif
 
+// dst[i] = widen(src[i]) for `count` contiguous elements: the decode layout's K / V rows, the memory-bound
+// path, where a scalar conversion per element would cost more than reading the element did.
+template <class S, class T>
+inline void widen_contiguous(const S* src, int64_t count, T* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = widen(src[i]);
+}
+
+#if defined(__AVX512F__)
+inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {  // bfloat16 is the high half of a float: widen the words, shift them up
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+  }
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
+inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
+  }
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
+inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
+#endif
+
 // The compute type and the vector policy of a storage type: 16-bit storage computes in float.
 template <class Base, class Storage>
 struct WithStorage : Base {
