@@ -2,14 +2,15 @@
 
 bfloat16 (``ml_dtypes``) and float16 inputs on the two anchor prefill shapes of ``fusedattn bench``
 (1x8x2048x2048 with D = 64 and D = 128) and its single-token decode shape (1x32x1x8192x128). fusedattn reads
-16-bit storage and accumulates in float32 (16-bit output); torch runs its CPU SDPA on 16-bit tensors
-holding the same values. Both get the same thread count (``--attn-threads N``, default
+16-bit storage and accumulates in float32 (16-bit output); on the ``avx512bf16`` ISA level (the default
+where the CPU has AVX512-BF16) bfloat16 prefill uses native ``vdpbf16ps`` products, elsewhere the inputs
+are widened to float32 in the kernel. torch runs its CPU SDPA on 16-bit tensors holding the same values. Both get the same thread count (``--attn-threads N``, default
 ``fusedattn.get_num_threads()``; torch is pinned by the session fixture, fusedattn takes ``num_threads=``).
 Run with::
 
     PYTHONPATH=... python -m pytest benchmarks/test_half_speed.py --benchmark-only --attn-threads 2 -q
 
-``extra_info``: ``ms`` (best round), ``gflops`` (``4*B*H*Lq*Lk*D / time``, the convention of
+``extra_info``: ``isa`` (fusedattn's ISA path), ``ms`` (best round), ``gflops`` (``4*B*H*Lq*Lk*D / time``, the convention of
 ``fusedattn._bench.attention_flops``), ``gbs`` for the decode shape (bytes of q, k, v and out in 16 bits
 over the time: decode is memory-bound), and for fusedattn ``speedup_vs_torch`` = torch's best time /
 fusedattn's in the same session (torch runs first on each shape and dtype; above 1 fusedattn is faster).
@@ -76,6 +77,8 @@ def test_half_speed(benchmark, shape, dtype_name, library, threads, torch_module
     benchmark.group = f"{shape.label}-{dtype_name}"
     benchmark.extra_info.update(library=library, shape=shape.label, dims=list(shape.dims), dtype=dtype_name,
                                 threads=threads, gflop=_bench.attention_flops(shape) / 1e9)
+    if library == "fusedattn":
+        benchmark.extra_info["isa"] = fusedattn.backend_info()["isa"]
     seconds = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=6)
     if seconds is None:  # --benchmark-disable: one untimed call
         return
