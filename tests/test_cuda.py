@@ -461,3 +461,189 @@ def test_library_kind_and_dlpack_abi():
     Fake.__module__ = "torch"
     assert cuda._library_kind(Fake()) == "torch"
     assert ctypes.sizeof(cuda._DLTensor) == 48  # the DLPack ABI the reader assumes (64-bit)
+
+
+# --- What the Python layer hands the C++ module, checked against a host emulation of _cuda ------------
+
+class HostEmulatedCuda:
+    """fusedattn._cuda's interface over host memory, its kernel a float64 NumPy re-statement.
+
+    It reads every tensor *only* through the (pointer, shape, strides) triples the Python layer builds, so
+    a wrong stride, a missing head axis, a lost broadcast or a wrong flag shows up as a wrong result.
+    This checks the marshalling on any machine; the CUDA kernel itself needs a GPU (the tests above).
+    """
+
+    DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}
+
+    def __init__(self):
+        self.buffers, self.calls, self.synchronized = {}, [], []
+
+    def device_count(self):
+        return 1
+
+    def device_info(self, index):
+        return {"index": index, "name": "host emulation", "compute_capability": "0.0"}
+
+    def pointer_device(self, pointer):
+        return 0
+
+    def malloc(self, nbytes, device):
+        buffer = np.zeros(max(nbytes, 1), np.uint8)
+        self.buffers[buffer.ctypes.data] = buffer
+        return buffer.ctypes.data
+
+    def free(self, pointer, device):
+        del self.buffers[pointer]
+
+    def memcpy_htod(self, dst, src, nbytes, device):
+        ctypes.memmove(dst, src, nbytes)
+
+    memcpy_dtoh = memcpy_htod
+
+    def stream_synchronize(self, stream, device):
+        self.synchronized.append(stream)
+
+    @staticmethod
+    def view(spec, dtype):
+        pointer, shape, strides = spec
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        low = sum(s * (n - 1) for n, s in zip(shape, strides) if s < 0)
+        high = sum(s * (n - 1) for n, s in zip(shape, strides) if s > 0)
+        count = high - low + 1
+        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(pointer + low * dtype.itemsize)
+        flat = np.frombuffer(raw, dtype=dtype)
+        return np.lib.stride_tricks.as_strided(flat[-low:], shape, [s * dtype.itemsize for s in strides])
+
+    def attention_forward(self, dtype, q, k, v, mask, mask_kind, out, lse, out_float32, scale, diagonal_offset,
+                          causal, device, stream):
+        self.calls.append(dict(dtype=dtype, mask_kind=mask_kind, out_float32=out_float32, causal=causal,
+                               diagonal_offset=diagonal_offset, device=device, stream=stream))
+        t = self.DTYPES[dtype]
+        qf, kf, vf = (self.view(x, t).astype(np.float64) for x in (q, k, v))
+        group = qf.shape[-3] // kf.shape[-3]
+        kf, vf = np.repeat(kf, group, axis=-3), np.repeat(vf, group, axis=-3)
+        scores = qf @ np.swapaxes(kf, -1, -2) * scale
+        lq, lk = scores.shape[-2:]
+        visible = np.ones(scores.shape, bool)
+        if causal:
+            visible &= np.arange(lk)[None, :] <= np.arange(lq)[:, None] + diagonal_offset
+        if mask_kind == "bool":
+            visible &= self.view(mask, np.dtype(np.bool_))
+        elif mask_kind == "float":
+            scores = scores + self.view(mask, np.dtype(np.float32))
+        scores = np.where(visible, scores, -np.inf)
+        peak = scores.max(-1, keepdims=True, initial=-np.inf)
+        weights = np.exp(scores - np.where(np.isfinite(peak), peak, 0))
+        total = weights.sum(-1, keepdims=True)
+        result = np.where(total > 0, weights @ vf / np.where(total > 0, total, 1), 0)
+        self.view(out, np.dtype(np.float32) if out_float32 else t)[...] = result
+        if lse is not None:
+            with np.errstate(divide="ignore"):
+                self.view(lse, np.dtype(np.float32))[...] = (np.log(total) + peak)[..., 0]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    fake = HostEmulatedCuda()
+    monkeypatch.setattr(cuda, "_cuda", fake)
+    # Results "like q" for the fake device arrays: fake device arrays over fresh host memory.
+    monkeypatch.setattr(cuda, "_allocate", lambda kind, shape, dtype, device, like: FakeCudaArray(
+        np.zeros(shape, HostEmulatedCuda.DTYPES[dtype])))
+    return fake
+
+
+def host(x):
+    return x.array if isinstance(x, FakeCudaArray) else x
+
+
+EMULATED_CASES = [  # (description, q/k/v maker, kwargs)
+    ("gqa causal", lambda r: qkv(r, (2, 4), 2, 9, 13, 8), dict(causal=True)),
+    ("bottom right lse", lambda r: qkv(r, (2, 4), 1, 9, 13, 8, 6), dict(causal="bottom_right", return_lse=True)),
+    ("2-D chunk", lambda r: tuple(x[0, 0] for x in qkv(r, (1, 1), 1, 7, 11, 5)), dict(causal=True, q_start=3, k_start=2)),
+    ("3-D bool mask", lambda r: tuple(x[0] for x in qkv(r, (1, 3), 3, 6, 10, 4)), dict(mask="bool (1, 10)")),
+    ("float mask heads", lambda r: qkv(r, (2, 3), 3, 5, 7, 4), dict(mask="float (3, 1, 7)", return_lse=True)),
+    ("strided", lambda r: tuple(x.swapaxes(-2, -3).copy().swapaxes(-2, -3)[..., ::-1, :] for x in qkv(r, (2, 2), 2, 6, 6, 4)),
+     dict(mask="bool (2, 1, 6, 6)")),
+    ("fully masked", lambda r: qkv(r, (1, 2), 2, 4, 5, 3), dict(mask="none-visible", return_lse=True)),
+    ("float16 out float32", lambda r: qkv(r, (1, 2), 2, 5, 6, 4, dtype=np.float16), dict(out_dtype=np.float32)),
+]
+
+
+def emulated_inputs(rng, make, kwargs):
+    q, k, v = make(rng)
+    kwargs = dict(kwargs)
+    spec = kwargs.get("mask")
+    if isinstance(spec, str):
+        lq, lk = q.shape[-2], k.shape[-2]
+        if spec == "none-visible":
+            mask = np.ones((lq, lk), bool)
+            mask[1] = False
+        else:
+            kind, shape = spec.split(" ", 1)
+            shape = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+            mask = rng.random(shape) > 0.3 if kind == "bool" else rng.standard_normal(shape).astype(np.float32)
+        kwargs["mask"] = mask
+    return q, k, v, kwargs
+
+
+def check_against_reference(got, q, k, v, kwargs):
+    expected = reference.attention(q, k, v, **kwargs)
+    if kwargs.get("return_lse"):
+        (out, lse), (ref, ref_lse) = got, expected
+        np.testing.assert_allclose(host(lse), ref_lse, atol=1e-5, rtol=1e-5)
+    else:
+        out, ref = got, expected
+    assert host(out).shape == ref.shape and host(out).dtype == ref.dtype
+    np.testing.assert_allclose(host(out).astype(np.float64), ref.astype(np.float64), **tolerance(q.dtype))
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=[c[0] for c in EMULATED_CASES])
+def test_numpy_path_marshalling(emulated, rng, case):
+    _, make, kwargs = case
+    q, k, v, kwargs = emulated_inputs(rng, make, kwargs)
+    check_against_reference(fa.attention(q, k, v, device="cuda", **kwargs), q, k, v, kwargs)
+    assert not emulated.buffers, "every device buffer is freed"
+    assert emulated.calls[-1]["stream"] == 0
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=[c[0] for c in EMULATED_CASES])
+def test_device_array_path_marshalling(emulated, rng, case):
+    _, make, kwargs = case
+    q, k, v, kwargs = emulated_inputs(rng, make, kwargs)
+    device_kwargs = dict(kwargs)
+    if "mask" in kwargs and kwargs["mask"].dtype == np.bool_:
+        device_kwargs["mask"] = FakeCudaArray(kwargs["mask"])  # float masks stay NumPy: copied over
+    got = fa.attention(FakeCudaArray(q, stream=5), FakeCudaArray(k, stream=5), FakeCudaArray(v), **device_kwargs)
+    check_against_reference(got, q, k, v, kwargs)
+    assert emulated.calls[-1]["stream"] == 5  # q's stream (__cuda_array_interface__ v3)
+    assert not emulated.buffers
+
+
+def test_device_path_out_and_streams(emulated, rng):
+    q, k, v = qkv(rng, (1, 2), 2, 5, 6, 4)
+    out = FakeCudaArray(np.zeros((1, 2, 5, 4), np.float32))
+    got = fa.attention(FakeCudaArray(q), FakeCudaArray(k, stream=9), FakeCudaArray(v, stream=1), out=out, causal=True)
+    assert got is out
+    np.testing.assert_allclose(out.array, reference.attention(q, k, v, causal=True), **tolerance(np.float32))
+    assert emulated.synchronized == [9]  # k's producer stream; 1 is the legacy default stream q runs on
+    with pytest.raises(ValueError, match="out must not overlap q"):
+        fa.attention(FakeCudaArray(q), FakeCudaArray(k), FakeCudaArray(v), out=FakeCudaArray(q))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        fa.attention(FakeCudaArray(q), FakeCudaArray(k), FakeCudaArray(v),
+                     out=FakeCudaArray(np.zeros((1, 2, 5, 4), np.float16)))
+
+
+def test_device_path_refuses_mixed_devices(emulated, rng, monkeypatch):
+    q, k, v = qkv(rng, (1, 2), 2, 5, 6, 4)
+    fq, fk, fv = FakeCudaArray(q), FakeCudaArray(k), FakeCudaArray(v)
+    monkeypatch.setattr(emulated, "device_count", lambda: 2)
+    monkeypatch.setattr(emulated, "pointer_device", lambda ptr: 1 if ptr == k.ctypes.data else 0)
+    with pytest.raises(ValueError, match="q is on cuda:0 but k on cuda:1"):
+        fa.attention(fq, fk, fv)
+    monkeypatch.setattr(emulated, "pointer_device", lambda ptr: 1)
+    with pytest.raises(ValueError, match="device='cuda:0' but q is on cuda:1"):
+        fa.attention(fq, fk, fv, device="cuda:0")
+    monkeypatch.setattr(emulated, "pointer_device", lambda ptr: -1)
+    with pytest.raises(ValueError, match="q is not in CUDA device memory"):
+        fa.attention(fq, fk, fv)
