@@ -37,7 +37,7 @@ LIBRARIES = ("torch", "fusedattn", "naive")
 
 # The kernel's instruction-set paths, slowest first. ``fusedattn[NAME]`` (see :func:`fused_variant`) is
 # fusedattn forced onto one of them; plain ``fusedattn`` is whichever path the dispatcher selected.
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 
 # Up to this many query rows, attention streams K and V once for very little arithmetic per byte: it is
 # bounded by memory bandwidth, so its GFLOP/s say nothing and its bytes per second say everything.
