@@ -55,7 +55,7 @@ import numpy as np
 import pytest
 
 import fusedattn
-from fusedattn import reference
+from fusedattn import _backend, reference
 from fusedattn.kv_cache import KVCache
 from fusedattn.layers import AdditiveAttention, MultiHeadAttention
 from fusedattn.masks import BlockDiagonal
@@ -411,6 +411,32 @@ def test_attention_layouts_and_odd_dims(isa, dtype_name, d, dv):
     for name, (qx, kx, vx) in zip(odd_layouts(q), zip(*(odd_layouts(x).values() for x in (q, k, v)))):
         got = fusedattn.attention(qx, kx, vx, **kwargs)
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.skipif(ml_dtypes is None, reason="bfloat16 needs ml_dtypes: pip install ml_dtypes")
+def test_avx512bf16_level_switches_only_bfloat16_products():
+    """FUSEDATTN_ISA=avx512bf16 turns the native products on for bfloat16 output and nothing else; avx512
+    turns them off (the float32-output and float32-input results are the AVX-512 path's, bit for bit)."""
+    if not {"avx512", "avx512bf16"} <= set(_backend.available_isas()):
+        pytest.skip("needs a CPU with AVX512-BF16 (and a build with the avx512bf16 level)")
+    q, k, v, _, kwargs = make_case("bfloat16", 130, 200, 64, "causal")
+    calls = {
+        "bf16 out": lambda: fusedattn.attention(q, k, v, **kwargs),
+        "f32 out": lambda: fusedattn.attention(q, k, v, out_dtype=np.float32, **kwargs),
+        "f32 in": lambda: fusedattn.attention(f32(q), f32(k), f32(v), **kwargs),
+        "weights": lambda: fusedattn.attention_weights(q, k, **kwargs),
+    }
+    got = {}
+    for name in ("avx512", "avx512bf16"):
+        previous = _backend.force_isa(name)
+        try:
+            got[name] = {call: run() for call, run in calls.items()}
+        finally:
+            _backend.force_isa(previous)
+    for call in ("f32 out", "f32 in", "weights"):
+        np.testing.assert_array_equal(got["avx512bf16"][call], got["avx512"][call], err_msg=call)
+    # P rounded to bfloat16 moves some outputs by an ulp or more: the native path really ran.
+    assert not np.array_equal(got["avx512bf16"]["bf16 out"], got["avx512"]["bf16 out"])
 
 
 @pytest.mark.parametrize("dtype_name", HALF)
