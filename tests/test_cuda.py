@@ -647,3 +647,16 @@ def test_device_path_refuses_mixed_devices(emulated, rng, monkeypatch):
     monkeypatch.setattr(emulated, "pointer_device", lambda ptr: -1)
     with pytest.raises(ValueError, match="q is not in CUDA device memory"):
         fa.attention(fq, fk, fv)
+
+
+def test_torch_tensors_are_read_through_dlpack(rng):
+    """torch's own __cuda_array_interface__ cannot describe bfloat16 or tensors that require grad."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((3, 4, 5)).astype(np.float32))
+    assert not cuda.is_device_array(x)  # a CPU tensor stays on the CPU path
+    for tensor, name in ((x.to(torch.bfloat16), "bfloat16"), (x.transpose(0, 2), "float32"),
+                         (x.clone().requires_grad_(), "float32")):
+        parsed = cuda._describe(tensor, "q")
+        assert parsed.kind == "torch" and parsed.dtype == name and not parsed.on_cuda
+        assert parsed.ptr == tensor.data_ptr()
+        assert parsed.shape == tuple(tensor.shape) and parsed.strides == tuple(tensor.stride())

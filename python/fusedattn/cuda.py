@@ -190,11 +190,22 @@ def from_dlpack(obj, name: str, stream: Optional[int] = None) -> DeviceArray:
                        None, False, _library_kind(obj), obj, capsule)
 
 
+def _has_cuda_array_interface(x) -> bool:
+    """torch tensors are read through DLPack: their __cuda_array_interface__ raises for bfloat16 and for
+    tensors that require grad (KeyError / RuntimeError, which hasattr does not swallow)."""
+    if _library_kind(x) == "torch":
+        return False
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:
+        return False
+
+
 def is_device_array(x) -> bool:
     """True for arrays on a CUDA device: ``__cuda_array_interface__``, or DLPack device type kDLCUDA (2)."""
     if isinstance(x, np.ndarray):
         return False
-    if hasattr(x, "__cuda_array_interface__"):
+    if _has_cuda_array_interface(x):
         return True
     dlpack_device = getattr(x, "__dlpack_device__", None)
     if dlpack_device is None:
@@ -388,7 +399,7 @@ def _launch(p, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_o
 
 
 def _describe(x, name: str, stream: Optional[int] = None) -> DeviceArray:
-    if hasattr(x, "__cuda_array_interface__"):
+    if _has_cuda_array_interface(x):
         try:
             return from_cuda_array_interface(x, name)
         except (TypeError, ValueError):
