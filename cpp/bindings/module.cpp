@@ -379,7 +379,6 @@ PYBIND11_MODULE(_core, m) {
         "streaming read bandwidth over a buffer of `bytes`, GB/s");
   m.def("max_threads", &fusedattn::max_threads);
   m.def("openmp", &fusedattn::openmp_enabled);
-  m.def("cuda_built", [] { return false; });
 #ifdef FUSEDATTN_VERSION
   m.attr("__version__") = FUSEDATTN_VERSION;
 #endif
