@@ -121,6 +121,21 @@ def make_qkv(rng, lq=16, lk=None, d=32, dv=None, *, batch=(2,), hq=4, hkv=None, 
 # ---------------------------------------------------------------------------------------------
 
 # See the module docstring for the reasoning behind these numbers.
+def _half_dtype_params():
+    dtypes = [pytest.param(np.float16, id="f16")]
+    try:
+        import ml_dtypes
+
+        dtypes.append(pytest.param(ml_dtypes.bfloat16, id="bf16"))
+    except ImportError:
+        dtypes.append(pytest.param(None, id="bf16", marks=pytest.mark.skip(reason="bfloat16 needs ml_dtypes")))
+    return dtypes
+
+
+# float16 and (where ml_dtypes is installed) bfloat16, for @pytest.mark.parametrize("dtype", ...).
+HALF_DTYPE_PARAMS = _half_dtype_params()
+
+
 TOL = {
     np.dtype(np.float32): dict(atol=2e-5, rtol=2e-5),
     np.dtype(np.float64): dict(atol=1e-12, rtol=1e-12),

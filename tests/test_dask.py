@@ -26,7 +26,7 @@ import fusedattn  # noqa: E402  (after the skip)
 import fusedattn.dask as fdask  # noqa: E402
 from dask.callbacks import Callback  # noqa: E402
 
-from conftest import PYTHON, assert_dead_rows, subprocess_env, tol  # noqa: E402
+from conftest import HALF_DTYPE_PARAMS, PYTHON, assert_dead_rows, subprocess_env, tol  # noqa: E402
 
 B, HQ, HKV, LQ, LK, D, DV = 2, 4, 2, 48, 80, 16, 12
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dask_long_context.py"
@@ -114,18 +114,7 @@ def test_float64(rng):
         run_case(rng, "mixed", "float_2d", "bottom_right", dtype=np.float64)
 
 
-def _half_dtypes():
-    dtypes = [pytest.param(np.float16, id="f16")]
-    try:
-        import ml_dtypes
-
-        dtypes.append(pytest.param(ml_dtypes.bfloat16, id="bf16"))
-    except ImportError:
-        dtypes.append(pytest.param(None, id="bf16", marks=pytest.mark.skip(reason="bfloat16 needs ml_dtypes")))
-    return dtypes
-
-
-@pytest.mark.parametrize("dtype", _half_dtypes())
+@pytest.mark.parametrize("dtype", HALF_DTYPE_PARAMS)
 @pytest.mark.parametrize("out_dtype", [None, np.float32], ids=["out16", "out32"])
 def test_16bit_inputs(rng, dtype, out_dtype):
     """16-bit q/k/v: partials are kept and merged in float32 and rounded once, like the direct float32 call.

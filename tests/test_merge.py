@@ -22,7 +22,7 @@ import fusedattn
 from fusedattn import reference
 from fusedattn.merge import merge_attention
 
-from conftest import assert_dead_rows, make_qkv, randn, tol
+from conftest import HALF_DTYPE_PARAMS, assert_dead_rows, make_qkv, randn, tol
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -159,18 +159,7 @@ def test_single_part_is_returned_exactly_as_a_new_array(rng, dtype):
     assert not np.shares_memory(out, o) and not np.shares_memory(lse2, lse)
 
 
-def _half_dtypes():
-    dtypes = [pytest.param(np.float16, id="f16")]
-    try:
-        import ml_dtypes
-
-        dtypes.append(pytest.param(ml_dtypes.bfloat16, id="bf16"))
-    except ImportError:
-        dtypes.append(pytest.param(None, id="bf16", marks=pytest.mark.skip(reason="bfloat16 needs ml_dtypes")))
-    return dtypes
-
-
-@pytest.mark.parametrize("dtype", _half_dtypes())
+@pytest.mark.parametrize("dtype", HALF_DTYPE_PARAMS)
 def test_16bit_parts(rng, dtype):
     """16-bit outputs come with float32 lse; the merge accumulates in float32 and rounds once to 16 bits.
 
