@@ -51,30 +51,60 @@ struct Bf16PairProducts {
 
   static int64_t dim_pairs(const AttnParams& p) { return (p.head_dim + 1) / 2; }
   static int64_t value_stride(const AttnParams& p) { return round_up(p.value_dim, 32); }  // whole word permutes
+  static int64_t key_stride(const AttnParams& p) { return round_up(dim_pairs(p), 16); }  // packed K, in pairs
 
-  // In float-sized units: Q^T pairs | P^T pairs | V pairs | K pairs (when K cannot be read in place).
+  // The products' scratch, in float-sized units: Q^T pairs | P^T pairs | V pairs | K pairs (used when K
+  // cannot be read in place). Offsets first, so that the size and the pointers come from one layout.
+  struct Offsets {
+    int64_t p_pairs, v_pairs, k_pairs, end;
+  };
+  static Offsets offsets(const AttnParams& p, int64_t lanes) {
+    Offsets o;
+    o.p_pairs = dim_pairs(p) * lanes;
+    o.v_pairs = o.p_pairs + kKeyPairs * lanes;
+    o.k_pairs = o.v_pairs + kKeyPairs * value_stride(p);
+    o.end = o.k_pairs + kBlockK * key_stride(p);
+    return o;
+  }
+  struct Regions {
+    float* q_pairs;
+    float* p_pairs;
+    Bf16Pair* v_pairs;
+    Bf16Pair* k_pairs;
+  };
+  static Regions regions(const AttnParams& p, int64_t lanes, float* packed) {
+    const Offsets o = offsets(p, lanes);
+    return {packed, packed + o.p_pairs, reinterpret_cast<Bf16Pair*>(packed + o.v_pairs),
+            reinterpret_cast<Bf16Pair*>(packed + o.k_pairs)};
+  }
+
   template <class Vec>
   static int64_t scratch_size(const AttnParams& p, int64_t lanes) {
-    return dim_pairs(p) * lanes + kKeyPairs * lanes + kKeyPairs * value_stride(p) + kBlockK * round_up(dim_pairs(p), 16);
+    return offsets(p, lanes).end;
+  }
+
+  // A row of `t` is then `width / 2` pairs in memory, each starting at an even element.
+  static bool pairs_in_place(const StridedTensor& t, int64_t width) {
+    return t.col_stride == 1 && width % 2 == 0 && t.row_stride % 2 == 0;
   }
 
   // Q^T as [D/2][lanes] pairs, unscaled; padding lanes (and the odd D's last half pair) are zero.
   template <class Vec>
   static void pack_queries(const AttnParams& p, const RowBlock& block, int64_t lanes, float* packed) {
     const int64_t pairs = dim_pairs(p);
-    Bf16Pair* q_pairs = reinterpret_cast<Bf16Pair*>(packed);
+    float* q_words = regions(p, lanes, packed).q_pairs;  // the pairs as 32-bit words, for the transposes
+    Bf16Pair* q_pairs = reinterpret_cast<Bf16Pair*>(q_words);
     const BFloat16* q = p.q.row<const BFloat16>(block.batch, block.head0, block.q0);
     for (int64_t t = 0; t < pairs; ++t)
       for (int64_t i = block.nq; i < lanes; ++i) q_pairs[t * lanes + i] = Bf16Pair{0, 0};
     int64_t full_rows = 0, full_pairs = 0;
-    if (p.q.col_stride == 1 && p.head_dim % 2 == 0 && p.q.row_stride % 2 == 0) {
-      // A query row is then D/2 pairs in memory: whole 16 x 16 blocks are a 32-bit transpose.
+    if (pairs_in_place(p.q, p.head_dim)) {  // whole 16 x 16 blocks of pairs are a 32-bit transpose
       full_rows = block.nq / 16 * 16;
       full_pairs = pairs / 16 * 16;
       for (int64_t i = 0; i < full_rows; i += 16)
         for (int64_t t = 0; t < full_pairs; t += 16)
           Vec::transpose(reinterpret_cast<const float*>(q + i * p.q.row_stride + 2 * t), p.q.row_stride / 2,
-                         packed + t * lanes + i, lanes);
+                         q_words + t * lanes + i, lanes);
     }
     for (int64_t i = 0; i < block.nq; ++i) {
       const BFloat16* row = q + i * p.q.row_stride;
@@ -92,35 +122,33 @@ struct Bf16PairProducts {
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
     const BFloat16* k = p.k.row<const BFloat16>(block.batch, kv_head, k0);
     const Bf16Pair* keys;
-    int64_t key_stride;  // in pairs
-    if (p.k.col_stride == 1 && p.head_dim % 2 == 0 && p.k.row_stride % 2 == 0) {
+    int64_t stride;  // in pairs
+    if (pairs_in_place(p.k, p.head_dim)) {
       keys = reinterpret_cast<const Bf16Pair*>(k);
-      key_stride = p.k.row_stride / 2;
+      stride = p.k.row_stride / 2;
     } else {  // strided columns, odd D (the last pair would read past the row) or odd row strides
-      Bf16Pair* k_pairs = reinterpret_cast<Bf16Pair*>(packed + scratch_size<Vec>(p, lanes) - kBlockK * round_up(pairs, 16));
-      key_stride = round_up(pairs, 16);
+      Bf16Pair* k_pairs = regions(p, lanes, packed).k_pairs;
+      stride = key_stride(p);
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t t = 0; t < pairs; ++t)
-          k_pairs[j * key_stride + t] = pair_of(k + j * p.k.row_stride, 2 * t, p.head_dim, p.k.col_stride);
+          k_pairs[j * stride + t] = pair_of(k + j * p.k.row_stride, 2 * t, p.head_dim, p.k.col_stride);
       keys = k_pairs;
     }
     const float scale = static_cast<float>(p.scale);
-    strided_times_packed<Vec, PairedDot<true>, /*kAccumulate=*/false>(nk, lanes, pairs, keys, key_stride, 1, packed,
-                                                                      s_t, &scale);
+    strided_times_packed<Vec, PairedDot<true>, /*kAccumulate=*/false>(nk, lanes, pairs, keys, stride, 1,
+                                                                      regions(p, lanes, packed).q_pairs, s_t, &scale);
   }
 
   // O^T (Dv x lanes) += V^T . P^T, with P^T and the V tile packed in key pairs.
   template <class Vec>
   static void accumulate_values(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
                                 const float* p_t, float* packed, float* o_t) {
-    float* p_pairs = packed + dim_pairs(p) * lanes;
-    Bf16Pair* v_pairs = reinterpret_cast<Bf16Pair*>(p_pairs + kKeyPairs * lanes);
-    const int64_t key_pairs = (nk + 1) / 2;
-    pack_probabilities(p_t, nk, lanes, p_pairs);
+    const Regions r = regions(p, lanes, packed);
+    pack_probabilities(p_t, nk, lanes, r.p_pairs);
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
-    pack_values(p, p.v.row<const BFloat16>(block.batch, kv_head, k0), nk, v_pairs);
-    strided_times_packed<Vec, PairedDot<false>, /*kAccumulate=*/true>(p.value_dim, lanes, key_pairs, v_pairs, 1,
-                                                                      value_stride(p), p_pairs, o_t);
+    pack_values(p, p.v.row<const BFloat16>(block.batch, kv_head, k0), nk, r.v_pairs);
+    strided_times_packed<Vec, PairedDot<false>, /*kAccumulate=*/true>(p.value_dim, lanes, (nk + 1) / 2, r.v_pairs, 1,
+                                                                      value_stride(p), r.p_pairs, o_t);
   }
 
  private:
