@@ -121,6 +121,25 @@ def make_qkv(rng, lq=16, lk=None, d=32, dv=None, *, batch=(2,), hq=4, hkv=None, 
 # ---------------------------------------------------------------------------------------------
 
 # See the module docstring for the reasoning behind these numbers.
+def numeric_gradients(loss, arrays, h):
+    """Central-difference gradient (step ``h``) of ``loss(*arrays)`` with respect to every element of every
+    array, in float64."""
+    arrays = [np.array(a, dtype=np.float64) for a in arrays]  # private copies, perturbed in place
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            saved = a[idx]
+            a[idx] = saved + h
+            plus = loss(*arrays)
+            a[idx] = saved - h
+            minus = loss(*arrays)
+            a[idx] = saved
+            g[idx] = (plus - minus) / (2 * h)
+        grads.append(g)
+    return grads
+
+
 def _half_dtype_params():
     dtypes = [pytest.param(np.float16, id="f16")]
     try:

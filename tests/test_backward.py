@@ -27,7 +27,7 @@ import pytest
 import fusedattn
 from fusedattn import reference
 
-from conftest import make_qkv, randn
+from conftest import make_qkv, numeric_gradients, randn
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -74,24 +74,6 @@ def assert_grads_close(got, want, tol, names=("dq", "dk", "dv"), dtype=None):
 # wrong sign, a missing term, a mis-scaled group sum: >= 1e-3) fails.
 FD_STEP = 1e-5
 FD_TOL = 1e-8
-
-
-def numeric_gradients(loss, arrays, h=FD_STEP):
-    """Central-difference gradient of ``loss(*arrays)`` with respect to every element of every array."""
-    arrays = [np.array(a, dtype=np.float64) for a in arrays]  # private copies, perturbed in place
-    grads = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            saved = a[idx]
-            a[idx] = saved + h
-            plus = loss(*arrays)
-            a[idx] = saved - h
-            minus = loss(*arrays)
-            a[idx] = saved
-            g[idx] = (plus - minus) / (2 * h)
-        grads.append(g)
-    return grads
 
 
 def bool_mask_with_dead_row_and_key(rng, shape):
@@ -141,7 +123,7 @@ def test_attention_backward_matches_finite_differences(isa, rng, case):
         return float(np.sum(reference.attention(q_, k_, v_, **kwargs) * r))
 
     got = fusedattn.attention_backward(r, q, k, v, out, lse, **kwargs)
-    assert_grads_close(got, numeric_gradients(loss, (q, k, v)), FD_TOL, dtype=np.float64)
+    assert_grads_close(got, numeric_gradients(loss, (q, k, v), FD_STEP), FD_TOL, dtype=np.float64)
 
 
 ADDITIVE_FD_CASES = {
@@ -168,7 +150,7 @@ def test_additive_backward_matches_finite_differences(isa, rng, case):
         return float(np.sum(reference.additive_attention(q_, k_, v_, score_weight=w_, **kwargs) * r))
 
     got = fusedattn.additive_attention_backward(r, q, k, v, out, lse, score_weight=w, **kwargs)
-    assert_grads_close(got, numeric_gradients(loss, (q, k, v, w)), FD_TOL,
+    assert_grads_close(got, numeric_gradients(loss, (q, k, v, w), FD_STEP), FD_TOL,
                        names=("dq", "dk", "dv", "dscore_weight"), dtype=np.float64)
 
 

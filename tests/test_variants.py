@@ -31,7 +31,7 @@ import fusedattn
 from fusedattn import reference
 from fusedattn._checks import check_dropout, dropout_keep_factor
 
-from conftest import TOL, make_qkv, randn
+from conftest import TOL, make_qkv, numeric_gradients, randn
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -366,20 +366,7 @@ def fd_inputs(case):
     def loss(q_, k_, v_):
         return float(np.sum(reference.attention(q_, k_, v_, **kwargs) * r))
 
-    arrays = [q.copy(), k.copy(), v.copy()]  # perturbed in place, one element at a time
-    grads = []
-    for x in arrays:
-        g = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            saved = x[idx]
-            x[idx] = saved + FD_STEP
-            plus = loss(*arrays)
-            x[idx] = saved - FD_STEP
-            minus = loss(*arrays)
-            x[idx] = saved
-            g[idx] = (plus - minus) / (2 * FD_STEP)
-        grads.append(g)
-    return q, k, v, r, kwargs, grads
+    return q, k, v, r, kwargs, numeric_gradients(loss, (q, k, v), FD_STEP)
 
 
 @pytest.mark.parametrize("case", list(FD_CASES))
