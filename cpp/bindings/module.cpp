@@ -189,6 +189,13 @@ void convert_positions(AttnParams& p, const py::dict& positions, const py::array
     if (!(p.dropout_p >= 0 && p.dropout_p < 1)) throw std::invalid_argument("dropout_p: must be in [0, 1)");
     p.dropout_seed = positions["seed"].cast<uint64_t>();
   }
+  if (positions.contains("precision")) {
+    const std::string precision = positions["precision"].cast<std::string>();
+    if (precision == "highest") p.precision = fusedattn::Precision::kHighest;
+    else if (precision == "high") p.precision = fusedattn::Precision::kHigh;
+    else if (precision == "medium") p.precision = fusedattn::Precision::kMedium;
+    else throw std::invalid_argument("precision: expected 'highest', 'high' or 'medium', got '" + precision + "'");
+  }
   p.q_start = positions.contains("q_start") ? positions["q_start"].cast<int64_t>() : 0;
   p.k_start = positions.contains("k_start") ? positions["k_start"].cast<int64_t>() : 0;
   if (!(p.softcap >= 0) || !std::isfinite(p.softcap)) throw std::invalid_argument("softcap: must be finite and >= 0");
@@ -377,6 +384,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("measure_read_bandwidth_gbs", &fusedattn::measure_read_bandwidth_gbs, py::arg("num_threads"),
         py::arg("bytes") = int64_t(512) << 20, py::call_guard<py::gil_scoped_release>(),
         "streaming read bandwidth over a buffer of `bytes`, GB/s");
+  m.def("amx_status", [] {
+    const fusedattn::AmxStatus s = fusedattn::amx_status();
+    py::dict d;
+    d["compiled"] = s.compiled;
+    d["cpu"] = s.cpu;
+    d["cpu_fp16"] = s.cpu_fp16;
+    d["native_fp16"] = s.native_fp16;
+    d["os"] = s.os;
+    d["emulated"] = s.emulated;
+    d["reason"] = s.reason;
+    return d;
+  }, "What the amx level needs and has: compiled, cpu (AMX-TILE + AMX-BF16), cpu_fp16, native_fp16, os (tile "
+     "state granted), emulated (0, or the software model's mode) and reason ('' when available).");
+  m.def("set_amx_emulation", &fusedattn::set_amx_emulation, py::arg("mode"),
+        "Test switch: 1 runs the amx level on the software model of the tile instructions (any AVX-512 CPU), "
+        "2 models AMX-FP16 too, 0 is the hardware.");
   m.def("max_threads", &fusedattn::max_threads);
   m.def("openmp", &fusedattn::openmp_enabled);
 #ifdef FUSEDATTN_VERSION

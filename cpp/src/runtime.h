@@ -17,4 +17,8 @@ void parallel_for(int64_t num_items, int num_threads, ParallelBody body, void* c
 void* aligned_allocate(std::size_t bytes);
 void aligned_free(void* pointer) noexcept;
 
+// The amx level runs float16 on TDPFP16PS (AMX-FP16: the CPU has it and this build knows it, or the
+// software model emulates such a CPU); else on TDPBF16PS through exact bf16 splits.
+bool amx_fp16_enabled();
+
 }  // namespace fusedattn

@@ -8,8 +8,10 @@
 
 namespace fusedattn {
 
-// kAvx512Bf16 is kAvx512 plus native bfloat16 dot products (vdpbf16ps) for bfloat16 inputs.
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// kAvx512Bf16 is kAvx512 plus native bfloat16 dot products (vdpbf16ps) for bfloat16 inputs; kAmx is
+// kAvx512Bf16 plus Intel AMX tiles (TDPBF16PS) for the prefill products of bfloat16, float16 and
+// float32 with Precision::kHigh / kMedium.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 const char* isa_name(Isa isa);
 bool isa_from_name(const std::string& name, Isa* isa);
@@ -21,6 +23,26 @@ Isa best_supported_isa();
 Isa current_isa();
 // Throws std::invalid_argument if `isa` is not compiled or not supported by this CPU.
 void set_isa(Isa isa);
+
+// What stands between this process and the AMX tiles. `os` is the answer of the Linux kernel to the
+// request for the tile state (asked once per process, on the first call); `reason` says why the level
+// is unavailable ("" when it is available). `emulated`: the amx level runs on the exact software model
+// of the tile instructions (a test switch, set_amx_emulation) instead of the tiles.
+struct AmxStatus {
+  bool compiled = false;  // the amx translation units are in this build
+  bool cpu = false;       // CPUID: AMX-TILE and AMX-BF16
+  bool cpu_fp16 = false;  // CPUID: AMX-FP16 (Granite Rapids and later)
+  bool native_fp16 = false;  // AMX-FP16 compiled in too: float16 runs on TDPFP16PS
+  bool os = false;        // the OS granted the tile state (XCR0 and arch_prctl)
+  int emulated = 0;       // set_amx_emulation's mode
+  std::string reason;
+};
+AmxStatus amx_status();
+// Test switch: mode 1 makes the amx level available on any AVX-512 CPU, running the software model of
+// LDTILECFG / TILELOADD / TILESTORED / TDPBF16PS instead of the tiles; mode 2 models a CPU with
+// AMX-FP16 too (float16 on TDPFP16PS); 0 is the hardware. std::invalid_argument for other modes.
+void set_amx_emulation(int mode);
+int amx_emulation();
 
 // Validates `params` (std::invalid_argument on inconsistency) and runs the selected kernel.
 void attention_forward(const AttnParams& params);

@@ -21,6 +21,11 @@ constexpr int64_t kUnbounded = int64_t(1) << 60;
 enum class MaskKind { kNone, kBool, kAdditive };
 // kDot: scale * q.k; kAdditive (Bahdanau / Keras): sum_d w_d tanh(q_d + k_d).
 enum class ScoreKind { kDot, kAdditive };
+// float32 matrix products on a matrix unit, in the words of torch.set_float32_matmul_precision:
+// kHighest is the fp32 FMA path; kHigh splits each operand into two bfloat16 values (hi + lo) and sums
+// three products (bf16x3); kMedium rounds each operand to bfloat16 (one product). Only float32 inputs on
+// the amx level read it; everywhere else every mode is kHighest.
+enum class Precision { kHighest, kHigh, kMedium };
 
 // A (batch, head, row, column) view of a tensor. Strides are in elements and may be zero
 // (broadcast), negative or anything else numpy allows. The leading "batch" axes of an array of any
@@ -86,6 +91,7 @@ struct AttnParams {
   uint64_t dropout_seed = 0;
   int64_t q_start = 0, k_start = 0;
   double scale = 1.0;
+  Precision precision = Precision::kHighest;
   int num_threads = 1;
 
   // Packed variable-length batches: per-sequence lengths (len_q / len_k are then the maxima) and

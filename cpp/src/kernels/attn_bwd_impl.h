@@ -335,11 +335,7 @@ void backward_scored(const AttnParams& p) {
 
 template <class Vec>
 void backward_dtype(const AttnParams& p) {
-  switch (p.mask_kind) {
-    case MaskKind::kNone: return backward_scored<Vec, NoMask>(p);
-    case MaskKind::kBool: return backward_scored<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return backward_scored<Vec, AdditiveMask>(p);
-  }
+  by_mask_kind(p.mask_kind, [&](auto mask) { backward_scored<Vec, decltype(mask)>(p); });
 }
 
 template <class Vec>

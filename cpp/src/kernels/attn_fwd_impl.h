@@ -369,6 +369,7 @@ struct ForwardPlan {
   int64_t scratch_per_thread;
   T* partials;             // k_splits > 1: the accumulators of every work item, kept for the merge
   int64_t accumulator_size;
+  const void* shared = nullptr;  // operands a layout packs once per call for every item (amx: K, V panels)
 
   RowBlock row_block(int64_t index) const {
     if (decode) {
@@ -488,6 +489,8 @@ struct QueryProducts {
 };
 
 struct QueryLanes {
+  static constexpr int64_t kValueRowMultiple = 1;  // rows of O^T: Dv, rounded up to this
+
   template <class Vec>
   static int64_t scratch_size(const AttnParams& p, int64_t lanes);  // below the class
 
@@ -873,7 +876,7 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   } else {
     plan.row_blocks = p.batch * p.heads_q * plan.q_blocks;
     plan.rows = round_up(min_i64(p.len_q, kBlockQ), W);  // lanes
-    plan.value_dim_pad = p.value_dim;
+    plan.value_dim_pad = round_up(p.value_dim, Layout::kValueRowMultiple);
     plan.o_row = 1;
     plan.o_col = plan.rows;
   }
@@ -896,27 +899,54 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   return plan;
 }
 
-template <class Vec, class Mask, class Score, class Layout>
-void run_forward(const AttnParams& p) {
+// One forward call: its plan and buffers. run_items() runs a range of work items and may be called for
+// consecutive ranges (the amx level packs K and V for a range of kv heads before running their items);
+// merge() combines the key splits once every item has run.
+template <class Vec, class Layout>
+struct ForwardCall {
   using T = typename Vec::T;
-  ForwardPlan<Vec> plan = make_plan<Vec, Layout>(p, /*may_split_keys=*/true);
-  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
-  plan.scratch = static_cast<T*>(scratch.data);
-  AlignedBuffer partials(plan.k_splits > 1 ? sizeof(T) * plan.accumulator_size * plan.row_blocks * plan.k_splits : 0);
-  plan.partials = static_cast<T*>(partials.data);
+  ForwardPlan<Vec> plan;
+  AlignedBuffer scratch, partials;
 
-  parallel_for(
-      plan.row_blocks * plan.k_splits, p.num_threads,
-      [](void* context, int64_t item, int thread_id) {
-        forward_item<Vec, Mask, Score, Layout>(*static_cast<const ForwardPlan<Vec>*>(context), item, thread_id);
-      },
-      &plan);
-  if (plan.k_splits > 1) {
+  explicit ForwardCall(const AttnParams& p)
+      : plan(make_plan<Vec, Layout>(p, /*may_split_keys=*/true)),
+        scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads),
+        partials(plan.k_splits > 1 ? sizeof(T) * plan.accumulator_size * plan.row_blocks * plan.k_splits : 0) {
+    plan.scratch = static_cast<T*>(scratch.data);
+    plan.partials = static_cast<T*>(partials.data);
+  }
+
+  int64_t items() const { return plan.row_blocks * plan.k_splits; }
+
+  template <class Mask, class Score>
+  void run_items(int64_t begin, int64_t end) {
+    struct Range {
+      const ForwardPlan<Vec>* plan;
+      int64_t begin;
+    } range{&plan, begin};
     parallel_for(
-        plan.row_blocks, p.num_threads,
+        end - begin, plan.p->num_threads,
+        [](void* context, int64_t item, int thread_id) {
+          const Range& r = *static_cast<const Range*>(context);
+          forward_item<Vec, Mask, Score, Layout>(*r.plan, r.begin + item, thread_id);
+        },
+        &range);
+  }
+
+  void merge() {
+    if (plan.k_splits == 1) return;
+    parallel_for(
+        plan.row_blocks, plan.p->num_threads,
         [](void* context, int64_t item, int) { merge_splits<Vec>(*static_cast<const ForwardPlan<Vec>*>(context), item); },
         &plan);
   }
+};
+
+template <class Vec, class Mask, class Score, class Layout>
+void run_forward(const AttnParams& p) {
+  ForwardCall<Vec, Layout> call(p);
+  call.template run_items<Mask, Score>(0, call.items());
+  call.merge();
 }
 
 template <class Vec, class Mask, class Score>
@@ -958,22 +988,24 @@ void weights_scored(const AttnParams& p) {
     run_weights<Vec, Mask, DotScore>(p);
 }
 
-template <class Vec>
-void forward_dtype(const AttnParams& p) {
-  switch (p.mask_kind) {
-    case MaskKind::kNone: return forward_scored<Vec, NoMask>(p);
-    case MaskKind::kBool: return forward_scored<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return forward_scored<Vec, AdditiveMask>(p);
+// MaskKind -> the compile-time mask policy: calls run(Mask{}) with NoMask, BoolMask or AdditiveMask.
+template <class Run>
+void by_mask_kind(MaskKind kind, Run run) {
+  switch (kind) {
+    case MaskKind::kNone: return run(NoMask{});
+    case MaskKind::kBool: return run(BoolMask{});
+    case MaskKind::kAdditive: return run(AdditiveMask{});
   }
 }
 
 template <class Vec>
+void forward_dtype(const AttnParams& p) {
+  by_mask_kind(p.mask_kind, [&](auto mask) { forward_scored<Vec, decltype(mask)>(p); });
+}
+
+template <class Vec>
 void weights_dtype(const AttnParams& p) {
-  switch (p.mask_kind) {
-    case MaskKind::kNone: return weights_scored<Vec, NoMask>(p);
-    case MaskKind::kBool: return weights_scored<Vec, BoolMask>(p);
-    case MaskKind::kAdditive: return weights_scored<Vec, AdditiveMask>(p);
-  }
+  by_mask_kind(p.mask_kind, [&](auto mask) { weights_scored<Vec, decltype(mask)>(p); });
 }
 
 // DType -> the vector policy, with the storage type for 16-bit inputs (computed in float).

@@ -31,5 +31,13 @@ MachineProbe machine_probe_avx512();
 #ifdef FUSEDATTN_HAVE_AVX512BF16
 void attention_forward_avx512bf16(const AttnParams& params);  // bfloat16; other dtypes go to the AVX-512 path
 #endif
+#ifdef FUSEDATTN_HAVE_AMX
+// The amx level's kernels (the dispatcher picks one by amx_emulation()), instantiated with the native tile instructions (attn_fwd_amx.cpp) and with the
+// software model (attn_fwd_amx_model.cpp).
+void attention_forward_amx_native(const AttnParams& params);
+void attention_backward_amx_native(const AttnParams& params);
+void attention_forward_amx_model(const AttnParams& params);
+void attention_backward_amx_model(const AttnParams& params);
+#endif
 
 }  // namespace fusedattn::kernels
