@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check that AVX2 / AVX-512 / AVX512-BF16 instructions stay in the translation units compiled for them.
+"""Check that AVX2 / AVX-512 / AVX512-BF16 / AMX instructions stay in the translation units compiled for them.
 
 Usage: check_isa_objects.py BUILD_DIR   (a CMake build of the fusedattn_core and _core targets)
 
@@ -9,8 +9,10 @@ has no symbols to attribute an instruction to a translation unit; the objects do
 1. Each object uses at most its own ISA: the portable objects (attention.cpp, cpu_features.cpp, probe.cpp,
    threading.cpp, attn_fwd_scalar.cpp, the bindings) no VEX / EVEX instruction at all (they run on any
    x86-64 before the dispatcher has looked at CPUID), attn_fwd_avx2.cpp no AVX-512, attn_fwd_avx512.cpp
-   no AVX512-BF16 (Skylake-X and Ice Lake lack it), and attn_fwd_avx512.cpp / attn_fwd_avx512bf16.cpp
-   AVX-512 / BF16 instructions (a sanity check that the scan sees them).
+   no AVX512-BF16 (Skylake-X and Ice Lake lack it), attn_fwd_amx_model.cpp (the software model of the
+   tiles) no AMX and no BF16, attn_fwd_amx.cpp everything, and attn_fwd_avx512.cpp /
+   attn_fwd_avx512bf16.cpp / attn_fwd_amx.cpp AVX-512 / BF16 / AMX instructions (a sanity check that the
+   scan sees them).
 2. No COMDAT leak: an inline function or template (std::vector's members, a header helper) instantiated in
    the AVX-512 object is compiled with AVX-512 flags too, and the linker keeps *one* copy of each such
    weak symbol for the whole library. If another object defines the same symbol, the linker may keep the
@@ -27,8 +29,8 @@ import shutil
 import subprocess
 import sys
 
-PORTABLE, AVX2, AVX512, AVX512BF16 = 0, 1, 2, 3
-LEVEL_NAMES = {PORTABLE: "portable", AVX2: "avx2", AVX512: "avx512", AVX512BF16: "avx512bf16"}
+PORTABLE, AVX2, AVX512, AVX512BF16, AMX = 0, 1, 2, 3, 4
+LEVEL_NAMES = {PORTABLE: "portable", AVX2: "avx2", AVX512: "avx512", AVX512BF16: "avx512bf16", AMX: "amx"}
 
 HEADER = re.compile(r"^[0-9a-f]+ <(?P<name>[^>]+)>:$")
 INSN = re.compile(r"^\s+[0-9a-f]+:\s+(?P<mnemonic>[a-z][a-z0-9.]*)\s*(?P<operands>.*)$")
@@ -41,9 +43,12 @@ AVX512_MNEMONIC = re.compile(r"^(k(mov|and|or|xor|xnor|not|shift|ortest|test|unp
 
 
 BF16_MNEMONIC = re.compile(r"^(vdpbf16ps|vcvtne2ps2bf16|vcvtneps2bf16)")
+AMX_MNEMONIC = re.compile(r"^(ldtilecfg|sttilecfg|tileloadd|tilestored|tilezero|tilerelease|tdp)")
 
 
 def level_of(mnemonic: str, operands: str) -> int:
+    if AMX_MNEMONIC.match(mnemonic):
+        return AMX
     if BF16_MNEMONIC.match(mnemonic):
         return AVX512BF16
     if AVX512_OPERAND.search(operands) or AVX512_MNEMONIC.match(mnemonic):
@@ -55,6 +60,10 @@ def level_of(mnemonic: str, operands: str) -> int:
 
 def allowed_level(obj: pathlib.Path) -> int:
     name = obj.name
+    if "amx_model" in name:  # the software model of the tiles runs wherever the avx512 level does
+        return AVX512
+    if "amx" in name:
+        return AMX
     if "avx512bf16" in name:
         return AVX512BF16
     if "avx512" in name:
@@ -104,7 +113,7 @@ def main(build_dir: str) -> int:
         return 2
     failures = []
     per_object, defined_in = {}, {}
-    print(f"{'object':<40} {'allowed':>10} {'functions':>9} {'avx(2)':>7} {'avx512':>7} {'bf16':>5}")
+    print(f"{'object':<40} {'allowed':>10} {'functions':>9} {'avx(2)':>7} {'avx512':>7} {'bf16':>5} {'amx':>5}")
     for obj in objects:
         if b".gnu.lto_" in obj.read_bytes()[:1 << 20] and not disassemble(obj):
             failures.append(f"{obj.name}: LTO bytecode only (configure with -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF)")
@@ -113,15 +122,17 @@ def main(build_dir: str) -> int:
         per_object[obj] = levels
         for symbol in external_symbols(obj) & set(levels):
             defined_in.setdefault(symbol, []).append(obj)
-        counts = [sum(1 for lv in levels.values() if lv == level) for level in (AVX2, AVX512, AVX512BF16)]
+        counts = [sum(1 for lv in levels.values() if lv == level) for level in (AVX2, AVX512, AVX512BF16, AMX)]
         allowed = allowed_level(obj)
         print(f"{obj.name:<40} {LEVEL_NAMES[allowed]:>10} {len(levels):>9} {counts[0]:>7} {counts[1]:>7} "
-              f"{counts[2]:>5}")
+              f"{counts[2]:>5} {counts[3]:>5}")
         for symbol, level in levels.items():
             if level > allowed:
                 failures.append(f"{obj.name}: {symbol} uses {LEVEL_NAMES[level]} instructions")
         if allowed == AVX512 and counts[1] == 0:
             failures.append(f"{obj.name}: no AVX-512 instruction found: is the scan (or the build) broken?")
+        if allowed == AMX and counts[3] == 0:
+            failures.append(f"{obj.name}: no AMX instruction found: is the scan (or the build) broken?")
         if allowed == AVX512BF16 and counts[2] == 0:
             failures.append(f"{obj.name}: no AVX512-BF16 instruction found: is the scan (or the build) broken?")
     shared = {s: objs for s, objs in defined_in.items() if len(objs) > 1}
@@ -135,7 +146,7 @@ def main(build_dir: str) -> int:
     print(f"{len(shared)} symbols are defined in more than one object (inline functions, templates)")
     for failure in failures:
         print("FAIL:", failure)
-    print("ISA placement:", "FAILED" if failures else "ok (AVX512-BF16 only in its object, AVX-512 only in the "
+    print("ISA placement:", "FAILED" if failures else "ok (AMX only in its object, AVX512-BF16 only in its objects, AVX-512 only in the "
           "AVX-512 objects, AVX2 only in the AVX2 / AVX-512 objects, no leaking COMDAT copies)")
     return 1 if failures else 0
 

@@ -4,13 +4,15 @@
 #   2. auditwheel repair: a manylinux wheel with libgomp bundled (show the tag and the summary);
 #   3. install it into a fresh venv *outside the source tree* and run the test suite (copied elsewhere,
 #      so `import fusedattn` can only find the installed package) once per ISA this CPU runs, forced
-#      with FUSEDATTN_ISA;
+#      with FUSEDATTN_ISA, and once on the amx level's software model of the tiles ("amx-model":
+#      FUSEDATTN_AMX_EMULATION=1 FUSEDATTN_ISA=amx) where the CPU runs the avx512 level;
 #   4. check with objdump that AVX-512 / AVX2 instructions appear only in their own objects
 #      (scripts/check_isa_objects.py explains why objects and not the stripped .so).
 #
 # Usage: scripts/test_wheel.sh            (work files under a new /tmp/fusedattn-wheel.XXXXXX)
 # Environment: PYTHON (default python3), WORK (a work directory to reuse), PYTEST_ARGS (default "-q"),
-#   SKIP_SDIST=1 (skip the sdist round trip), ISAS="scalar avx2" (default: every ISA the CPU supports).
+#   SKIP_SDIST=1 (skip the sdist round trip), ISAS="scalar avx2" (default: every ISA the CPU supports,
+#   then amx-model where it can run).
 # Linux only (auditwheel). Exit status: non-zero when any step fails; every ISA run is attempted.
 set -euo pipefail
 
@@ -80,12 +82,18 @@ assert fusedattn._backend._core.__version__ == version, fusedattn._backend._core
 print("== installed:", fusedattn.__file__, "version", fusedattn.__version__)
 print("== backend_info:", json.dumps(fusedattn.backend_info()))
 EOF
-isas=${ISAS:-$("$VENV/python" -c "import fusedattn; print(' '.join(fusedattn.backend_info()['supported_isas']))")}
+isas=${ISAS:-$("$VENV/python" -c "
+import fusedattn
+info = fusedattn.backend_info()
+model = 'amx' in info['compiled_isas'] and 'avx512' in info['supported_isas'] and 'amx' not in info['supported_isas']
+print(' '.join(info['supported_isas'] + (['amx-model'] if model else [])))")}
 for isa in $isas; do
-  echo "== test suite against the installed wheel, FUSEDATTN_ISA=$isa"
+  level=$isa emulation=0
+  [[ $isa == amx-model ]] && level=amx emulation=1
+  echo "== test suite against the installed wheel, FUSEDATTN_ISA=$level FUSEDATTN_AMX_EMULATION=$emulation"
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
-  if FUSEDATTN_ISA=$isa "$VENV/python" -m pytest -p no:cacheprovider $PYTEST_ARGS 2>&1 \
-      | tee "$WORK/pytest-$isa.log"; then
+  if FUSEDATTN_ISA=$level FUSEDATTN_AMX_EMULATION=$emulation "$VENV/python" -m pytest -p no:cacheprovider \
+      $PYTEST_ARGS 2>&1 | tee "$WORK/pytest-$isa.log"; then
     echo "== $isa: $(tail -1 "$WORK/pytest-$isa.log")"
   else
     echo "FAIL: $isa: $(tail -1 "$WORK/pytest-$isa.log")"

@@ -46,7 +46,15 @@ from fusedattn import _backend, reference
 # ISA fixture
 # ---------------------------------------------------------------------------------------------
 
-ISA_PREFERENCE = ("avx512bf16", "avx512", "avx2", "scalar")  # best first
+ISA_PREFERENCE = ("amx", "avx512bf16", "avx512", "avx2", "scalar")  # best first
+# The amx level on the exact software model of the tile instructions (_core.set_amx_emulation): the whole
+# AMX code path, on any CPU that runs the avx512 level. Where the CPU has AMX, "amx" runs the tiles too.
+AMX_MODEL = "amx-model"
+
+
+def amx_model_available() -> bool:
+    core = _backend._core
+    return core is not None and "amx" in core.compiled_isas() and "avx512" in core.supported_isas()
 
 
 def _isa_params():
@@ -67,15 +75,48 @@ def _isa_params():
     # Anything reported as supported but (inconsistently) not compiled still gets tested.
     for name in sorted(supported - set(compiled)):
         params.append(pytest.param(name, id=name))
+    if "amx" in compiled:
+        params.append(pytest.param(AMX_MODEL, id=AMX_MODEL, marks=() if amx_model_available() else pytest.mark.skip(
+            reason="the AMX software model runs on the avx512 level, which this CPU lacks")))
     return params
 
 
 ISA_PARAMS = _isa_params()
 
 
+def level_of(isa: str) -> str:
+    """The ISA level a fixture value selects ("amx-model" is the amx level on the software model)."""
+    return "amx" if isa == AMX_MODEL else isa
+
+
+class amx_emulation:
+    """Context manager: the amx level on the software model (mode 1; 2 models AMX-FP16 too), restored after."""
+
+    def __init__(self, mode: int = 1):
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous_isa = _backend._core.current_isa()
+        self.previous_mode = _backend._core.amx_status()["emulated"]
+        _backend._core.set_amx_emulation(self.mode)
+        _backend.force_isa("amx")
+        return self
+
+    def __exit__(self, *exc):
+        _backend._core.set_amx_emulation(self.previous_mode)
+        if self.previous_isa in _backend.available_isas():
+            _backend.force_isa(self.previous_isa)
+        return False
+
+
 @pytest.fixture(params=ISA_PARAMS)
 def isa(request):
     """Run the test with each ISA path forced in turn; the previous selection is restored afterwards."""
+    if request.param == AMX_MODEL:
+        with amx_emulation():
+            assert fusedattn.backend_info()["isa"] == "amx"
+            yield request.param
+        return
     previous = _backend.force_isa(request.param)
     try:
         assert fusedattn.backend_info()["isa"] == request.param

@@ -258,8 +258,20 @@ def _run_half_forward(case, fa, reference):
     _close(out, want, 2 * eps * max(float(np.abs(np.asarray(v, np.float64)).max(initial=0)), 1.0), "half out")
 
 
+def _run_float32_high(case, fa, reference):
+    """float32 with precision="high": on the amx level the tile path (K / V panels, Q^T and P^T pairs, the
+    partial last key chunk of V copied, never read in place); elsewhere the fp32 path."""
+    q, k, v, mask = _inputs(dict(case, dtype=np.dtype(np.float32)))
+    b, hq, hkv, lq, lk, d, dv = case["shape"]
+    out = guarded_empty((b, hq, lq, dv), np.float32, where=case["where"])
+    fa.attention(q, k, v, mask=mask, causal=case["causal"], out=out, precision="high")
+    want = reference.attention(np.array(q), np.array(k), np.array(v), mask=None if mask is None else np.array(mask),
+                               causal=case["causal"])
+    _close(out, want, 5e-5, "float32 high out")  # bf16x3 keeps ~16 bits: tests/test_amx.py
+
+
 PATHS = {"forward": _run_forward, "additive": _run_additive, "weights": _run_weights, "backward": _run_backward,
-         "varlen": _run_varlen, "half_forward": _run_half_forward}
+         "varlen": _run_varlen, "half_forward": _run_half_forward, "float32_high": _run_float32_high}
 
 
 def worker(path):
@@ -301,26 +313,31 @@ def test_guard_pages_fault():
 # Every ISA name, skipped at run time where unavailable: this module must import without fusedattn, as
 # the harness test's child process imports it for guarded_empty alone.
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "amx", "amx-model"])
 def test_no_access_outside_the_arrays(isa, path):
-    from conftest import subprocess_env
+    from conftest import amx_model_available, subprocess_env
     from fusedattn import _backend
 
     if not _backend.HAVE_EXTENSION:
         pytest.skip("fusedattn's compiled extension is not importable")
-    if isa not in _backend.available_isas():
+    env = {"FUSEDATTN_ISA": isa}
+    if isa == "amx-model":  # the amx level on the software model of the tiles
+        if not amx_model_available():
+            pytest.skip("the AMX software model needs the amx level compiled in and the avx512 level")
+        env = {"FUSEDATTN_ISA": "amx", "FUSEDATTN_AMX_EMULATION": "1"}
+    elif isa not in _backend.available_isas():
         pytest.skip(f"ISA {isa!r} is not compiled into this build or not supported by this CPU")
     if path == "half_forward":
         pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes: pip install ml_dtypes")
 
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), path], capture_output=True, text=True,
-                          timeout=600, env=subprocess_env(FUSEDATTN_ISA=isa), cwd=HERE)
+                          timeout=600, env=subprocess_env(**env), cwd=HERE)
     last_case = [line for line in proc.stdout.splitlines() if line.startswith("case ")][-1:]
     assert proc.returncode == 0, (
         f"{path} on {isa} exited with {proc.returncode} (negative: killed by that signal; -11 is SIGSEGV, a "
         f"read or write outside an array) during {last_case}\nstderr:\n{proc.stderr[-3000:]}")
     assert proc.stdout.strip().splitlines()[-1].startswith("ok:"), proc.stdout[-2000:]
-    assert f"on {isa}" in proc.stdout.splitlines()[-1]
+    assert f"on {env['FUSEDATTN_ISA']}" in proc.stdout.splitlines()[-1]
 
 
 if __name__ == "__main__":

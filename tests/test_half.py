@@ -190,8 +190,9 @@ def naive_attention(q, k, v, scores, kwargs, round_to=None):
 
 def paired_bf16(isa, dtype_name) -> bool:
     """Whether a forward call with 16-bit output rounds P to bfloat16 for P @ V: the native AVX512-BF16
-    path does, like torch's bfloat16 SDPA; its naive counterpart is ``naive_attention(..., round_to=BF16)``."""
-    return isa == "avx512bf16" and dtype_name == "bfloat16"
+    path and the AMX tiles do, like torch's bfloat16 SDPA; its naive counterpart is
+    ``naive_attention(..., round_to=BF16)``."""
+    return isa in ("avx512bf16", "amx", "amx-model") and dtype_name == "bfloat16"
 
 
 def group_sum(grad, hkv):

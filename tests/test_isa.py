@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 
 import fusedattn
-from conftest import ISA_PREFERENCE, PYTHON, assert_close, make_qkv, subprocess_env
+from conftest import ISA_PREFERENCE, PYTHON, assert_close, level_of, make_qkv, subprocess_env
 from fusedattn import _backend, reference
 
-KNOWN_ISAS = {"scalar", "avx2", "avx512", "avx512bf16"}
+KNOWN_ISAS = {"scalar", "avx2", "avx512", "avx512bf16", "amx"}
 # CPU flags each path needs, from the compile flags in CMakeLists.txt.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma"},
     "avx512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"},
     "avx512bf16": {"avx512_bf16", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx2", "fma"},
 }
+# amx also needs the OS to grant the tile state, which no CPU flag shows: a CPU without these flags must not
+# list it; one with them lists it exactly when backend_info()["amx"]["os"] says the grant came.
+AMX_CPU_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512dq", "avx512vl", "avx512bw"}
 
 REPORT_SCRIPT = (
     "import json, fusedattn; print(json.dumps(fusedattn.backend_info()))"
@@ -50,7 +53,9 @@ def test_extension_is_built():
 def test_backend_info_keys_and_types():
     info = fusedattn.backend_info()
     assert set(info) == {"isa", "compiled_isas", "supported_isas", "num_threads", "openmp", "version", "cuda",
-                         "extension"}
+                         "extension", "amx", "float32_precision"}
+    assert {"cpu", "os", "reason"} <= set(info["amx"])
+    assert isinstance(info["amx"]["reason"], str)
     assert isinstance(info["isa"], str)
     assert isinstance(info["compiled_isas"], list) and all(isinstance(x, str) for x in info["compiled_isas"])
     assert isinstance(info["supported_isas"], list) and all(isinstance(x, str) for x in info["supported_isas"])
@@ -88,6 +93,11 @@ def test_supported_isas_match_cpu_flags():
             f"{isa}: the CPU {'has' if cpu_has else 'lacks'} {sorted(needed)}, "
             f"but supported_isas = {info['supported_isas']}"
         )
+    if "amx" in info["compiled_isas"] and not info["amx"]["emulated"]:
+        granted = AMX_CPU_FLAGS <= flags and info["amx"]["os"]
+        assert ("amx" in info["supported_isas"]) == granted, info["amx"]
+        assert info["amx"]["cpu"] == ({"amx_tile", "amx_bf16"} <= flags)
+        assert (info["amx"]["reason"] == "") == granted, info["amx"]
 
 
 def _best(supported):
@@ -148,7 +158,7 @@ def test_forced_isa_is_used(isa):
     # Each path gives reference results (the fixture has forced it); the paths agree closely.
     rng = np.random.default_rng(99)
     q, k, v = make_qkv(rng, 40, 70, 64, batch=(1,), hq=2)
-    assert fusedattn.backend_info()["isa"] == isa
+    assert fusedattn.backend_info()["isa"] == level_of(isa)
     assert_close(fusedattn.attention(q, k, v, causal=True), reference.attention(q, k, v, causal=True))
 
 
@@ -194,3 +204,17 @@ def test_env_var_rejects_unsupported_isa():
     proc = _run_python(REPORT_SCRIPT, FUSEDATTN_ISA=unsupported[0])
     assert proc.returncode != 0
     assert "ValueError" in proc.stderr and "FUSEDATTN_ISA" in proc.stderr and "not supported" in proc.stderr
+
+
+def test_amx_unavailable_is_explained():
+    info = fusedattn.backend_info()
+    if "amx" not in info["compiled_isas"]:
+        pytest.skip("the amx level is not compiled into this build")
+    if "amx" in info["supported_isas"]:
+        pytest.skip("this CPU and OS run the amx level")
+    assert info["amx"]["reason"], info["amx"]
+    with pytest.raises(ValueError, match="amx") as error:
+        _backend.force_isa("amx")
+    assert info["amx"]["reason"] in str(error.value)
+    proc = _run_python(REPORT_SCRIPT, FUSEDATTN_ISA="amx")
+    assert proc.returncode != 0 and "FUSEDATTN_ISA" in proc.stderr and info["amx"]["reason"] in proc.stderr
