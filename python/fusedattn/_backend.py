@@ -1,6 +1,7 @@
 """Access to the compiled core, with the reference as the fallback when it cannot be loaded."""
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 
@@ -17,7 +18,22 @@ except ImportError as exc:  # a source checkout without a build, or a platform w
 
 HAVE_EXTENSION = _core is not None
 ISA_ENV_VAR = "FUSEDATTN_ISA"
+AMX_EMULATION_ENV_VAR = "FUSEDATTN_AMX_EMULATION"
 _num_threads = None  # None: OpenMP's default (OMP_NUM_THREADS or the number of cores)
+
+
+def _apply_amx_emulation_from_environment() -> None:
+    """``FUSEDATTN_AMX_EMULATION=1`` (or ``2``): the amx level on the software model, for a whole process."""
+    requested = os.environ.get(AMX_EMULATION_ENV_VAR, "").strip()
+    if requested not in ("", "0", "1", "2"):
+        raise ValueError(f"environment variable {AMX_EMULATION_ENV_VAR}: expected '1' (the AMX software model), "
+                         f"'2' (the model with AMX-FP16) or '0' / empty (off), got {requested!r}")
+    if requested in ("", "0") or _core is None:
+        return
+    try:
+        set_amx_emulation(int(requested))
+    except ValueError as exc:  # a build without the amx level
+        raise ValueError(f"environment variable {AMX_EMULATION_ENV_VAR}={requested}: {exc}") from None
 
 
 def _apply_isa_from_environment() -> None:
@@ -40,10 +56,31 @@ def force_isa(name: str, *, source: str = "force_isa") -> str:
     if name not in compiled:
         raise ValueError(f"{source}: unknown or not compiled ISA {name!r}; this build has {compiled}")
     if name not in supported:
-        raise ValueError(f"{source}: ISA {name!r} is not supported by this CPU; it supports {supported}")
+        why = ""
+        if name == "amx":
+            why = f": {_core.amx_status()['reason']}"
+        raise ValueError(f"{source}: ISA {name!r} is not supported by this CPU{why}; it supports {supported}")
     previous = _core.current_isa()
     _core.set_isa(name)
     return previous
+
+
+def set_amx_emulation(mode: int) -> None:
+    """Test switch: run the ``amx`` level on an exact software model of the AMX tile instructions.
+
+    ``mode`` 1 models a CPU with AMX-BF16 (any CPU that runs the ``avx512`` level can then select
+    ``"amx"``: it appears in :func:`available_isas` and :func:`force_isa` accepts it); 2 models AMX-FP16 too
+    (float16 on ``tdpfp16ps``); 0 is the hardware only (and leaves ``amx`` if this CPU cannot run it).
+    The model gives the tiles' results bit for bit: it is for tests, and for measuring the amx level's
+    accuracy where there are no tiles. While it is on, ``amx`` is the best supported level, so a process
+    that has not chosen one yet defaults to it. ``FUSEDATTN_AMX_EMULATION`` does the same for a whole process.
+    Raises ``ValueError`` for another mode or a build without the amx level.
+    """
+    if _core is None:
+        raise RuntimeError("fusedattn: the compiled extension is not available, there is no amx level to emulate")
+    if isinstance(mode, bool) or not isinstance(mode, numbers.Integral):
+        raise TypeError(f"set_amx_emulation: mode must be an int 0, 1 or 2, got {type(mode).__name__}")
+    _core.set_amx_emulation(int(mode))
 
 
 def available_isas() -> list:
@@ -57,4 +94,5 @@ def default_num_threads() -> int:
     return _core.max_threads() if _core is not None else 1
 
 
+_apply_amx_emulation_from_environment()  # first: it decides whether FUSEDATTN_ISA=amx can be selected
 _apply_isa_from_environment()

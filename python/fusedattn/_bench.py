@@ -37,7 +37,7 @@ LIBRARIES = ("torch", "fusedattn", "naive")
 
 # The kernel's instruction-set paths, slowest first. ``fusedattn[NAME]`` (see :func:`fused_variant`) is
 # fusedattn forced onto one of them; plain ``fusedattn`` is whichever path the dispatcher selected.
-ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 # Up to this many query rows, attention streams K and V once for very little arithmetic per byte: it is
 # bounded by memory bandwidth, so its GFLOP/s say nothing and its bytes per second say everything.
@@ -275,6 +275,8 @@ def isa_unavailable(isa: str) -> Optional[str]:
     if isa not in _backend._core.compiled_isas():
         return f"not compiled into this build (it has {', '.join(_backend._core.compiled_isas())})"
     if isa not in _backend.available_isas():
+        if isa == "amx":
+            return f"not supported by this CPU: {_backend._core.amx_status()['reason']}"
         return "not supported by this CPU"
     return None
 

@@ -329,6 +329,25 @@ def check_dropout(dropout_p, seed, *, need_seed: bool = False):
     return {"dropout_p": float(dropout_p), "seed": int(seed)}
 
 
+PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's words
+
+
+def check_precision(precision) -> dict:
+    """Validate ``precision`` (how float32 products may run); returns what to merge into the positions.
+
+    ``{}`` for ``"highest"``, so a default call hands the kernel exactly the positions it always did;
+    ``{"precision": "high" | "medium"}`` otherwise. The C++ core honours it for float32 on the amx level
+    only (bf16x3 / bf16 products on the tiles) and runs the ``"highest"`` path everywhere else.
+    """
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a str, one of 'highest', 'high' or 'medium'; "
+                        f"got {type(precision).__name__} {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'highest', 'high' or 'medium' (the words of "
+                         f"torch.set_float32_matmul_precision), got {precision!r}")
+    return {} if precision == "highest" else {"precision": str(precision)}
+
+
 def dropout_keep_factor(positions: dict, batch_head, query, key, dtype=np.float64):
     """The kernel's dropout factor (0 or 1 / (1 - p)) for broadcastable integer position arrays.
 

@@ -26,7 +26,10 @@ def attention_forward(
     score_weight: Optional[_Array] = None,
     packed: Optional[_Packed] = None,
 ) -> None:
-    """Fused attention forward; writes ``out`` (and ``lse`` when given). ``score_weight``: additive scores."""
+    """Fused attention forward; writes ``out`` (and ``lse`` when given). ``score_weight``: additive scores.
+
+    ``positions["precision"]`` (optional): "highest" | "high" | "medium", for float32 on the amx level.
+    """
 
 def attention_weights(
     q: _Array,
@@ -64,6 +67,14 @@ def compiled_isas() -> list[str]: ...
 def supported_isas() -> list[str]: ...
 def current_isa() -> str: ...
 def set_isa(name: str) -> None: ...
+def amx_status() -> dict:
+    """What the amx level needs and has: ``compiled``, ``cpu`` (AMX-TILE + AMX-BF16), ``cpu_fp16``,
+    ``native_fp16``, ``os`` (tile state granted), ``emulated`` (0, 1 or 2) and ``reason`` ('' when available)."""
+
+def set_amx_emulation(mode: int) -> None:
+    """Test switch: 1 runs the amx level on the software model of the tile instructions (any AVX-512 CPU),
+    2 models AMX-FP16 too, 0 is the hardware. ``ValueError`` for other modes or a build without amx."""
+
 def measure_fma_peak_gflops(num_threads: int) -> float:
     """fp32 FMA throughput of the selected ISA on ``num_threads`` threads, GFLOP/s."""
 

@@ -225,6 +225,11 @@ def _header_lines(info, machine, *, threads=None, torch=None, torch_reason=None,
         f"CPU supports {', '.join(info['supported_isas'])}), OpenMP {'on' if info['openmp'] else 'off'}{ext}",
         _machine_line(machine),
     ]
+    amx = info.get("amx")
+    if amx and amx.get("compiled"):
+        state = ("available" + (" (software model)" if amx.get("emulated") else "") if not amx["reason"]
+                 else f"unavailable, {amx['reason']}")
+        lines.append(f"amx: {state}; cpu {'yes' if amx['cpu'] else 'no'}, os {'yes' if amx['os'] else 'no'}")
     if threads is not None:
         lines += [
             f"threads: {threads} for every library; {numpy_threads}",

@@ -146,7 +146,7 @@ class KVCache:
         self._v[:, :, self._length:self._length + n] = v_new
         self._length += n
 
-    def attend(self, q, *, causal="bottom_right", mask=None, scale=None):
+    def attend(self, q, *, causal="bottom_right", mask=None, scale=None, precision="highest"):
         """Attention of ``Lq`` new queries to every cached token: ``fusedattn.attention(q, keys, values)``.
 
         Append the new tokens' keys/values first: with the default ``causal="bottom_right"`` query
@@ -160,6 +160,9 @@ class KVCache:
                 :func:`fusedattn.attention`.
             mask: optional bool (True = may attend) or float mask broadcastable to ``(batch, Hq, Lq, length)``.
             scale: default ``1 / sqrt(head_dim)``.
+            precision: ``"highest"`` (default), ``"high"`` or ``"medium"``, as in :func:`fusedattn.attention`:
+                float32 products on the AMX tiles for prefill-sized ``Lq`` (> 4) on the ``amx`` level; a
+                decoding step (``Lq <= 4``) and every other level run the ``"highest"`` path.
 
         Returns:
             ``(batch, Hq, Lq, value_dim)`` in the cache's dtype (float32 accumulation inside the kernel
@@ -182,7 +185,8 @@ class KVCache:
         if q.shape[1] == 0 or q.shape[1] % self.num_kv_heads:
             raise ValueError(f"q's number of heads must be a positive multiple of the cache's num_kv_heads="
                              f"{self.num_kv_heads} (grouped-query attention), got Hq={q.shape[1]}")
-        return fusedattn.attention(q, self.keys, self.values, mask=mask, causal=causal, scale=scale)
+        return fusedattn.attention(q, self.keys, self.values, mask=mask, causal=causal, scale=scale,
+                                   precision=precision)
 
     def __repr__(self):
         value = f", value_dim={self.value_dim}" if self.value_dim != self.head_dim else ""

@@ -40,7 +40,7 @@ import numpy as np
 
 import fusedattn  # the fused entry points are looked up at call time (fusedattn.attention, ...)
 
-from ._checks import HALF_DTYPES, MAX_HEAD_DIM, SUPPORTED_DTYPES, compute_dtype
+from ._checks import HALF_DTYPES, MAX_HEAD_DIM, SUPPORTED_DTYPES, check_precision, compute_dtype
 
 __all__ = ["AdditiveAttention", "MultiHeadAttention"]
 
@@ -218,6 +218,11 @@ class MultiHeadAttention:
             float16 / ``ml_dtypes.bfloat16``: parameters, inputs, outputs and gradients in 16 bits,
             projections computed in float32 and rounded once (see the module docstring).
         rng: ``numpy.random.Generator``, an int seed or None, for the initialisation.
+        precision: ``"highest"`` (default), ``"high"`` or ``"medium"``: the fused attention's float32
+            products, as in :func:`fusedattn.attention` (bf16x3 / bf16 on the AMX tiles on the ``amx``
+            level, ignored elsewhere). Stored as :attr:`precision`; a call's ``precision=`` overrides it.
+            The projections (NumPy matmuls), ``need_weights`` and :meth:`backward` (the fused backward, from
+            the forward's saved output and lse) are not affected.
 
     Initialisation follows torch: xavier-uniform in-projection weights (over the stacked
     ``in_proj_weight``, or each separate projection), zero biases, and the out projection's
@@ -250,7 +255,7 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 batch_first=True, dtype=np.float32, rng=None):
+                 batch_first=True, dtype=np.float32, rng=None, precision="highest"):
         self.embed_dim = _check_positive_int(embed_dim, "embed_dim")
         self.num_heads = _check_positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
@@ -272,6 +277,9 @@ class MultiHeadAttention:
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dtype = _check_dtype(dtype)
+        check_precision(precision)
+        #: The fused attention's float32 precision for calls that do not pass ``precision=``.
+        self.precision = str(precision)
         # torch's flag: one stacked in_proj_weight only when k and v inputs have the query's width.
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         self.kv_embed_dim = self.num_kv_heads * self.head_dim
@@ -368,7 +376,7 @@ class MultiHeadAttention:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def __call__(self, query, key=None, value=None, *, mask=None, causal=False, need_weights=False):
+    def __call__(self, query, key=None, value=None, *, mask=None, causal=False, need_weights=False, precision=None):
         """Attend ``query`` to ``key``/``value`` (self-attention when both are omitted).
 
         Args:
@@ -384,6 +392,8 @@ class MultiHeadAttention:
                 (query i sees keys ``j <= i``); ``"bottom_right"`` aligns the last query with the last key.
             need_weights: also return the attention probabilities averaged over heads (torch's
                 ``average_attn_weights=True``). Off by default, unlike torch: they cost a second pass.
+            precision: this call's ``"highest"``, ``"high"`` or ``"medium"`` (see the class docstring);
+                None (default) uses the layer's :attr:`precision`.
 
         Returns:
             ``(out, weights)``: ``out`` shaped like ``query`` with ``E`` features, in the layer's dtype;
@@ -396,6 +406,8 @@ class MultiHeadAttention:
         self._cache = None  # a failed call must not leave an older call's activations for backward()
         if key is None and value is not None:
             raise ValueError("value was given without key: pass key too (or neither, for self-attention)")
+        precision = self.precision if precision is None else precision
+        check_precision(precision)  # before the projections, which a bad value would waste
         # mha(x) and mha(x, x, x) alike take the one-matmul self-attention path.
         self_attention = key is None or (key is query and (value is None or value is query))
         q_in = _as_input(query, "query", self.dtype)
@@ -437,7 +449,8 @@ class MultiHeadAttention:
         heads_view = heads.transpose(1, 2, 0, 3) if seq_first else heads.transpose(0, 2, 1, 3)
         # The lse (B, H, Lq) is all the fused backward needs to recompute the probabilities: one number
         # per query row, so keeping it for backward() costs next to nothing.
-        _, lse = fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view, return_lse=True)
+        _, lse = fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view, return_lse=True,
+                                     precision=precision)
         concat = heads.reshape(heads.shape[:2] + (self.embed_dim,))
         out = _mm(concat, self._params["out_proj.weight"].T)
         if self.bias:
@@ -581,8 +594,9 @@ class MultiHeadAttention:
     def __repr__(self):
         extra = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
         extra += f", kdim={self.kdim}, vdim={self.vdim}" if not self._qkv_same_embed_dim else ""
+        extra_precision = f", precision={self.precision!r}" if self.precision != "highest" else ""
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, bias={self.bias}, "
-                f"batch_first={self.batch_first}, dtype={self.dtype.name})")
+                f"batch_first={self.batch_first}, dtype={self.dtype.name}{extra_precision})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend
 from ._checks import (_as_float_array, _check_alignment, _overlaps, _positions, check_dropout, check_like,
-                      check_num_threads, compute_dtype, prepare)
+                      check_num_threads, check_precision, compute_dtype, prepare)
 
 __all__ = ["attention_varlen", "attention_varlen_backward"]
 
@@ -82,7 +82,7 @@ def _finish_packed(p, cu_q, cu_k, causal, alibi_slopes, dropout_p, seed, need_se
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
                      scale=None, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
-                     return_lse=False, out=None, num_threads=None):
+                     return_lse=False, out=None, precision="highest", num_threads=None):
     """Fused attention over a packed batch of variable-length sequences.
 
     Args:
@@ -96,6 +96,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
             is ``(Hq,)`` or ``(batch, Hq)``.
         return_lse: also return ``lse`` of shape ``(Hq, total_q)`` (FlashAttention's layout).
         out: optional ``(total_q, Hq, Dv)`` array to write into.
+        precision: ``"highest"`` (default), ``"high"`` or ``"medium"``: float32 products on the AMX tiles as
+            in :func:`fusedattn.attention` (packed calls always take the tiles' prefill layout there); ignored
+            on other ISA levels, other dtypes and the NumPy fallback.
 
     Returns:
         ``out`` ``(total_q, Hq, Dv)`` in the inputs' dtype, or ``(out, lse)``.
@@ -108,6 +111,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         (8, 2, 16)
     """
     threads = check_num_threads(num_threads)
+    fp32_precision = check_precision(precision)
     if _backend._core is None:
         from . import reference
         return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=window,
@@ -116,6 +120,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     p, packed = prepare_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, window=window,
                                alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
+    p.positions.update(fp32_precision)
     out_shape = (p.q.shape[-2], p.q.shape[-3], p.v.shape[-1])
     if out is None:
         out = np.empty(out_shape, p.q.dtype)

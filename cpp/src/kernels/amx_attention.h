@@ -43,17 +43,19 @@ struct Fp16Encoding {
   static void dot() { Tiles::template dot_fp16<kC, kA, kB>(); }
 };
 
-// x as kPlanes 16-bit planes whose sum is x to 2 x the encoding's precision: hi, then lo = x - hi (0 where
-// that difference is not finite, so an infinite input stays infinite instead of becoming NaN).
+// x as kPlanes 16-bit planes whose sum is x to twice the encoding's precision: hi, then lo = x - hi. A
+// non-finite x (or one whose hi overflows) becomes hi = 0, lo = x: a product sums hi.hi + hi.lo + lo.hi, so
+// x then meets only the other operand's hi plane, and inf * p stays inf instead of inf + inf * 0 = NaN.
 template <class Encoding, int kPlanes>
 inline void split_planes(__m512 x, __m512i planes[]) {
+  static_assert(kPlanes == 1 || kPlanes == 2, "an operand is one or two planes");
   planes[0] = Encoding::encode(x);
   if constexpr (kPlanes == 2) {
-    const __m512 rest = _mm512_sub_ps(x, Encoding::decode(planes[0]));
-    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(rest, rest), _mm512_setzero_ps(), _CMP_EQ_OQ);
-    planes[1] = Encoding::encode(_mm512_maskz_mov_ps(finite, rest));
+    const __m512 hi = Encoding::decode(planes[0]);
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(hi, hi), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    planes[1] = _mm512_mask_mov_epi32(Encoding::encode(x), finite, Encoding::encode(_mm512_sub_ps(x, hi)));
+    planes[0] = _mm512_maskz_mov_epi32(finite, planes[0]);
   }
-  static_assert(kPlanes == 1 || kPlanes == 2, "an operand is one or two planes");
 }
 
 // The precision of the tile products: the encoding, and the planes of each operand. A product
@@ -67,7 +69,9 @@ struct TileMode {
 };
 using Bf16Tiles = TileMode<Bf16Encoding, 1, 1, 1>;    // bfloat16 inputs; float32 "medium"
 using Bf16x3Tiles = TileMode<Bf16Encoding, 2, 2, 2>;  // float16 (exact) and float32 "high"
-using Fp16Tiles = TileMode<Fp16Encoding, 1, 1, 2>;    // float16 on AMX-FP16: exact Q, K, V; P in 2 planes
+// float16 on AMX-FP16: Q, K, V exact; P rounded to float16 for P.V, as torch's float16 path rounds it to
+// the input dtype (one plane also keeps inf * p = inf: a split P would add inf * 0 through its lo plane).
+using Fp16Tiles = TileMode<Fp16Encoding, 1, 1, 1>;
 
 // ---------------------------------------------------------------------------------------------------
 // Packing. Rows of 16-bit planes (A operands) and rows of pairs (B operands), from fp32 sources.

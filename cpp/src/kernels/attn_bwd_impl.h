@@ -88,6 +88,29 @@ void pack_rows(int64_t rows, int64_t cols, const S* src, int64_t src_row, int64_
       dst[r * cols_pad + c] = (r < rows && c < cols) ? widen(src[r * src_row + c * src_col]) * factor : T(0);
 }
 
+// Per lane of a query block: the logsumexp (+inf where a row attends nothing or is padding, so that its
+// P is exp(-inf) = 0) and D = rowsum(dO o O).
+template <class Vec>
+void pack_row_statistics(const AttnParams& p, const RowBlock& block, int64_t lanes, typename Vec::T* lse_out,
+                         typename Vec::T* delta_out) {
+  using T = typename Vec::T;
+  using S = typename Vec::S;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < lanes; ++i) {
+    lse_out[i] = inf;
+    delta_out[i] = T(0);
+    if (i >= block.nq) continue;
+    const T lse = *p.lse.row<const T>(block.batch, block.head0, block.q0 + i);
+    lse_out[i] = lse == -inf ? inf : lse;
+    const S* out_row = p.out.row<const S>(block.batch, block.head0, block.q0 + i);
+    const S* dout_row = p.dout.row<const S>(block.batch, block.head0, block.q0 + i);
+    T delta = 0;
+    for (int64_t e = 0; e < p.value_dim; ++e)
+      delta += widen(dout_row[e * p.dout.col_stride]) * widen(out_row[e * p.out.col_stride]);
+    delta_out[i] = delta;
+  }
+}
+
 // Everything about one query block that the key loop reads: Q^T, scale * Q rows, dO^T, dO rows, the
 // logsumexp (+inf where a row attends nothing or is padding, so that its P is exp(-inf) = 0) and D.
 template <class Vec>
@@ -96,7 +119,6 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
   using S = typename Vec::S;
   const AttnParams& p = *plan.p;
   const int64_t lanes = plan.lanes, nq = block.nq;
-  const T inf = std::numeric_limits<T>::infinity();
   WidenedProducts::pack_queries<Vec>(p, block, lanes, w.q_t);
   pack_rows<T>(nq, p.head_dim, p.q.row<const S>(block.batch, block.head0, block.q0), p.q.row_stride, p.q.col_stride,
                static_cast<T>(p.scale), w.q_rows, lanes, plan.dim_pad);
@@ -105,19 +127,7 @@ void pack_query_block(const BackwardPlan<Vec>& plan, const RowBlock& block, cons
   const S* dout = p.dout.row<const S>(block.batch, block.head0, block.q0);
   transpose_copy<Vec>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, w.do_t, lanes, 1);
   pack_rows<T>(nq, p.value_dim, dout, p.dout.row_stride, p.dout.col_stride, T(1), w.do_rows, lanes, plan.value_dim_pad);
-  for (int64_t i = 0; i < lanes; ++i) {
-    w.lse[i] = inf;
-    w.delta[i] = T(0);
-    if (i >= nq) continue;
-    const T lse = *p.lse.row<const T>(block.batch, block.head0, block.q0 + i);
-    w.lse[i] = lse == -inf ? inf : lse;
-    const S* out_row = p.out.row<const S>(block.batch, block.head0, block.q0 + i);
-    const S* dout_row = p.dout.row<const S>(block.batch, block.head0, block.q0 + i);
-    T delta = 0;
-    for (int64_t e = 0; e < p.value_dim; ++e)
-      delta += widen(dout_row[e * p.dout.col_stride]) * widen(out_row[e * p.out.col_stride]);
-    w.delta[i] = delta;
-  }
+  pack_row_statistics<Vec>(p, block, lanes, w.lse, w.delta);
 }
 
 // Additive scores s = sum_d w_d t_d with t_d = tanh(q_d + k_d): ds/dq_d = ds/dk_d = w_d (1 - t_d^2) and
@@ -150,6 +160,50 @@ void additive_gradient_tile(const AttnParams& p, int64_t lanes, int64_t nk, cons
     }
     dw[d] += Vec::reduce_add(dw_sum);
   }
+}
+
+// One tile's softmax backward, from its scaled scores S^T (s_t) and dP^T = V . dO^T (dp_t), nk x lanes:
+// soft-capping, bias, mask and band as in the forward, then P^T = exp(S^T - lse) times the dropout factor Z
+// into s_t and dS^T = P o (dP o Z - D) (times the soft-cap derivative) into dp_t. cap_grad and z_t are
+// scratch of the same size; lse (+inf on rows that attend nothing) and delta are per lane.
+template <class Vec, class Mask>
+void score_gradients(const AttnParams& p, const RowBlock& block, int64_t lanes, int64_t k0, int64_t nk,
+                     typename Vec::T* s_t, typename Vec::T* dp_t, typename Vec::T* cap_grad, typename Vec::T* z_t,
+                     const typename Vec::T* lse, const typename Vec::T* delta) {
+  using T = typename Vec::T;
+  using V = typename Vec::V;
+  constexpr int W = Vec::W;
+  QueryLanes::soft_cap<Vec>(p, nk * lanes, s_t);
+  // Soft-capping scales the score's gradient by d(cap tanh(s / cap))/ds = 1 - (capped / cap)^2.
+  if (p.softcap > 0)
+    for (int64_t e = 0; e < nk * lanes; ++e) {
+      const T ratio = s_t[e] / static_cast<T>(p.softcap);
+      cap_grad[e] = T(1) - ratio * ratio;
+    }
+  restrict_scores<Mask>(p, block, k0, nk, s_t, /*row_stride=*/1, /*key_stride=*/lanes);
+  // With dropout (factor Z: 0 or 1 / (1 - p)), dV takes P o Z and dS = P o (dP o Z - D).
+  const bool dropout = p.dropout_p > 0;
+  if (dropout) {
+    // Padding lanes get factor 0 too: the additive gradients sum over every lane.
+    for (int64_t e = 0; e < nk * lanes; ++e) z_t[e] = T(0);
+    apply_dropout(p, block, k0, nk, z_t, /*row_stride=*/1, /*key_stride=*/lanes, /*factor_only=*/true);
+  }
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t lane = 0; lane < lanes; lane += W) {
+      const int64_t e = j * lanes + lane;
+      const V prob = exp_minus<Vec>(Vec::load(s_t + e), Vec::load(lse + lane));
+      V dprob = Vec::load(dp_t + e);
+      V kept = prob;
+      if (dropout) {
+        const V factor = Vec::load(z_t + e);
+        dprob = Vec::mul(dprob, factor);
+        kept = Vec::mul(prob, factor);
+      }
+      V ds = Vec::mul(prob, Vec::sub(dprob, Vec::load(delta + lane)));
+      if (p.softcap > 0) ds = Vec::mul(ds, Vec::load(cap_grad + e));
+      Vec::store(s_t + e, kept);
+      Vec::store(dp_t + e, ds);
+    }
 }
 
 // One work item: keys [chunk_begin, chunk_end) of (batch, kv_head) against every query of the group.
@@ -187,41 +241,11 @@ void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
 
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
         const int64_t nk = min_i64(kBlockK, k_end - k0);
-        QueryLanes::raw_scores<Vec, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
-        // Soft-capping scales the score's gradient by d(cap tanh(s / cap))/ds = 1 - (capped / cap)^2.
-        if (p.softcap > 0)
-          for (int64_t e = 0; e < nk * lanes; ++e) {
-            const T ratio = w.s_t[e] / static_cast<T>(p.softcap);
-            w.cap_grad[e] = T(1) - ratio * ratio;
-          }
-        restrict_scores<Mask>(p, block, k0, nk, w.s_t, /*row_stride=*/1, /*key_stride=*/lanes);
+        WidenedProducts::scores<Vec, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
                                                                    p.v.row<const S>(batch, kv_head, k0), p.v.row_stride,
                                                                    p.v.col_stride, w.do_t, w.dp_t);
-        // With dropout (factor Z: 0 or 1 / (1 - p)), dV takes P o Z and dS = P o (dP o Z - D).
-        const bool dropout = p.dropout_p > 0;
-        if (dropout) {
-          // Padding lanes get factor 0 too: the additive gradients sum over every lane.
-          for (int64_t e = 0; e < nk * lanes; ++e) w.z_t[e] = T(0);
-          apply_dropout(p, block, k0, nk, w.z_t, /*row_stride=*/1, /*key_stride=*/lanes, /*factor_only=*/true);
-        }
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t lane = 0; lane < lanes; lane += W) {
-            const int64_t e = j * lanes + lane;
-            const V prob = exp_minus<Vec>(Vec::load(w.s_t + e), Vec::load(w.lse + lane));
-            V dprob = Vec::load(w.dp_t + e);
-            V kept = prob;
-            if (dropout) {
-              const V factor = Vec::load(w.z_t + e);
-              dprob = Vec::mul(dprob, factor);
-              kept = Vec::mul(prob, factor);
-            }
-            Vec::store(w.s_t + e, kept);
-            Vec::store(w.dp_t + e, Vec::mul(prob, Vec::sub(dprob, Vec::load(w.delta + lane))));
-          }
-        if (p.softcap > 0)
-          for (int64_t e = 0; e < nk * lanes; e += W)
-            Vec::store(w.dp_t + e, Vec::mul(Vec::load(w.dp_t + e), Vec::load(w.cap_grad + e)));
+        score_gradients<Vec, Mask>(p, block, lanes, k0, nk, w.s_t, w.dp_t, w.cap_grad, w.z_t, w.lse, w.delta);
         T* dv_rows = w.dv + (k0 - chunk_begin) * plan.value_dim_pad;
         T* dk_rows = w.dk + (k0 - chunk_begin) * plan.dim_pad;
         strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
@@ -275,9 +299,9 @@ void sum_dq_chunks(const BackwardPlan<Vec>& plan, int64_t row_index) {
   }
 }
 
-template <class Vec, class Mask, class Score>
-void run_backward(const AttnParams& p) {
-  using T = typename Vec::T;
+// The decomposition of a backward call (no buffers): query blocks, lanes, padded dims and key chunks.
+template <class Vec>
+BackwardPlan<Vec> plan_backward(const AttnParams& p) {
   constexpr int W = Vec::W;
   BackwardPlan<Vec> plan{};
   plan.p = &p;
@@ -293,6 +317,25 @@ void run_backward(const AttnParams& p) {
   plan.chunks = min_i64(key_blocks, ceil_div(kTargetItems, kv_heads));
   plan.keys_per_chunk = kBlockK * ceil_div(key_blocks, plan.chunks);
   plan.chunks = ceil_div(key_blocks * kBlockK, plan.keys_per_chunk);
+  return plan;
+}
+
+// Sums the chunks' dQ slices (when there are several) into dq, rows in parallel.
+template <class Vec>
+void finish_dq(const BackwardPlan<Vec>& plan) {
+  if (plan.chunks == 1) return;
+  const AttnParams& p = *plan.p;
+  parallel_for(
+      p.batch * p.heads_q * p.len_q, p.num_threads,
+      [](void* context, int64_t row, int) { sum_dq_chunks<Vec>(*static_cast<const BackwardPlan<Vec>*>(context), row); },
+      const_cast<BackwardPlan<Vec>*>(&plan));
+}
+
+template <class Vec, class Mask, class Score>
+void run_backward(const AttnParams& p) {
+  using T = typename Vec::T;
+  BackwardPlan<Vec> plan = plan_backward<Vec>(p);
+  const int64_t kv_heads = p.batch * p.heads_kv;
   const int64_t align = 64 / sizeof(T);
   plan.scratch_per_thread = round_up(BackwardScratch<Vec>::size(plan) + 16 * align, align);
   AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
@@ -317,12 +360,7 @@ void run_backward(const AttnParams& p) {
       dw[d] = total;
     }
   }
-  if (plan.chunks > 1) {
-    parallel_for(
-        p.batch * p.heads_q * p.len_q, p.num_threads,
-        [](void* context, int64_t row, int) { sum_dq_chunks<Vec>(*static_cast<const BackwardPlan<Vec>*>(context), row); },
-        &plan);
-  }
+  finish_dq(plan);
 }
 
 template <class Vec, class Mask>

@@ -20,8 +20,10 @@
 #include "kernels/vec_avx512.h"
 #include "kernels/convert.h"
 #include "kernels/attn_fwd_impl.h"
+#include "kernels/attn_bwd_impl.h"
 #include "kernels/amx_tiles.h"
 #include "kernels/amx_attention.h"
+#include "kernels/amx_backward.h"
 
 namespace fusedattn::kernels {
 
@@ -29,6 +31,8 @@ void attention_forward_amx_native(const AttnParams& params) {
   if (!isa_amx::forward_on_tiles<isa_amx::NativeTiles>(params)) attention_forward_avx512bf16(params);
 }
 
-void attention_backward_amx_native(const AttnParams& params) { attention_backward_avx512(params); }
+void attention_backward_amx_native(const AttnParams& params) {
+  if (!isa_amx::backward_on_tiles<isa_amx::NativeTiles>(params)) attention_backward_avx512(params);
+}
 
 }  // namespace fusedattn::kernels

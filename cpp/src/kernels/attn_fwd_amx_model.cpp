@@ -19,8 +19,10 @@
 #include "kernels/vec_avx512.h"
 #include "kernels/convert.h"
 #include "kernels/attn_fwd_impl.h"
+#include "kernels/attn_bwd_impl.h"
 #include "kernels/amx_tiles.h"
 #include "kernels/amx_attention.h"
+#include "kernels/amx_backward.h"
 
 namespace fusedattn::kernels {
 
@@ -28,6 +30,8 @@ void attention_forward_amx_model(const AttnParams& params) {
   if (!isa_amx_model::forward_on_tiles<isa_amx_model::ModelTiles>(params)) attention_forward_avx512bf16(params);
 }
 
-void attention_backward_amx_model(const AttnParams& params) { attention_backward_avx512(params); }
+void attention_backward_amx_model(const AttnParams& params) {
+  if (!isa_amx_model::backward_on_tiles<isa_amx_model::ModelTiles>(params)) attention_backward_avx512(params);
+}
 
 }  // namespace fusedattn::kernels
