@@ -467,8 +467,9 @@ def build_dense(spec):
         if isinstance(value, (float, np.floating)) and math.isfinite(value):
             value = type(value)(value / math.sqrt(max(d, 1)))  # np.float32 stays np.float32
         kwargs["scale"] = value
-        scale_ignored = spec["fn"] == "weights" and pert.get("kind") == "additive"  # additive scores have no scale
-        if not scale_ignored and (isinstance(value, (bool, str, complex, list)) or not math.isfinite(float(value))):
+        # Validated everywhere, additive attention_weights included (which then ignores it: its scores are
+        # not scaled), so a bad scale is an error whatever the kind.
+        if isinstance(value, (bool, str, complex, list)) or not math.isfinite(float(value)):
             invalid(f"scale={value!r}")
     if "window" in pert:
         value = pert["window"]
