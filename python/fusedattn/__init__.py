@@ -5,7 +5,7 @@
 >>> fa.attention(q, k, v).shape
 (2, 8, 128, 64)
 """
-from . import masks, plot, reference
+from . import masks, reference
 from .api import (
     __version__,
     additive_attention,
@@ -44,3 +44,22 @@ __all__ = [
     "reference",
     "__version__",
 ]
+
+# Submodules with optional dependencies or heavier imports load on first access: `fusedattn.dask` (dask),
+# `fusedattn.plot` (matplotlib), `fusedattn.cuda` (the CUDA extension), `fusedattn.cli`. A plain
+# `import fusedattn` stays within a few ms of NumPy's own import.
+_LAZY_SUBMODULES = ("cli", "cuda", "dask", "plot")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fusedattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

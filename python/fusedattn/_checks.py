@@ -15,22 +15,23 @@ import numpy as np
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _half_dtypes():
-    try:  # ml_dtypes is the NumPy ecosystem's bfloat16; only users who have bfloat16 arrays need it
-        import ml_dtypes
-    except ImportError:
-        return (np.dtype(np.float16),)
-    return (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+def is_half_dtype(dtype) -> bool:
+    """16-bit storage: float16, or bfloat16 (ml_dtypes, the NumPy ecosystem's bfloat16). The kernels compute
+    in float32 (lse, float masks, ALiBi slopes too) and store 16-bit. bfloat16 is recognised by its name, as
+    the C++ bindings do, so checking a dtype never imports ml_dtypes (~0.2-2 s): only users who hold
+    bfloat16 arrays have loaded it."""
+    dtype = np.dtype(dtype)
+    return dtype == np.float16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
 
 
-# 16-bit storage: the kernels compute in float32 (lse, float masks, ALiBi slopes too) and store 16-bit.
-HALF_DTYPES = _half_dtypes()
-ATTENTION_DTYPES = SUPPORTED_DTYPES + HALF_DTYPES
+def is_attention_dtype(dtype) -> bool:
+    """float32, float64, float16 or bfloat16: what the kernels take."""
+    return np.dtype(dtype) in SUPPORTED_DTYPES or is_half_dtype(dtype)
 
 
 def _is_float(dtype) -> bool:
     """A floating dtype, bfloat16 included (NumPy does not count ml_dtypes' bfloat16 as np.floating)."""
-    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) in HALF_DTYPES
+    return np.issubdtype(dtype, np.floating) or is_half_dtype(dtype)
 
 
 def _is_real(dtype) -> bool:
@@ -39,7 +40,7 @@ def _is_real(dtype) -> bool:
 
 def compute_dtype(dtype) -> np.dtype:
     """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
-    return np.dtype(np.float32) if np.dtype(dtype) in HALF_DTYPES else np.dtype(dtype)
+    return np.dtype(np.float32) if is_half_dtype(dtype) else np.dtype(dtype)
 MAX_HEAD_DIM = 512
 _CAUSAL_CHOICES = (False, True, "top_left", "bottom_right")
 _TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
@@ -66,7 +67,7 @@ def _as_float_array(x, name: str) -> np.ndarray:
             x = np.asarray(x)
         except Exception as exc:  # ragged lists, objects numpy cannot hold
             raise TypeError(f"{name} must be a float32 or float64 array; could not convert {type(x).__name__}: {exc}") from None
-    if x.dtype not in ATTENTION_DTYPES:
+    if not is_attention_dtype(x.dtype):
         raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16 (ml_dtypes), got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(
@@ -87,6 +88,30 @@ def head_view(x: np.ndarray, user_rank: int) -> np.ndarray:
     if user_rank == 3:
         return np.expand_dims(x, 1)
     return x
+
+
+def check_positive_int(value, name: str, *, upper=None) -> int:
+    """A size argument of a layer or a cache: an int >= 1 (and <= upper when given)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1 or (upper is not None and value > upper):
+        bounds = f"between 1 and {upper}" if upper is not None else ">= 1"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return int(value)
+
+
+_DTYPE_CHOICES = "float32 or float64 (or 16-bit: float16, ml_dtypes.bfloat16)"
+
+
+def check_storage_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """A layer's or a cache's storage dtype: one the kernels take (float32, float64, float16, bfloat16)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {dtype!r}") from None
+    if not is_attention_dtype(resolved):
+        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {resolved}")
+    return resolved
 
 
 def check_num_threads(num_threads) -> Optional[int]:
@@ -240,7 +265,7 @@ def check_out_dtype(out_dtype, dtype) -> np.dtype:
         resolved = np.dtype(out_dtype)
     except TypeError:
         raise TypeError(f"out_dtype must be None or a dtype, got {out_dtype!r}") from None
-    if resolved != np.dtype(dtype) and not (resolved == np.float32 and np.dtype(dtype) in HALF_DTYPES):
+    if resolved != np.dtype(dtype) and not (resolved == np.float32 and is_half_dtype(dtype)):
         raise TypeError(f"out_dtype must be the inputs' dtype {np.dtype(dtype)} or, for 16-bit inputs, float32; "
                         f"got {resolved}")
     return resolved

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, reference
-from . import cuda as _cuda_path
 from .masks import BlockDiagonal
 from ._checks import (PRECISIONS, check_dropout, check_kind, check_like, check_out_dtype, check_precision,
                       compute_dtype, check_num_threads, check_out, check_score_weight, head_view, prepare)
@@ -12,12 +11,36 @@ from ._checks import (PRECISIONS, check_dropout, check_kind, check_like, check_o
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
            "additive_attention_backward", "backend_info", "set_num_threads", "get_num_threads"]
 
-try:
-    from importlib.metadata import PackageNotFoundError, version as _dist_version
+def _package_version() -> str:
+    """pyproject.toml's version: compiled into the extension (cheap), else from the installed metadata
+    (importlib.metadata costs ~40 ms of import time, so only the fallback without the extension pays it)."""
+    version = getattr(_backend._core, "__version__", None)
+    if version:
+        return version
+    try:
+        from importlib.metadata import version as _dist_version
 
-    __version__ = _dist_version("fusedattn")
-except Exception:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+        return _dist_version("fusedattn")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _package_version()
+
+
+def _wants_cuda(device, *arrays) -> bool:
+    """cuda.wants_cuda, without importing the CUDA routing for the common case: NumPy arrays, no device."""
+    if device is None and all(isinstance(x, np.ndarray) for x in arrays):
+        return False
+    from . import cuda
+
+    return cuda.wants_cuda(device, *arrays)
+
+
+def _cuda_info() -> dict:
+    from . import cuda
+
+    return cuda.info()
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
@@ -98,7 +121,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     """
     threads = check_num_threads(num_threads)
     fp32_precision = check_precision(precision)  # validated on every path, read by the CPU kernel only
-    if _cuda_path.wants_cuda(device, q, k, v):
+    if _wants_cuda(device, q, k, v):
+        from . import cuda as _cuda_path
+
         return _cuda_path.attention(q, k, v, device=device, mask=mask, causal=causal, scale=scale, window=window,
                                     alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
                                     dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out,
@@ -411,7 +436,7 @@ def backend_info() -> dict:
     core = _backend._core
     if core is None:
         return {"isa": "reference", "compiled_isas": ["reference"], "supported_isas": ["reference"],
-                "num_threads": 1, "openmp": False, "version": __version__, "cuda": _cuda_path.info(),
+                "num_threads": 1, "openmp": False, "version": __version__, "cuda": _cuda_info(),
                 "extension": False, "amx": _NO_EXTENSION_AMX.copy(),
                 "float32_precision": dict.fromkeys(PRECISIONS, "float64 NumPy reference (precision is ignored)")}
     isa = core.current_isa()
@@ -422,7 +447,7 @@ def backend_info() -> dict:
         "num_threads": get_num_threads(),
         "openmp": bool(core.openmp()),
         "version": __version__,
-        "cuda": _cuda_path.info(),
+        "cuda": _cuda_info(),
         "extension": True,
         "amx": dict(core.amx_status()),
         "float32_precision": _float32_precision(isa),

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._checks import HALF_DTYPES, check_num_threads, check_out, check_out_dtype, compute_dtype, prepare
+from ._checks import check_num_threads, check_out, check_out_dtype, compute_dtype, is_half_dtype, prepare
 from .masks import BlockDiagonal
 
 try:
@@ -394,7 +394,7 @@ def _launch(p, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_o
     _cuda.attention_forward(
         p.q.dtype.name, q_spec, k_spec, v_spec, mask_spec,
         "none" if mask_spec is None else ("bool" if p.mask.dtype == np.bool_ else "float"), out_spec, lse_spec,
-        np.dtype(resolved_out) == np.float32 and np.dtype(p.q.dtype) in HALF_DTYPES, p.scale,
+        np.dtype(resolved_out) == np.float32 and is_half_dtype(p.q.dtype), p.scale,
         int(p.positions["diagonal_offset"]), window is not None, index, stream)
 
 
@@ -416,10 +416,11 @@ def _describe(x, name: str, stream: Optional[int] = None) -> DeviceArray:
 def _dummy(a: DeviceArray):
     """A zero-stride NumPy stand-in with a's shape and dtype, so _checks.prepare can validate it."""
     if a.dtype == "bfloat16":
-        bf16 = [d for d in HALF_DTYPES if d.name == "bfloat16"]
-        if not bf16:
-            raise TypeError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes)")
-        dtype = bf16[0]
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError("bfloat16 arrays need the ml_dtypes package (pip install ml_dtypes)") from None
+        dtype = np.dtype(ml_dtypes.bfloat16)
     else:
         try:
             dtype = np.dtype(a.dtype)

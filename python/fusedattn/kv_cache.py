@@ -5,8 +5,7 @@ import numpy as np
 
 import fusedattn  # fusedattn.attention is looked up at call time
 
-from ._checks import MAX_HEAD_DIM
-from .layers import _check_dtype, _check_positive_int
+from ._checks import MAX_HEAD_DIM, check_positive_int as _check_positive_int, check_storage_dtype as _check_dtype
 
 __all__ = ["KVCache"]
 

@@ -32,7 +32,6 @@ with ``~``:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,7 +39,8 @@ import numpy as np
 
 import fusedattn  # the fused entry points are looked up at call time (fusedattn.attention, ...)
 
-from ._checks import HALF_DTYPES, MAX_HEAD_DIM, SUPPORTED_DTYPES, check_precision, compute_dtype
+from ._checks import (MAX_HEAD_DIM, _is_float, check_positive_int as _check_positive_int, check_precision,
+                      check_storage_dtype as _check_dtype, compute_dtype)
 
 __all__ = ["AdditiveAttention", "MultiHeadAttention"]
 
@@ -48,34 +48,6 @@ __all__ = ["AdditiveAttention", "MultiHeadAttention"]
 # ---------------------------------------------------------------------------------------------
 # Shared helpers (also used by kv_cache.py)
 # ---------------------------------------------------------------------------------------------
-
-def _check_positive_int(value, name: str, *, upper=None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1 or (upper is not None and value > upper):
-        bounds = f"between 1 and {upper}" if upper is not None else ">= 1"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return int(value)
-
-
-_LAYER_DTYPES = SUPPORTED_DTYPES + HALF_DTYPES
-_DTYPE_CHOICES = "float32 or float64 (or 16-bit: float16, ml_dtypes.bfloat16)"
-
-
-def _check_dtype(dtype, name: str = "dtype") -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {dtype!r}") from None
-    if resolved not in _LAYER_DTYPES:
-        raise TypeError(f"{name} must be {_DTYPE_CHOICES}, got {resolved}")
-    return resolved
-
-
-def _is_float(dtype) -> bool:
-    # ml_dtypes.bfloat16 is not a NumPy floating subtype (its kind is 'V'), so it is named explicitly.
-    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) in HALF_DTYPES
-
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for the projections, in the compute dtype: float32 for 16-bit operands (see the module

@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from ._checks import ATTENTION_DTYPES, compute_dtype
+from ._checks import compute_dtype, is_attention_dtype
 
 __all__ = ["merge_attention"]
 
@@ -93,7 +93,7 @@ def _check(outs, lses):
     outs = [np.asarray(o) for o in outs]
     lses = [np.asarray(lse) for lse in lses]
     dtype = outs[0].dtype
-    if dtype not in ATTENTION_DTYPES:
+    if not is_attention_dtype(dtype):
         raise TypeError(f"outs[0] must have dtype float32, float64, float16 or bfloat16, got {dtype}")
     lse_dtype = compute_dtype(dtype)
     if outs[0].ndim < 1:
