@@ -9,6 +9,9 @@ single-core work):
   in all); ``kt=1``: one kernel thread per task, Dask's threads fill the cores.
 * ``keys4``: the keys split into 4 blocks (all heads in each): 4 partials per query row, packed with their
   lse and merged by ``merge_attention`` in Dask's tree: the cost of sequence parallelism.
+* ``causal-direct`` / ``causal-blocks4x4``: causal (top-left); q, k and v in 4 blocks of 512 along the
+  sequence: the 6 blocks above the diagonal are no task, so 10 kernel calls do the direct call's work
+  (issue #14: 136 ms against 54 ms for the direct call when all 16 blocks were calls).
 
 ``extra_info``: ``ms`` (best round), ``overhead_pct`` = (best dask / best direct - 1) x 100 and
 ``overhead_pct_median_pair`` (the median over pairs), from 7 pairs of one direct call then one Dask call
@@ -33,14 +36,16 @@ import fusedattn  # noqa: E402  (after the skips)
 import fusedattn.dask  # noqa: E402
 
 SHAPE = (1, 16, 2048, 64)
-# (label, q/k/v chunks, kernel threads per task: None = all)
+# (label, q/k/v chunks, kernel threads per task: None = all, causal)
 ROWS = [
-    ("direct", None, None),
-    ("heads2-kt=all", (1, 8, -1, -1), None),
-    ("heads2-kt=1", (1, 8, -1, -1), 1),
-    ("heads4-kt=all", (1, 4, -1, -1), None),
-    ("heads4-kt=1", (1, 4, -1, -1), 1),
-    ("keys4-kt=all", (1, -1, 512, -1), None),
+    ("direct", None, None, False),
+    ("heads2-kt=all", (1, 8, -1, -1), None, False),
+    ("heads2-kt=1", (1, 8, -1, -1), 1, False),
+    ("heads4-kt=all", (1, 4, -1, -1), None, False),
+    ("heads4-kt=1", (1, 4, -1, -1), 1, False),
+    ("keys4-kt=all", (1, -1, 512, -1), None, False),
+    ("causal-direct", None, None, True),
+    ("causal-blocks4x4-kt=all", (1, -1, 512, -1), None, True),
 ]
 
 
@@ -50,21 +55,22 @@ def inputs():
     return tuple(rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(3))
 
 
-@pytest.mark.parametrize(("label", "chunks", "kernel_threads"), ROWS, ids=[r[0] for r in ROWS])
-def test_dask_speed(benchmark, inputs, threads, label, chunks, kernel_threads):
+@pytest.mark.parametrize(("label", "chunks", "kernel_threads", "causal"), ROWS, ids=[r[0] for r in ROWS])
+def test_dask_speed(benchmark, inputs, threads, label, chunks, kernel_threads, causal):
     q, k, v = inputs
-    want = fusedattn.attention(q, k, v, num_threads=threads)
+    direct = lambda: fusedattn.attention(q, k, v, causal=causal, num_threads=threads)  # noqa: E731
+    want = direct()
     if chunks is None:
-        run = lambda: fusedattn.attention(q, k, v, num_threads=threads)  # noqa: E731
+        run = direct
         info = dict(blocks=1, tasks=0, graph_build_ms=0.0)
     else:
         start = time.perf_counter()
         lazy = fusedattn.dask.attention(*(da.from_array(x, chunks=chunks) for x in (q, k, v)),
-                                        num_threads=kernel_threads or threads)
+                                        causal=causal, num_threads=kernel_threads or threads)
         info = dict(blocks=int(np.prod(da.from_array(q, chunks=chunks).numblocks)), tasks=len(lazy.__dask_graph__()),
                     graph_build_ms=(time.perf_counter() - start) * 1e3)
         run = lambda: lazy.compute(scheduler="threads", num_workers=threads)  # noqa: E731
-    benchmark.group = "dask 1x16x2048x2048x64"
+    benchmark.group = "dask 1x16x2048x2048x64" + (" causal" if causal else "")
     benchmark.extra_info.update(label=label, threads=threads, **info)
     if not benchmark.enabled:
         got = benchmark.pedantic(run)  # --benchmark-disable: a single call, no timing
@@ -78,7 +84,6 @@ def test_dask_speed(benchmark, inputs, threads, label, chunks, kernel_threads):
     benchmark.extra_info["ms"] = benchmark.stats.stats.min * 1e3
     if chunks is None:
         return
-    direct = lambda: fusedattn.attention(q, k, v, num_threads=threads)  # noqa: E731
     pairs = np.array([(_seconds(direct), _seconds(run)) for _ in range(7)])
     benchmark.extra_info["overhead_pct"] = (pairs[:, 1].min() / pairs[:, 0].min() - 1) * 100
     benchmark.extra_info["overhead_pct_median_pair"] = (np.median(pairs[:, 1] / pairs[:, 0]) - 1) * 100

@@ -254,8 +254,8 @@ def assert_dead_rows(out, lse, ref_lse):
 # Relative oracle
 # ---------------------------------------------------------------------------------------------
 
-def _expand_heads(x, rank):
-    """Give 2-D (L, D) / 3-D (B, L, D) arrays (and their masks) an explicit head axis."""
+def expand_heads(x, rank):
+    """The kernel's (..., H, L, ...) view of a rank-2 (L, D) / rank-3 (B, L, D) user array (or mask)."""
     if rank == 2:
         return x[np.newaxis]
     if rank == 3:
@@ -326,7 +326,7 @@ def _scores(q, k, v, *, mask, causal, scale, compute):
     dtype = q.dtype
     compute = np.dtype(compute)
     rank = q.ndim
-    qh, kh, vh = (_expand_heads(x, rank).astype(compute) for x in (q, k, v))
+    qh, kh, vh = (expand_heads(x, rank).astype(compute) for x in (q, k, v))
     hq, lq, d = qh.shape[-3:]
     hkv, lk, _ = kh.shape[-3:]
     group = hq // hkv
@@ -337,7 +337,7 @@ def _scores(q, k, v, *, mask, causal, scale, compute):
     mask_abs = np.zeros((), compute)
     m = _mask_in_dtype(mask, dtype)
     if m is not None:
-        m = _expand_heads(np.broadcast_to(m, q.shape[:-1] + (lk,)), rank)
+        m = expand_heads(np.broadcast_to(m, q.shape[:-1] + (lk,)), rank)
         if m.dtype == np.bool_:
             s = np.where(m, s, compute.type(-np.inf))
         else:

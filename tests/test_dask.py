@@ -252,6 +252,83 @@ def test_graph_is_linear_in_blocks_and_holds_no_score_matrix(rng, blocks):
     np.testing.assert_allclose(got_out, fusedattn.attention(*dask.compute(q, k, v), causal=True), **tol(np.float32))
 
 
+def partial_tasks(*arrays):
+    """The kernel calls in the graphs of ``arrays``: the tasks named fusedattn-partial-<token>."""
+    graph = {}
+    for x in arrays:
+        graph.update(x.__dask_graph__())
+    return sum(1 for key in graph if isinstance(key, tuple) and key[0].startswith("fusedattn-partial-"))
+
+
+def seen_blocks(q_chunks, k_chunks, lq, lk, causal=False, window=None):
+    """(query block, key block) pairs where some query may see some key, from the dense pattern of the docs."""
+    rows, cols = np.arange(lq)[:, None], np.arange(lk)[None, :]
+    diagonal = rows + (0 if causal is True else lk - lq)
+    left, right = (None, None) if window is None else window
+    allowed = np.ones((lq, lk), bool)
+    if causal is not False:
+        allowed &= cols <= diagonal
+    if left is not None:
+        allowed &= cols >= diagonal - left
+    if right is not None:
+        allowed &= cols <= diagonal + right
+    q_bounds, k_bounds = np.cumsum((0,) + q_chunks), np.cumsum((0,) + k_chunks)
+    return np.array([[allowed[q0:q1, k0:k1].any() for k0, k1 in zip(k_bounds[:-1], k_bounds[1:])]
+                     for q0, q1 in zip(q_bounds[:-1], q_bounds[1:])], dtype=bool).reshape(len(q_chunks), len(k_chunks))
+
+
+# (lq, lk, q's Lq chunk, k's Lk chunk, keyword arguments)
+PRUNING_CASES = {
+    "causal_square": (64, 64, 16, 16, dict(causal=True)),  # 4 x 4 blocks, 10 on or below the diagonal
+    "causal_bottom_right": (LQ, LK, 13, 25, dict(causal="bottom_right")),
+    "causal_top_left_lq_lt_lk": (LQ, LK, 13, 25, dict(causal=True)),  # keys 48.. are seen by no query
+    "window": (LQ, LK, 11, 17, dict(window=(10, 3))),
+    "causal_window": (LQ, LK, 11, 9, dict(causal=True, window=(20, None))),
+    # Lq > Lk, bottom-right: the first 40 queries see no key, so whole query blocks have no visible key block.
+    "nothing_visible_causal": (70, 30, 16, 9, dict(causal="bottom_right")),
+    "nothing_visible_window": (70, 30, 16, 9, dict(window=(2, 0))),
+}
+
+
+@pytest.mark.parametrize("return_lse", [True, False], ids=["lse", "out_only"])
+@pytest.mark.parametrize("case", list(PRUNING_CASES))
+def test_blocks_no_query_sees_are_no_task(rng, case, return_lse):
+    """Only the (query block, key block) pairs where some query may see some key make a kernel call."""
+    lq, lk, q_chunk, k_chunk, kwargs = PRUNING_CASES[case]
+    q, k, v = make_inputs(rng, lq=lq, lk=lk)
+    dq = chunked(q, (1, 2, q_chunk, -1))
+    dk, dv = chunked(k, (-1, -1, k_chunk, -1)), chunked(v, (-1, -1, k_chunk, -1))
+    got = fdask.attention(dq, dk, dv, return_lse=return_lse, **kwargs)
+    seen = seen_blocks(dq.chunks[-2], dk.chunks[-2], lq, lk, **kwargs)
+    assert not seen.all(), "a case without an invisible block tests nothing here"
+    outer = dq.numblocks[0] * dq.numblocks[1]  # (batch blocks) x (head blocks): one problem each
+    assert partial_tasks(*(got if return_lse else (got,))) == outer * int(seen.sum()) < outer * seen.size
+    with dask.config.set(scheduler="synchronous"):
+        if return_lse:
+            out, lse = compare(got, q, k, v, **kwargs)
+        else:
+            out = got.compute()
+            np.testing.assert_allclose(out, fusedattn.attention(q, k, v, **kwargs), **tol(np.float32))
+    blind = ~seen.any(axis=1)  # query blocks that see no key block: exactly 0 (and -inf), as the direct call
+    if case.startswith("nothing_visible"):
+        assert blind.any()
+    rows = np.repeat(blind, dq.chunks[-2])
+    assert np.all(out[..., rows, :] == 0.0)
+    if return_lse:
+        assert np.all(np.isneginf(lse[..., rows]))
+
+
+def test_single_key_block_with_blind_query_blocks(rng):
+    """One key block (no merge, no packing) and query blocks that see no key: 0 in the output dtype."""
+    q, k, v = (x.astype(np.float16) for x in make_inputs(rng, lq=70, lk=30))
+    out = fdask.attention(chunked(q, (1, 2, 16, -1)), k, v, causal="bottom_right")
+    # Rows < 40 see nothing: query blocks [0, 16) and [16, 32) make no call; 3 blocks x 2 batch x 2 head blocks do.
+    assert partial_tasks(out) == 3 * 2 * 2
+    got = out.compute(scheduler="synchronous")
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, fusedattn.attention(q, k, v, causal="bottom_right"))
+
+
 def test_graphs_of_different_calls_do_not_collide(rng):
     """Task names hash every argument: two calls on the same arrays, computed together, stay distinct."""
     q, k, v = make_inputs(rng)
@@ -274,7 +351,9 @@ def test_nothing_is_computed_before_compute(rng):
     out = fdask.attention(chunked(q, (1, -1, -1, -1)), dk, chunked(v, (-1, -1, 20, -1)), causal=True)
     assert calls == []
     out.compute(scheduler="synchronous")
-    assert len(calls) == 4  # each of the 4 key blocks is loaded once, for both batch blocks
+    # Each key block is loaded once, for both batch blocks; the 4th (keys 60..79, above the causal diagonal of
+    # all 48 queries) is no task, so it is never loaded.
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------------------------

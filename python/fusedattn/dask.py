@@ -7,7 +7,12 @@
   query (``q_start``), so causal masks, windows and ALiBi stay exact;
 * chunks along ``Lk`` give one *partial* result ``(out, lse)`` per key block (the call gets ``k_start``),
   merged by logsumexp (the arithmetic of :func:`fusedattn.merge_attention`), ``split_every`` partials at a
-  time, in a Dask tree reduction: sequence-parallel (ring / flash-decoding) attention as a task graph.
+  time, in a tree reduction per query block: sequence-parallel (ring / flash-decoding) attention as a
+  task graph;
+* a key block that no query of a query block may see (wholly above the causal diagonal, or outside the
+  window, of the *whole* arrays) is no task at all: a causal problem in n x n blocks makes
+  n (n + 1) / 2 kernel calls, a sliding window O(n). A query block that may see no key at all (a window,
+  or bottom-right causal with Lq > Lk) gets out 0 and lse -inf without a call, as the direct call gives.
 
 The graph holds O(number of blocks) tasks and no ``Lq x Lk`` array anywhere: each task holds one block of
 q, k, v (and the mask) and one ``(Lq_block, Dv + 1)`` partial per query row block. The kernel releases
@@ -19,17 +24,21 @@ This module needs Dask (``pip install "fusedattn[dask]"``); ``import fusedattn``
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
 try:
+    import dask
     import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
 except ImportError as exc:  # pragma: no cover - exercised only where dask is absent
     raise ImportError('fusedattn.dask needs Dask: pip install "fusedattn[dask]" '
                       '(or pip install "dask[array]")') from exc
 
 from . import api
-from ._checks import _check_alignment, check_out_dtype, compute_dtype, prepare
+from ._checks import UNBOUNDED, _check_alignment, check_out_dtype, compute_dtype, prepare
 from .merge import merge_weights
 
 __all__ = ["attention"]
@@ -119,52 +128,59 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     k = k.rechunk(lead_chunks + (kv_head_chunks, k.chunks[-2], k.chunks[-1]))
     v = v.rechunk(lead_chunks + (kv_head_chunks, k.chunks[-2], v.chunks[-1]))
 
-    # Block indices: the leading axes, h (heads: q's Hq chunks, k's Hkv chunks; blocks pair up one to one),
-    # i (Lq), j (Lk), d (D, contracted), e (Dv).
+    # Operands and their block indices: the leading axes, h (heads: q's Hq chunks, k's Hkv chunks; blocks pair
+    # up one to one), i (Lq), j (Lk); a broadcast axis of the mask or the slopes has a private index (block 0).
     lead_ind = tuple(f"b{a}" for a in range(n))
-    args = [q, lead_ind + ("h", "i", "d"), k, lead_ind + ("h", "j", "d"), v, lead_ind + ("h", "j", "e")]
+    operands = [(q, lead_ind + ("h", "i", "d")), (k, lead_ind + ("h", "j", "d")), (v, lead_ind + ("h", "j", "d")),
+                None, None]  # then the mask's and the slopes', where given
     full = lead + (hq, lq, lk)
     target = lead_chunks + (q_head_chunks, q.chunks[-2], k.chunks[-2])
     if mask is not None:
         mask = _with_head_axis(_left_pad(mask, user_rank), user_rank)
-        args += list(_broadcast_operand(mask, full, target, lead_ind + ("h", "i", "j"), "m"))
-    else:
-        args += [None, None]
+        operands[3] = _broadcast_operand(mask, full, target, lead_ind + ("h", "i", "j"), "m")
     if slopes is not None:
         # (1, Hq) or (B*, Hq) from prepare: back to (1.., Hq) / (*lead, Hq) so blocks follow q's chunks.
         slopes = slopes.reshape((1,) * n + (hq,)) if slopes.shape[0] == 1 and n else slopes.reshape(lead + (hq,))
-        args += list(_broadcast_operand(slopes, lead + (hq,), target[:n + 1], lead_ind + ("h",), "s"))
-    else:
-        args += [None, None]
-    # One element per block: the global position of the block's first query / key.
-    q_starts = np.cumsum((0,) + q.chunks[-2][:-1])
-    k_starts = np.cumsum((0,) + k.chunks[-2][:-1])
-    args += [da.from_array(q_starts, chunks=1), ("i",), da.from_array(k_starts, chunks=1), ("j",)]
+        operands[4] = _broadcast_operand(slopes, lead + (hq,), target[:n + 1], lead_ind + ("h",), "s")
 
-    n_key_blocks = k.numblocks[-2]
-    reduce = n_key_blocks > 1
-    packed = reduce or return_lse  # out and lse travel together as (..., Dv + 1) in acc: out, then lse
-    # Key-block axis first: Dask's tree concatenates partials along it, and along the first axis that is a
-    # contiguous copy (measured 5 ms for 4 x (16, 2048, 65) float32) where the interleaving copy along an
-    # inner axis took 13 ms.
-    out_ind = (("j",) if reduce else ()) + lead_ind + ("h", "i", "e")
-    adjust = {}
-    if reduce:
-        adjust["j"] = 1
-    if packed:
-        adjust["e"] = dv + 1
-    block = functools.partial(
-        _block, causal=causal, top_left=causal is not False and _check_alignment(causal), scale=p.scale,
-        window=window, softcap=softcap, lq=lq, lk=lk, dv=dv, packed=packed, keep_key_axis=reduce,
-        out_dtype=acc if packed else dtype, num_threads=num_threads)
+    visible = _visible_key_blocks(q.chunks[-2], k.chunks[-2], p.positions)
+    packed = bool(k.numblocks[-2] > 1 or return_lse)  # out and lse travel together as (..., Dv + 1) in acc: out, then lse
     block_dtype = acc if packed else dtype
-    meta = np.empty((0,) * len(out_ind), block_dtype)
-    result = da.blockwise(block, out_ind, *args, dtype=block_dtype, adjust_chunks=adjust, align_arrays=False,
-                          concatenate=True, meta=meta, token="fusedattn-partial")
-    if reduce:
-        result = da.reduction(result, chunk=_identity, combine=_combine, aggregate=_aggregate, axis=0,
-                              keepdims=False, dtype=acc, split_every=split_every, concatenate=True,
-                              meta=np.empty((0,) * (n + 3), acc), name="fusedattn-merge")
+    block = functools.partial(
+        _block, causal=causal, top_left=causal is not False and _check_alignment(causal), scale=p.scale, window=window, softcap=softcap,
+        lq=lq, lk=lk, dv=dv, packed=packed, out_dtype=block_dtype, num_threads=num_threads)
+    split_every = max(int(split_every or dask.config.get("split_every", 4)), 2)
+    token = tokenize(q, k, v, mask, slopes, causal, p.scale, window, softcap, return_lse, dtype, split_every,
+                     num_threads)
+    name, partial_name, merge_name = (f"fusedattn{part}-{token}" for part in ("", "-partial", "-merge"))
+    q_starts = np.cumsum((0,) + q.chunks[-2][:-1]).tolist()
+    k_starts = np.cumsum((0,) + k.chunks[-2][:-1]).tolist()
+    dsk = {}
+    for outer in itertools.product(*(range(b) for b in q.numblocks[:n + 1])):  # (*lead blocks, head block)
+        for i, keys_j in enumerate(visible):
+            index = dict(zip(lead_ind + ("h", "i", "d"), outer + (i, 0)))
+            parts = []
+            for j in keys_j:
+                index["j"] = j
+                key = (partial_name,) + outer + (i, j)
+                dsk[key] = (block, *(None if op is None else (op[0].name,) + tuple(index.get(a, 0) for a in op[1])
+                                     for op in operands), q_starts[i], k_starts[j])
+                parts.append(key)
+            out_key = (name,) + outer + (i, 0)
+            if not parts:  # no query of this block may see any key: 0 and lse -inf, as the direct call gives
+                shape = tuple(c[b] for c, b in zip(q.chunks, outer + (i,))) + (dv + packed,)
+                dsk[out_key] = (_nothing_visible, shape, block_dtype, packed)
+                continue
+            level = 0
+            while len(parts) > split_every:  # Dask's tree: split_every consecutive partials merged at a time
+                groups = [parts[g:g + split_every] for g in range(0, len(parts), split_every)]
+                parts = [(merge_name, level) + outer + (i, g) for g in range(len(groups))]
+                dsk.update((key, (_merge,) + tuple(group)) for key, group in zip(parts, groups))
+                level += 1
+            dsk[out_key] = (_merge,) + tuple(parts) if len(parts) > 1 else parts[0]
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[op[0] for op in operands if op is not None])
+    result = da.Array(graph, name, q.chunks[:-1] + ((dv + packed,),), dtype=block_dtype,
+                      meta=np.empty((0,) * (n + 3), block_dtype))
     if packed:
         out, lse = result[..., :dv], result[..., dv]
         if out.dtype != dtype:
@@ -213,10 +229,10 @@ def _left_pad(x, rank):
 
 
 def _broadcast_operand(x, full, target_chunks, ind, private):
-    """An operand (mask, ALiBi slopes) as a Dask array chunked like the blocks, and its blockwise index.
+    """An operand (mask, ALiBi slopes) as a Dask array chunked like the blocks, and its block index names.
 
-    Axes where ``x`` has size 1 but the problem does not are broadcast: each gets a private index (so
-    blockwise hands the one block to every task, never copying it per block) and the kernel broadcasts it
+    Axes where ``x`` has size 1 but the problem does not are broadcast: each gets a private index (block 0
+    of it goes to every task, never copied per block) and the kernel broadcasts it
     with zero strides. The other axes get the shared index and are rechunked to the target chunks.
     """
     chunks, index = [], []
@@ -232,17 +248,33 @@ def _broadcast_operand(x, full, target_chunks, ind, private):
     return x, tuple(index)
 
 
-def _block(q, k, v, mask, slopes, q_start, k_start, *, causal, top_left, scale, window, softcap, lq, lk, dv,
-           packed, keep_key_axis, out_dtype, num_threads):
+def _visible_key_blocks(q_chunks, k_chunks, positions):
+    """For each query block, the key blocks some of its queries may see (the others become no task).
+
+    Query row r (global) sees keys ``[r + offset - left, r + offset + right]`` (``positions`` of the whole
+    problem, from :func:`prepare`: causal is a window with right = 0); over the rows ``[r0, r1)`` of a
+    block these bands cover ``[r0 + offset - left, r1 - 1 + offset + right]``, one interval, since the
+    band moves by one key per row. A key block ``[c0, c1)`` is visible when it meets that interval.
+    Empty blocks are never visible. Masks are data: a block they hide entirely is still computed.
+    """
+    offset = positions["diagonal_offset"]
+    left, right = positions.get("window", (UNBOUNDED, UNBOUNDED))
+    q_bounds = np.cumsum((0,) + tuple(q_chunks)).tolist()
+    k_bounds = np.cumsum((0,) + tuple(k_chunks)).tolist()
+    return [[j for j, (c0, c1) in enumerate(zip(k_bounds[:-1], k_bounds[1:]))
+             if r1 > r0 and c1 > c0 and c0 <= r1 - 1 + offset + right and c1 - 1 >= r0 + offset - left]
+            for r0, r1 in zip(q_bounds[:-1], q_bounds[1:])]
+
+
+def _block(q, k, v, mask, slopes, q0, k0, *, causal, top_left, scale, window, softcap, lq, lk, dv, packed, out_dtype,
+           num_threads):
     """One task: the fused kernel on one (batch, head, query, key) block, at its global positions.
 
-    q ``(*lead, h, lq_b, D)``, k ``(*lead, h / G, lk_b, D)``, v ``(*lead, h / G, lk_b, Dv)``; q_start /
-    k_start hold the block's first global query / key index. Returns out ``(*lead, h, lq_b, Dv)`` in
-    ``out_dtype``, or packed ``([1,] *lead, h, lq_b, Dv + 1)`` (out, then lse in the last column; the leading
-    1 is the key-block axis of the merge) in the compute dtype (``out_dtype`` then).
+    q ``(*lead, h, lq_b, D)``, k ``(*lead, h / G, lk_b, D)``, v ``(*lead, h / G, lk_b, Dv)``, the mask and
+    slopes blocks (or None); q0 / k0 are the block's first global query / key index. Returns out ``(*lead, h, lq_b, Dv)`` in ``out_dtype``, or packed ``(*lead, h, lq_b, Dv + 1)``
+    (out, then lse in the last column) in the compute dtype (``out_dtype`` then).
     """
     lq_b, lk_b = q.shape[-2], k.shape[-2]
-    q0, k0 = int(q_start[0]), int(k_start[0])
     # The kernel's diagonal for local row i is i + q_start - k_start, plus (Lk - Lq) of *this call* unless
     # top-left aligned. The whole problem's diagonal for that row is (q0 + i) - k0, plus the *whole*
     # problem's Lk - Lq unless top-left. Only the difference q_start - k_start enters (without dropout), so
@@ -256,16 +288,25 @@ def _block(q, k, v, mask, slopes, q_start, k_start, *, causal, top_left, scale, 
                   out_dtype=None if out_dtype == q.dtype else out_dtype)
     if not packed:
         return api.attention(q, k, v, **kwargs)
-    buf = np.empty(((1,) if keep_key_axis else ()) + q.shape[:-1] + (dv + 1,), out_dtype)
-    rows = buf[0] if keep_key_axis else buf
-    _, lse = api.attention(q, k, v, return_lse=True, out=rows[..., :dv], **kwargs)  # the kernel writes in place
-    rows[..., dv] = lse
+    buf = np.empty(q.shape[:-1] + (dv + 1,), out_dtype)
+    _, lse = api.attention(q, k, v, return_lse=True, out=buf[..., :dv], **kwargs)  # the kernel writes in place
+    buf[..., dv] = lse
     return buf
 
 
-def _identity(x, axis, keepdims):
-    """The reduction's per-block step: each block already is one partial (the key-block axis has size 1)."""
-    return x
+def _nothing_visible(shape, dtype, packed):
+    """The block of a query block that may see no key: out 0 (and lse -inf in the last column if packed)."""
+    res = np.zeros(shape, dtype)
+    if packed:
+        res[..., -1] = -np.inf
+    return res
+
+
+def _merge(*parts):
+    """Merge packed partials ``(..., Dv + 1)`` of the same query rows over different key blocks."""
+    # Stacked along a new first axis: a contiguous copy (measured 5 ms for 4 x (16, 2048, 65) float32, where
+    # interleaving along an inner axis took 13 ms).
+    return _merged(np.stack(parts))
 
 
 def _merged(x):
@@ -280,12 +321,3 @@ def _merged(x):
     np.einsum("c...,c...d->...d", coef, x[..., :dv], out=res[..., :dv])
     res[..., dv] = lse
     return res
-
-
-def _combine(x, axis, keepdims):
-    return _merged(x)[np.newaxis]
-
-
-def _aggregate(x, axis, keepdims):
-    res = _merged(x)
-    return res[np.newaxis] if keepdims else res
