@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fusedattn/dispatch.h"
+#include "fusedattn/limits.h"
 #include "fusedattn/params.h"
 
 namespace py = pybind11;
@@ -400,6 +401,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_amx_emulation", &fusedattn::set_amx_emulation, py::arg("mode"),
         "Test switch: 1 runs the amx level on the software model of the tile instructions (any AVX-512 CPU), "
         "2 models AMX-FP16 too, 0 is the hardware.");
+  m.attr("MAX_HEAD_DIM") = fusedattn::kMaxHeadDim;  // the largest D and Dv: Python's checks read it here
   m.def("max_threads", &fusedattn::max_threads);
   m.def("openmp", &fusedattn::openmp_enabled);
 #ifdef FUSEDATTN_VERSION

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "fusedattn/dispatch.h"
+#include "fusedattn/limits.h"
 
 namespace fusedattn {
 namespace detail {
@@ -13,8 +14,6 @@ void run_backward_kernel(const AttnParams& params);
 }
 
 namespace {
-
-constexpr int64_t kMaxHeadDim = 512;
 
 void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
@@ -26,10 +25,11 @@ bool validate_common(const AttnParams& p) {
   require(p.heads_kv >= 1 && p.heads_q >= 0 && p.heads_q % p.heads_kv == 0,
           "attention: heads_q (" + std::to_string(p.heads_q) + ") must be a multiple of heads_kv (" +
               std::to_string(p.heads_kv) + ")");
+  const std::string dim_range = "[1, " + std::to_string(kMaxHeadDim) + "]";
   require(p.head_dim >= 1 && p.head_dim <= kMaxHeadDim,
-          "attention: head_dim must be in [1, 512], got " + std::to_string(p.head_dim));
+          "attention: head_dim must be in " + dim_range + ", got " + std::to_string(p.head_dim));
   require(p.value_dim >= 1 && p.value_dim <= kMaxHeadDim,
-          "attention: value_dim must be in [1, 512], got " + std::to_string(p.value_dim));
+          "attention: value_dim must be in " + dim_range + ", got " + std::to_string(p.value_dim));
   require(std::isfinite(p.scale), "attention: scale must be finite");
   require(p.num_threads >= 1, "attention: num_threads must be >= 1");
   require(p.score_kind == ScoreKind::kDot || p.score_weight, "attention: additive scores need score_weight");

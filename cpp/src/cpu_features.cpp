@@ -21,9 +21,20 @@ namespace {
 
 using ForwardKernel = void (*)(const AttnParams&);
 
-struct IsaEntry {
+// Every ISA level's name, compiled here or not: the one place names are written.
+struct IsaName {
   Isa isa;
   const char* name;
+};
+constexpr IsaName kIsaNames[] = {{Isa::kScalar, "scalar"},
+                                 {Isa::kAvx2, "avx2"},
+                                 {Isa::kAvx512, "avx512"},
+                                 {Isa::kAvx512Bf16, "avx512bf16"},
+                                 {Isa::kAmx, "amx"}};
+
+// The compiled levels: their kernels and the CPU check that allows them.
+struct IsaEntry {
+  Isa isa;
   ForwardKernel forward;
   ForwardKernel weights;
   ForwardKernel backward;
@@ -121,28 +132,28 @@ void backward_amx(const AttnParams& p) {
 
 // Ordered worst to best.
 const IsaEntry kTable[] = {
-    {Isa::kScalar, "scalar", kernels::attention_forward_scalar, kernels::attention_weights_scalar,
+    {Isa::kScalar, kernels::attention_forward_scalar, kernels::attention_weights_scalar,
      kernels::attention_backward_scalar,
      kernels::machine_probe_scalar, always},
 #ifdef FUSEDATTN_HAVE_AVX2
-    {Isa::kAvx2, "avx2", kernels::attention_forward_avx2, kernels::attention_weights_avx2,
+    {Isa::kAvx2, kernels::attention_forward_avx2, kernels::attention_weights_avx2,
      kernels::attention_backward_avx2,
      kernels::machine_probe_avx2, cpu_has_avx2},
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512
-    {Isa::kAvx512, "avx512", kernels::attention_forward_avx512, kernels::attention_weights_avx512,
+    {Isa::kAvx512, kernels::attention_forward_avx512, kernels::attention_weights_avx512,
      kernels::attention_backward_avx512,
      kernels::machine_probe_avx512, cpu_has_avx512},
 #endif
 #ifdef FUSEDATTN_HAVE_AVX512BF16
     // Only bfloat16 forward calls have a kernel of their own; the rest is the AVX-512 path.
-    {Isa::kAvx512Bf16, "avx512bf16", kernels::attention_forward_avx512bf16, kernels::attention_weights_avx512,
+    {Isa::kAvx512Bf16, kernels::attention_forward_avx512bf16, kernels::attention_weights_avx512,
      kernels::attention_backward_avx512, kernels::machine_probe_avx512, cpu_has_avx512bf16},
 #endif
 #ifdef FUSEDATTN_HAVE_AMX
     // Prefill forward of bfloat16, float16 and float32 (precision high / medium) on the tiles; the rest
     // is the avx512bf16 level's. Emulation swaps the tiles for their software model (test switch).
-    {Isa::kAmx, "amx", forward_amx, kernels::attention_weights_avx512, backward_amx,
+    {Isa::kAmx, forward_amx, kernels::attention_weights_avx512, backward_amx,
      kernels::machine_probe_avx512, cpu_has_amx},
 #endif
 };
@@ -158,20 +169,15 @@ std::atomic<int> g_selected{-1};  // -1: not chosen yet
 }  // namespace
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kScalar: return "scalar";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx512Bf16: return "avx512bf16";
-    case Isa::kAmx: return "amx";
-  }
+  for (const IsaName& entry : kIsaNames)
+    if (entry.isa == isa) return entry.name;
   return "unknown";
 }
 
 bool isa_from_name(const std::string& name, Isa* isa) {
-  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmx}) {
-    if (name == isa_name(candidate)) {
-      *isa = candidate;
+  for (const IsaName& entry : kIsaNames) {
+    if (name == entry.name) {
+      *isa = entry.isa;
       return true;
     }
   }

@@ -41,7 +41,14 @@ def _is_real(dtype) -> bool:
 def compute_dtype(dtype) -> np.dtype:
     """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
     return np.dtype(np.float32) if is_half_dtype(dtype) else np.dtype(dtype)
-MAX_HEAD_DIM = 512
+def _max_head_dim() -> int:
+    """The largest D and Dv: the C++ core's one constant (fusedattn/limits.h), 512 for the NumPy fallback."""
+    from . import _backend
+
+    return int(getattr(_backend._core, "MAX_HEAD_DIM", 512))
+
+
+MAX_HEAD_DIM = _max_head_dim()
 _CAUSAL_CHOICES = (False, True, "top_left", "bottom_right")
 _TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
 

@@ -17,6 +17,9 @@
 // plane; P is rounded to bf16 for P.V as torch does.
 #pragma once
 
+#include "kernels/amx_tiles.h"
+#include "kernels/forward.h"
+
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@
 // touch (dK / dV rows of the next keys, padding) only ever gain +0.
 #pragma once
 
+#include "kernels/amx_attention.h"
+#include "kernels/attn_bwd_impl.h"
+
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // The sizes of the tile operands of one work item, in elements (all multiples of 16: 64-byte rows).
@@ -143,122 +146,97 @@ void pack_query_tiles(const AttnParams& p, const TileBackwardShape& s, const Row
   pack_row_statistics<Vec>(p, block, lanes, w.lse, w.delta);
 }
 
-// One work item: keys [chunk_begin, chunk_end) of (batch, kv_head) against every query of the group.
+// One key block of one query block on the tiles: S^T and dP^T, the vector backward's score gradients, then
+// dV, dK (unscaled) and dQ^T^T from P and dS in kGradPlanes bfloat16 planes.
 template <class Tiles, class Vec, class Mask>
-void tile_backward_item(const TileBackwardPlan<Vec>& tplan, int64_t item, int thread_id) {
-  using S = typename Vec::S;
+void tile_backward_block(const AttnParams& p, const TileBackwardShape& s, const TileBackwardScratch& w,
+                         const KeyChunk& keys, const RowBlock& block, int64_t k0, int64_t nk) {
   constexpr int W = Vec::W;
   static_assert(W == kTileCols, "the vector lanes are the C tile's 16 columns");
-  const BackwardPlan<Vec>& plan = tplan.base;
-  const TileBackwardShape& s = tplan.shape;
-  const AttnParams& p = *plan.p;
-  const int64_t chunk = item % plan.chunks;
-  const int64_t kv_head = (item / plan.chunks) % p.heads_kv;
-  const int64_t batch = item / plan.chunks / p.heads_kv;
-  const int64_t chunk_begin = chunk * plan.keys_per_chunk;
-  const int64_t chunk_end = min_i64(p.len_k_of(batch), chunk_begin + plan.keys_per_chunk);
-  const int64_t lanes = s.lanes, dim = p.head_dim, value_dim = p.value_dim;
-  TileBackwardScratch w;
-  TileBackwardScratch::carve(s, tplan.scratch + thread_id * tplan.scratch_per_thread, &w);
-  for (int64_t e = 0; e < s.panel_rows * s.d_cols; ++e) w.dk[e] = 0.0f;
-  for (int64_t e = 0; e < s.panel_rows * s.v_cols; ++e) w.dv[e] = 0.0f;
-  if (chunk_begin < chunk_end) pack_key_panels<Vec>(p, s, batch, kv_head, chunk_begin, chunk_end, w);
-  const __m512 scale = _mm512_set1_ps(static_cast<float>(p.scale));
-  const uint16_t* k_rows = w.k_rows;
-  const uint16_t* v_rows = w.v_rows;
+  const int64_t lanes = s.lanes;
+  const int64_t rows = round_up(nk, kTileRows), depth = round_up(nk, kTileDepth), offset = k0 - keys.begin;
   const uint32_t* q_pairs[1] = {w.q_pairs};
   const uint32_t* do_pairs[1] = {w.do_pairs};
   const uint32_t* q_row_pairs[1] = {w.q_row_pairs};
   const uint32_t* do_row_pairs[1] = {w.do_row_pairs};
   const uint32_t* ds_pairs[2] = {w.ds_pairs[0], w.ds_pairs[1]};
+  // S^T and dP^T: rows past nk come from the panels' zero rows (or the next keys) and are never read.
+  auto k_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
+    a[0] = w.k_rows + offset * s.d_depth;
+    *stride = s.d_depth;
+  };
+  tile_product<Tiles, Bf16Tiles, 1, 1, /*kAccumulate=*/false>(rows, lanes, s.d_depth, k_at, q_pairs, lanes, w.s_t,
+                                                               lanes);
+  auto v_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
+    a[0] = w.v_rows + offset * s.v_depth;
+    *stride = s.v_depth;
+  };
+  tile_product<Tiles, Bf16Tiles, 1, 1, /*kAccumulate=*/false>(rows, lanes, s.v_depth, v_at, do_pairs, lanes, w.dp_t,
+                                                               lanes);
+  const __m512 scale = _mm512_set1_ps(static_cast<float>(p.scale));
+  for (int64_t e = 0; e < nk * lanes; e += W) Vec::store(w.s_t + e, Vec::mul(Vec::load(w.s_t + e), scale));
+  score_gradients<Vec, Mask>(p, block, lanes, k0, nk, w.s_t, w.dp_t, w.cap_grad, w.z_t, w.lse, w.delta);
+  // P and dS as A rows (keys x lanes; zero rows past nk, zero depth past lanes), dS^T as pairs (zero
+  // pair rows past nk); each in kGradPlanes bfloat16 planes.
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t count = j < nk ? lanes : 0;
+    pack_row<Bf16Encoding, kGradPlanes>(w.s_t + j * lanes, count, s.lane_depth, w.p_rows, j * s.lane_depth);
+    pack_row<Bf16Encoding, kGradPlanes>(w.dp_t + j * lanes, count, s.lane_depth, w.ds_rows, j * s.lane_depth);
+  }
+  pack_pairs<Bf16Encoding, kGradPlanes>(w.dp_t, lanes, nk, depth / 2, lanes, w.ds_pairs, lanes);
+
+  auto p_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
+    for (int plane = 0; plane < kGradPlanes; ++plane) a[plane] = w.p_rows[plane];
+    *stride = s.lane_depth;
+  };
+  tile_product<Tiles, Bf16Tiles, kGradPlanes, 1, /*kAccumulate=*/true>(
+      rows, s.v_cols, s.lane_depth, p_at, do_row_pairs, s.v_cols, w.dv + offset * s.v_cols, s.v_cols);
+  auto ds_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
+    for (int plane = 0; plane < kGradPlanes; ++plane) a[plane] = w.ds_rows[plane];
+    *stride = s.lane_depth;
+  };
+  tile_product<Tiles, Bf16Tiles, kGradPlanes, 1, /*kAccumulate=*/true>(
+      rows, s.d_cols, s.lane_depth, ds_at, q_row_pairs, s.d_cols, w.dk + offset * s.d_cols, s.d_cols);
+  // K^T's last partial depth chunk: a zero-padded copy of its `tail` keys.
+  const int64_t tail = nk % kTileDepth;
+  if (tail) {
+    const int64_t first = offset + nk - tail;
+    for (int64_t d = 0; d < s.d_cols; ++d)
+      for (int64_t j = 0; j < kTileDepth; ++j)
+        w.k_t_tail[d * kTileDepth + j] = j < tail ? w.k_t[d * s.keys + first + j] : 0;
+  }
+  auto kt_at = [&](int64_t d, const uint16_t** a, int64_t* stride) {
+    const bool partial = tail && d + kTileDepth > nk;
+    a[0] = partial ? w.k_t_tail - d : w.k_t + offset;
+    *stride = partial ? kTileDepth : s.keys;
+  };
+  tile_product<Tiles, Bf16Tiles, 1, kGradPlanes, /*kAccumulate=*/true>(s.d_cols, lanes, depth, kt_at, ds_pairs, lanes,
+                                                                        w.dq_t, lanes);
+}
+
+// One work item: keys [keys.begin, keys.end) of (batch, kv_head) against every query of the group; the
+// vector backward's steps (attn_bwd_impl.h) with the tiles' packing and products.
+template <class Tiles, class Vec, class Mask>
+void tile_backward_item(const TileBackwardPlan<Vec>& tplan, int64_t item, int thread_id) {
+  const BackwardPlan<Vec>& plan = tplan.base;
+  const TileBackwardShape& s = tplan.shape;
+  const AttnParams& p = *plan.p;
+  const KeyChunk keys = plan.key_chunk(item);
+  TileBackwardScratch w;
+  TileBackwardScratch::carve(s, tplan.scratch + thread_id * tplan.scratch_per_thread, &w);
+  fill_zero(w.dk, s.panel_rows * s.d_cols);
+  fill_zero(w.dv, s.panel_rows * s.v_cols);
+  if (keys.begin < keys.end) pack_key_panels<Vec>(p, s, keys.batch, keys.kv_head, keys.begin, keys.end, w);
   Tiles::configure();
-
-  for (int64_t g = 0; g < plan.group; ++g) {
-    const int64_t head = kv_head * plan.group + g;
-    for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
-      const int64_t q0 = q_block * kBlockQ;
-      const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q_of(batch) - q0)};
-      if (block.nq <= 0) break;  // past the end of a shorter sequence of a packed batch
-      int64_t k_begin = chunk_begin, k_end = chunk_end;
-      visible_keys(p, block, &k_begin, &k_end);
-      for (int64_t e = 0; e < s.d_cols * lanes; ++e) w.dq_t[e] = 0.0f;
-      if (k_begin < k_end) pack_query_tiles<Vec>(p, s, block, w);
-
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
-        const int64_t nk = min_i64(kBlockK, k_end - k0), rows = round_up(nk, kTileRows);
-        const int64_t depth = round_up(nk, kTileDepth), offset = k0 - chunk_begin;
-        // S^T and dP^T: rows past nk come from the panels' zero rows (or the next keys) and are never read.
-        auto k_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
-          a[0] = k_rows + offset * s.d_depth;
-          *stride = s.d_depth;
-        };
-        tile_product<Tiles, Bf16Tiles, 1, 1, /*kAccumulate=*/false>(rows, lanes, s.d_depth, k_at, q_pairs, lanes,
-                                                                     w.s_t, lanes);
-        auto v_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
-          a[0] = v_rows + offset * s.v_depth;
-          *stride = s.v_depth;
-        };
-        tile_product<Tiles, Bf16Tiles, 1, 1, /*kAccumulate=*/false>(rows, lanes, s.v_depth, v_at, do_pairs, lanes,
-                                                                     w.dp_t, lanes);
-        for (int64_t e = 0; e < nk * lanes; e += W) Vec::store(w.s_t + e, Vec::mul(Vec::load(w.s_t + e), scale));
-        score_gradients<Vec, Mask>(p, block, lanes, k0, nk, w.s_t, w.dp_t, w.cap_grad, w.z_t, w.lse, w.delta);
-        // P and dS as A rows (keys x lanes; zero rows past nk, zero depth past lanes), dS^T as pairs (zero
-        // pair rows past nk); each in kGradPlanes bfloat16 planes.
-        for (int64_t j = 0; j < rows; ++j) {
-          const int64_t count = j < nk ? lanes : 0;
-          pack_row<Bf16Encoding, kGradPlanes>(w.s_t + j * lanes, count, s.lane_depth, w.p_rows, j * s.lane_depth);
-          pack_row<Bf16Encoding, kGradPlanes>(w.dp_t + j * lanes, count, s.lane_depth, w.ds_rows, j * s.lane_depth);
-        }
-        pack_pairs<Bf16Encoding, kGradPlanes>(w.dp_t, lanes, nk, depth / 2, lanes, w.ds_pairs, lanes);
-
-        auto p_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
-          for (int plane = 0; plane < kGradPlanes; ++plane) a[plane] = w.p_rows[plane];
-          *stride = s.lane_depth;
-        };
-        tile_product<Tiles, Bf16Tiles, kGradPlanes, 1, /*kAccumulate=*/true>(
-            rows, s.v_cols, s.lane_depth, p_at, do_row_pairs, s.v_cols, w.dv + offset * s.v_cols, s.v_cols);
-        auto ds_at = [&](int64_t, const uint16_t** a, int64_t* stride) {
-          for (int plane = 0; plane < kGradPlanes; ++plane) a[plane] = w.ds_rows[plane];
-          *stride = s.lane_depth;
-        };
-        tile_product<Tiles, Bf16Tiles, kGradPlanes, 1, /*kAccumulate=*/true>(
-            rows, s.d_cols, s.lane_depth, ds_at, q_row_pairs, s.d_cols, w.dk + offset * s.d_cols, s.d_cols);
-        // K^T's last partial depth chunk: a zero-padded copy of its `tail` keys.
-        const int64_t tail = nk % kTileDepth;
-        if (tail) {
-          const int64_t first = offset + nk - tail;
-          for (int64_t d = 0; d < s.d_cols; ++d)
-            for (int64_t j = 0; j < kTileDepth; ++j)
-              w.k_t_tail[d * kTileDepth + j] = j < tail ? w.k_t[d * s.keys + first + j] : 0;
-        }
-        auto kt_at = [&](int64_t d, const uint16_t** a, int64_t* stride) {
-          const bool partial = tail && d + kTileDepth > nk;
-          a[0] = partial ? w.k_t_tail - d : w.k_t + offset;
-          *stride = partial ? kTileDepth : s.keys;
-        };
-        tile_product<Tiles, Bf16Tiles, 1, kGradPlanes, /*kAccumulate=*/true>(s.d_cols, lanes, depth, kt_at, ds_pairs,
-                                                                              lanes, w.dq_t, lanes);
-      }
-
-      for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(w.dq_t + e, Vec::mul(Vec::load(w.dq_t + e), scale));
-      if (plan.chunks == 1)
-        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, p.dq.row<S>(batch, head, q0), p.dq.row_stride,
-                            p.dq.col_stride);
-      else
-        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, plan.dq_partial(batch, kv_head, chunk, g, q0), dim, 1);
-    }
-  }
+  auto pack = [&](const RowBlock& block) { pack_query_tiles<Vec>(p, s, block, w); };
+  auto tile = [&](const RowBlock& block, int64_t k0, int64_t nk) {
+    tile_backward_block<Tiles, Vec, Mask>(p, s, w, keys, block, k0, nk);
+  };
+  // dQ^T is s.d_cols x lanes; s.lanes is plan.lanes whenever there is a query block (Lq >= 1).
+  for_each_query_block(plan, keys, w.dq_t, s.d_cols, pack, tile);
   Tiles::release();
-
   const float scale_k = static_cast<float>(p.scale);
-  for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    S* dk_row = p.dk.row<S>(batch, kv_head, j);
-    S* dv_row = p.dv.row<S>(batch, kv_head, j);
-    for (int64_t d = 0; d < dim; ++d)
-      narrow(dk_row + d * p.dk.col_stride, w.dk[(j - chunk_begin) * s.d_cols + d] * scale_k);
-    for (int64_t e = 0; e < value_dim; ++e)
-      narrow(dv_row + e * p.dv.col_stride, w.dv[(j - chunk_begin) * s.v_cols + e]);
-  }
+  write_key_gradients<Vec>(p, keys, w.dk, s.d_cols, w.dv, s.v_cols, [scale_k](float x) { return x * scale_k; });
 }
 
 template <class Tiles, class Vec, class Mask>
@@ -266,7 +244,6 @@ void run_backward_tiles(const AttnParams& p) {
   TileBackwardPlan<Vec> tplan{};
   BackwardPlan<Vec>& plan = tplan.base;
   plan = plan_backward<Vec>(p);  // the vector backward's chunks: the same decomposition, by shape alone
-  const int64_t kv_heads = p.batch * p.heads_kv;
 
   TileBackwardShape& s = tplan.shape;
   s.lanes = plan.lanes > 0 ? plan.lanes : kTileCols;
@@ -280,13 +257,11 @@ void run_backward_tiles(const AttnParams& p) {
   tplan.scratch_per_thread = TileBackwardScratch::carve(s, nullptr, nullptr);
   AlignedBuffer scratch(tplan.scratch_per_thread * p.num_threads);
   tplan.scratch = static_cast<char*>(scratch.data);
-  AlignedBuffer partials(plan.chunks > 1 ? sizeof(float) * kv_heads * plan.chunks * plan.group * p.len_q * p.head_dim
-                                         : 0);
+  AlignedBuffer partials(sizeof(float) * plan.dq_partials_size());
   plan.dq_partials = static_cast<float*>(partials.data);
-  const int64_t items = kv_heads * plan.chunks;
 
   parallel_for(
-      items, p.num_threads,
+      plan.items(), p.num_threads,
       [](void* context, int64_t item, int thread_id) {
         tile_backward_item<Tiles, Vec, Mask>(*static_cast<const TileBackwardPlan<Vec>*>(context), item, thread_id);
       },

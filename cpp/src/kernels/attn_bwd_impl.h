@@ -18,7 +18,19 @@
 // num_threads.
 #pragma once
 
+#include "kernels/common.h"
+#include "kernels/masks.h"
+#include "kernels/query_products.h"
+#include "kernels/scores.h"
+#include "kernels/switches.h"
+#include "kernels/tile_kernel.h"
+
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
+
+// The keys of one work item: [begin, end) of kv head `kv_head` of batch entry `batch`, key chunk `chunk`.
+struct KeyChunk {
+  int64_t batch, kv_head, chunk, begin, end;
+};
 
 template <class Vec>
 struct BackwardPlan {
@@ -34,6 +46,21 @@ struct BackwardPlan {
   int64_t scratch_per_thread;
   T* dq_partials;           // chunks > 1: (batch, kv head, chunk, group * Lq, D)
   T* dw_partials;           // additive scores: (work item, D), summed in item order at the end
+
+  int64_t items() const { return p->batch * p->heads_kv * chunks; }
+
+  // Work items are ordered batch, kv head, chunk.
+  KeyChunk key_chunk(int64_t item) const {
+    const int64_t chunk = item % chunks;
+    const int64_t batch = item / chunks / p->heads_kv;
+    const int64_t begin = chunk * keys_per_chunk;
+    return {batch, (item / chunks) % p->heads_kv, chunk, begin, min_i64(p->len_k_of(batch), begin + keys_per_chunk)};
+  }
+
+  // Elements of the dQ slices (none with one chunk: each work item then writes dq itself).
+  int64_t dq_partials_size() const {
+    return chunks > 1 ? p->batch * p->heads_kv * chunks * group * p->len_q * p->head_dim : 0;
+  }
 
   T* dq_partial(int64_t batch, int64_t kv_head, int64_t chunk, int64_t head_in_group, int64_t query) const {
     return dq_partials +
@@ -173,7 +200,7 @@ void score_gradients(const AttnParams& p, const RowBlock& block, int64_t lanes, 
   using T = typename Vec::T;
   using V = typename Vec::V;
   constexpr int W = Vec::W;
-  QueryLanes::soft_cap<Vec>(p, nk * lanes, s_t);
+  soft_cap<Vec>(p, nk * lanes, s_t);
   // Soft-capping scales the score's gradient by d(cap tanh(s / cap))/ds = 1 - (capped / cap)^2.
   if (p.softcap > 0)
     for (int64_t e = 0; e < nk * lanes; ++e) {
@@ -206,79 +233,116 @@ void score_gradients(const AttnParams& p, const RowBlock& block, int64_t lanes, 
     }
 }
 
-// One work item: keys [chunk_begin, chunk_end) of (batch, kv_head) against every query of the group.
+// The steps of a work item, shared by the vector backward (backward_item) and the tile backward
+// (amx_backward.h); only the query-block packing and the products of a key block differ between them.
+
+// dQ of one query block: dQ^T (D x lanes) times the scale, transposed into dq, or into the item's slice
+// when the keys are split into chunks.
+template <class Vec>
+void write_dq(const BackwardPlan<Vec>& plan, const KeyChunk& keys, int64_t head_in_group, const RowBlock& block,
+              typename Vec::T* dq_t) {
+  using T = typename Vec::T;
+  using S = typename Vec::S;
+  const AttnParams& p = *plan.p;
+  const int64_t lanes = plan.lanes, dim = p.head_dim;
+  const typename Vec::V scale = Vec::set1(static_cast<T>(p.scale));
+  for (int64_t e = 0; e < dim * lanes; e += Vec::W) Vec::store(dq_t + e, Vec::mul(Vec::load(dq_t + e), scale));
+  if (plan.chunks == 1)
+    transpose_copy<Vec>(dim, block.nq, dq_t, lanes, 1, p.dq.row<S>(block.batch, block.head0, block.q0), p.dq.row_stride,
+                        p.dq.col_stride);
+  else
+    transpose_copy<Vec>(dim, block.nq, dq_t, lanes, 1,
+                        plan.dq_partial(block.batch, keys.kv_head, keys.chunk, head_in_group, block.q0), dim, 1);
+}
+
+// The (query head of the group, query block) loop of a work item. For each query block: dQ^T
+// (dq_rows x lanes) is zeroed, pack(block) prepares the query side when some of the chunk's keys are
+// visible, tile(block, k0, nk) runs each visible key block, and write_dq writes the block's dQ.
+template <class Vec, class Pack, class Tile>
+void for_each_query_block(const BackwardPlan<Vec>& plan, const KeyChunk& keys, typename Vec::T* dq_t, int64_t dq_rows,
+                          Pack pack, Tile tile) {
+  const AttnParams& p = *plan.p;
+  for (int64_t g = 0; g < plan.group; ++g) {
+    const int64_t head = keys.kv_head * plan.group + g;
+    for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
+      const int64_t q0 = q_block * kBlockQ;
+      const RowBlock block{keys.batch, head, 1, q0, min_i64(kBlockQ, p.len_q_of(keys.batch) - q0)};
+      if (block.nq <= 0) break;  // past the end of a shorter sequence of a packed batch
+      int64_t k_begin = keys.begin, k_end = keys.end;
+      visible_keys(p, block, &k_begin, &k_end);
+      fill_zero(dq_t, dq_rows * plan.lanes);
+      if (k_begin < k_end) pack(block);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) tile(block, k0, min_i64(kBlockK, k_end - k0));
+      write_dq(plan, keys, g, block, dq_t);
+    }
+  }
+}
+
+// dK and dV of the chunk's keys, from rows `dk_stride` / `dv_stride` apart, narrowed to the caller's
+// storage; each dK element goes through finish_dk first.
+template <class Vec, class FinishDk>
+void write_key_gradients(const AttnParams& p, const KeyChunk& keys, const typename Vec::T* dk, int64_t dk_stride,
+                         const typename Vec::T* dv, int64_t dv_stride, FinishDk finish_dk) {
+  using S = typename Vec::S;
+  for (int64_t j = keys.begin; j < keys.end; ++j) {
+    S* dk_row = p.dk.row<S>(keys.batch, keys.kv_head, j);
+    S* dv_row = p.dv.row<S>(keys.batch, keys.kv_head, j);
+    for (int64_t d = 0; d < p.head_dim; ++d)
+      narrow(dk_row + d * p.dk.col_stride, finish_dk(dk[(j - keys.begin) * dk_stride + d]));
+    for (int64_t e = 0; e < p.value_dim; ++e)
+      narrow(dv_row + e * p.dv.col_stride, dv[(j - keys.begin) * dv_stride + e]);
+  }
+}
+
+// One key block of one query block: S^T and dP^T = V . dO^T, the score gradients, then the products
+// dV += P . dO, dK += dS . (scale Q) and dQ^T += K^T . dS^T (additive scores: additive_gradient_tile).
+template <class Vec, class Mask, class Score>
+void backward_tile(const BackwardPlan<Vec>& plan, const KeyChunk& keys, const RowBlock& block, int64_t k0, int64_t nk,
+                   const BackwardScratch<Vec>& w, typename Vec::T* dw) {
+  using T = typename Vec::T;
+  using S = typename Vec::S;
+  const AttnParams& p = *plan.p;
+  const int64_t lanes = plan.lanes;
+  const S* k_rows = p.k.row<const S>(keys.batch, keys.kv_head, k0);
+  WidenedProducts::scores<Vec, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
+  strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, p.value_dim,
+                                                             p.v.row<const S>(keys.batch, keys.kv_head, k0),
+                                                             p.v.row_stride, p.v.col_stride, w.do_t, w.dp_t);
+  score_gradients<Vec, Mask>(p, block, lanes, k0, nk, w.s_t, w.dp_t, w.cap_grad, w.z_t, w.lse, w.delta);
+  T* dv_rows = w.dv + (k0 - keys.begin) * plan.value_dim_pad;
+  T* dk_rows = w.dk + (k0 - keys.begin) * plan.dim_pad;
+  strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
+                                                            w.do_rows, dv_rows);
+  if constexpr (std::is_same_v<Score, AdditiveScore>) {
+    additive_gradient_tile<Vec>(p, lanes, nk, k_rows, w.q_t, w.dp_t, w.dq_t, dk_rows, plan.dim_pad, dw);
+  } else {
+    strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1, w.q_rows,
+                                                              dk_rows);
+    strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(p.head_dim, lanes, nk, k_rows, p.k.col_stride,
+                                                              p.k.row_stride, w.dp_t, w.dq_t);
+  }
+}
+
+// One work item: keys [keys.begin, keys.end) of (batch, kv_head) against every query of the group.
 template <class Vec, class Mask, class Score>
 void backward_item(const BackwardPlan<Vec>& plan, int64_t item, int thread_id) {
   using T = typename Vec::T;
-  using S = typename Vec::S;
-  using V = typename Vec::V;
-  constexpr int W = Vec::W;
   const AttnParams& p = *plan.p;
-  const int64_t chunk = item % plan.chunks;
-  const int64_t kv_head = (item / plan.chunks) % p.heads_kv;
-  const int64_t batch = item / plan.chunks / p.heads_kv;
-  const int64_t chunk_begin = chunk * plan.keys_per_chunk;
-  const int64_t chunk_end = min_i64(p.len_k_of(batch), chunk_begin + plan.keys_per_chunk);
-  const int64_t lanes = plan.lanes, dim = p.head_dim, value_dim = p.value_dim;
+  const KeyChunk keys = plan.key_chunk(item);
   const BackwardScratch<Vec> w(plan, thread_id);
-  for (int64_t e = 0; e < plan.keys_per_chunk * plan.dim_pad; ++e) w.dk[e] = T(0);
-  for (int64_t e = 0; e < plan.keys_per_chunk * plan.value_dim_pad; ++e) w.dv[e] = T(0);
-  constexpr bool kAdditive = std::is_same_v<Score, AdditiveScore>;
-  T* dw = kAdditive ? plan.dw_partials + item * dim : nullptr;
-  if constexpr (kAdditive)
-    for (int64_t d = 0; d < dim; ++d) dw[d] = T(0);
-
-  for (int64_t g = 0; g < plan.group; ++g) {
-    const int64_t head = kv_head * plan.group + g;
-    for (int64_t q_block = 0; q_block < plan.q_blocks; ++q_block) {
-      const int64_t q0 = q_block * kBlockQ;
-      const RowBlock block{batch, head, 1, q0, min_i64(kBlockQ, p.len_q_of(batch) - q0)};
-      if (block.nq <= 0) break;  // past the end of a shorter sequence of a packed batch
-      int64_t k_begin = chunk_begin, k_end = chunk_end;
-      visible_keys(p, block, &k_begin, &k_end);
-      for (int64_t e = 0; e < dim * lanes; ++e) w.dq_t[e] = T(0);
-      if (k_begin < k_end) pack_query_block(plan, block, w);
-
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
-        const int64_t nk = min_i64(kBlockK, k_end - k0);
-        WidenedProducts::scores<Vec, Score>(p, block, lanes, k0, nk, w.q_t, w.s_t);
-        strided_times_packed<Vec, DotScore, /*kAccumulate=*/false>(nk, lanes, value_dim,
-                                                                   p.v.row<const S>(batch, kv_head, k0), p.v.row_stride,
-                                                                   p.v.col_stride, w.do_t, w.dp_t);
-        score_gradients<Vec, Mask>(p, block, lanes, k0, nk, w.s_t, w.dp_t, w.cap_grad, w.z_t, w.lse, w.delta);
-        T* dv_rows = w.dv + (k0 - chunk_begin) * plan.value_dim_pad;
-        T* dk_rows = w.dk + (k0 - chunk_begin) * plan.dim_pad;
-        strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.value_dim_pad, block.nq, w.s_t, lanes, 1,
-                                                                  w.do_rows, dv_rows);
-        if constexpr (kAdditive) {
-          additive_gradient_tile<Vec>(p, lanes, nk, p.k.row<const S>(batch, kv_head, k0), w.q_t, w.dp_t, w.dq_t,
-                                      dk_rows, plan.dim_pad, dw);
-        } else {
-          strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(nk, plan.dim_pad, block.nq, w.dp_t, lanes, 1,
-                                                                    w.q_rows, dk_rows);
-          strided_times_packed<Vec, DotScore, /*kAccumulate=*/true>(dim, lanes, nk,
-                                                                    p.k.row<const S>(batch, kv_head, k0),
-                                                                    p.k.col_stride, p.k.row_stride, w.dp_t, w.dq_t);
-        }
-      }
-
-      const V scale = Vec::set1(static_cast<T>(p.scale));
-      for (int64_t e = 0; e < dim * lanes; e += W) Vec::store(w.dq_t + e, Vec::mul(Vec::load(w.dq_t + e), scale));
-      if (plan.chunks == 1)
-        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, p.dq.row<S>(batch, head, q0), p.dq.row_stride,
-                            p.dq.col_stride);
-      else
-        transpose_copy<Vec>(dim, block.nq, w.dq_t, lanes, 1, plan.dq_partial(batch, kv_head, chunk, g, q0), dim, 1);
-    }
+  fill_zero(w.dk, plan.keys_per_chunk * plan.dim_pad);
+  fill_zero(w.dv, plan.keys_per_chunk * plan.value_dim_pad);
+  T* dw = nullptr;  // additive scores: this item's part of the score weights' gradient
+  if constexpr (std::is_same_v<Score, AdditiveScore>) {
+    dw = plan.dw_partials + item * p.head_dim;
+    fill_zero(dw, p.head_dim);
   }
-
-  for (int64_t j = chunk_begin; j < chunk_end; ++j) {
-    S* dk_row = p.dk.row<S>(batch, kv_head, j);
-    S* dv_row = p.dv.row<S>(batch, kv_head, j);
-    for (int64_t d = 0; d < dim; ++d) narrow(dk_row + d * p.dk.col_stride, w.dk[(j - chunk_begin) * plan.dim_pad + d]);
-    for (int64_t e = 0; e < value_dim; ++e)
-      narrow(dv_row + e * p.dv.col_stride, w.dv[(j - chunk_begin) * plan.value_dim_pad + e]);
-  }
+  auto pack = [&](const RowBlock& block) { pack_query_block(plan, block, w); };
+  auto tile = [&](const RowBlock& block, int64_t k0, int64_t nk) {
+    backward_tile<Vec, Mask, Score>(plan, keys, block, k0, nk, w, dw);
+  };
+  for_each_query_block(plan, keys, w.dq_t, p.head_dim, pack, tile);
+  write_key_gradients<Vec>(p, keys, w.dk, plan.dim_pad, w.dv, plan.value_dim_pad, [](T x) { return x; });
 }
 
 // dQ = the sum of the chunks' slices, in chunk order.
@@ -331,59 +395,43 @@ void finish_dq(const BackwardPlan<Vec>& plan) {
       const_cast<BackwardPlan<Vec>*>(&plan));
 }
 
+// The backward pass for switches.h.
 template <class Vec, class Mask, class Score>
-void run_backward(const AttnParams& p) {
-  using T = typename Vec::T;
-  BackwardPlan<Vec> plan = plan_backward<Vec>(p);
-  const int64_t kv_heads = p.batch * p.heads_kv;
-  const int64_t align = 64 / sizeof(T);
-  plan.scratch_per_thread = round_up(BackwardScratch<Vec>::size(plan) + 16 * align, align);
-  AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
-  plan.scratch = static_cast<T*>(scratch.data);
-  AlignedBuffer partials(plan.chunks > 1 ? sizeof(T) * kv_heads * plan.chunks * plan.group * p.len_q * p.head_dim : 0);
-  plan.dq_partials = static_cast<T*>(partials.data);
-  const int64_t items = kv_heads * plan.chunks;
-  AlignedBuffer dw_partials(p.score_kind == ScoreKind::kAdditive ? sizeof(T) * items * p.head_dim : 0);
-  plan.dw_partials = static_cast<T*>(dw_partials.data);
+struct BackwardPass {
+  static void run(const AttnParams& p) {
+    using T = typename Vec::T;
+    BackwardPlan<Vec> plan = plan_backward<Vec>(p);
+    const int64_t align = 64 / sizeof(T);
+    plan.scratch_per_thread = round_up(BackwardScratch<Vec>::size(plan) + 16 * align, align);
+    AlignedBuffer scratch(sizeof(T) * plan.scratch_per_thread * p.num_threads);
+    plan.scratch = static_cast<T*>(scratch.data);
+    AlignedBuffer partials(sizeof(T) * plan.dq_partials_size());
+    plan.dq_partials = static_cast<T*>(partials.data);
+    const int64_t items = plan.items();
+    AlignedBuffer dw_partials(p.score_kind == ScoreKind::kAdditive ? sizeof(T) * items * p.head_dim : 0);
+    plan.dw_partials = static_cast<T*>(dw_partials.data);
 
-  parallel_for(
-      items, p.num_threads,
-      [](void* context, int64_t item, int thread_id) {
-        backward_item<Vec, Mask, Score>(*static_cast<const BackwardPlan<Vec>*>(context), item, thread_id);
-      },
-      &plan);
-  if (p.score_kind == ScoreKind::kAdditive) {
-    T* dw = static_cast<T*>(p.dscore_weight);
-    for (int64_t d = 0; d < p.head_dim; ++d) {
-      T total = 0;
-      for (int64_t item = 0; item < items; ++item) total += plan.dw_partials[item * p.head_dim + d];
-      dw[d] = total;
+    parallel_for(
+        items, p.num_threads,
+        [](void* context, int64_t item, int thread_id) {
+          backward_item<Vec, Mask, Score>(*static_cast<const BackwardPlan<Vec>*>(context), item, thread_id);
+        },
+        &plan);
+    if (p.score_kind == ScoreKind::kAdditive) {
+      T* dw = static_cast<T*>(p.dscore_weight);
+      for (int64_t d = 0; d < p.head_dim; ++d) {
+        T total = 0;
+        for (int64_t item = 0; item < items; ++item) total += plan.dw_partials[item * p.head_dim + d];
+        dw[d] = total;
+      }
     }
+    finish_dq(plan);
   }
-  finish_dq(plan);
-}
-
-template <class Vec, class Mask>
-void backward_scored(const AttnParams& p) {
-  if (p.score_kind == ScoreKind::kAdditive)
-    run_backward<Vec, Mask, AdditiveScore>(p);
-  else
-    run_backward<Vec, Mask, DotScore>(p);
-}
-
-template <class Vec>
-void backward_dtype(const AttnParams& p) {
-  by_mask_kind(p.mask_kind, [&](auto mask) { backward_scored<Vec, decltype(mask)>(p); });
-}
-
-template <class Vec>
-struct RunBackward {
-  static void run(const AttnParams& p) { backward_dtype<Vec>(p); }
 };
 
 template <template <class> class VecFor>
 void backward(const AttnParams& p) {
-  by_dtype<VecFor, RunBackward>(p);
+  run_pass_for_dtype<VecFor, BackwardPass>(p);
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

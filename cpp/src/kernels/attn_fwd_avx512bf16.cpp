@@ -26,7 +26,7 @@ namespace fusedattn::kernels {
 void attention_forward_avx512bf16(const AttnParams& params) {
   using Bf16Vec = isa_avx512bf16::WithStorage<isa_avx512bf16::VecAvx512<float>, BFloat16>;
   if (params.dtype == DType::kBFloat16 && !params.out_float32)
-    isa_avx512bf16::RunForward<Bf16Vec>::run(params);
+    isa_avx512bf16::run_pass<isa_avx512bf16::ForwardPass, Bf16Vec>(params);
   else
     attention_forward_avx512(params);
 }

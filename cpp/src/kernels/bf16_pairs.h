@@ -14,6 +14,8 @@
 // vdpbf16ps treats bf16 subnormals (below 1.2e-38) as zero: far below anything attention can resolve.
 #pragma once
 
+#include "kernels/query_products.h"
+
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // Two bfloat16 values adjacent along a product's depth, the first in the low half of the 32-bit lane.

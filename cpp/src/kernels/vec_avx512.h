@@ -6,7 +6,7 @@
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // 4 rows x 4 vectors = 16 accumulators: enough chains for two 512-bit FMA pipes (Intel) and for Zen 4's
-// double-pumped one, with 32 registers left over for the 4 loads and a broadcast.
+// double-pumped one, with 16 of the 32 registers left over for the 4 loads and a broadcast.
 template <class Scalar>
 struct VecAvx512;
 

@@ -1,0 +1,29 @@
+// Shared by every pass of the vector kernels: integer helpers, the block sizes and the scratch buffer.
+// Like every kernel header, included inside the ISA's namespace (FUSEDATTN_KERNEL_NS, see
+// attn_fwd_impl.h).
+#pragma once
+
+namespace fusedattn::FUSEDATTN_KERNEL_NS {
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <class T>
+void fill_zero(T* data, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) data[e] = T(0);
+}
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
+
+// Owns an aligned buffer through the portable allocator (no std:: template instantiated here).
+struct AlignedBuffer {
+  void* data = nullptr;
+  explicit AlignedBuffer(std::size_t bytes) : data(bytes ? aligned_allocate(bytes) : nullptr) {}
+  ~AlignedBuffer() { aligned_free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+}  // namespace fusedattn::FUSEDATTN_KERNEL_NS
