@@ -21,7 +21,6 @@ backward counts 3.5x that), and for fusedattn ``speedup_vs_torch`` (torch's best
 on float32 rows, ``speedup_vs_best_fp32`` (the faster of torch and onnxruntime / fusedattn). Before timing
 each fusedattn result is checked against torch's.
 """
-import math
 
 import numpy as np
 import pytest
@@ -61,24 +60,11 @@ def _torch_tensor(torch, x, requires_grad=False):
 
 
 def _onnxruntime_runner(row, q, k, v, threads):
-    """com.microsoft.MultiHeadAttention on (B, L, H * D) inputs, transposed once outside the timed call."""
-    onnx = pytest.importorskip("onnx", reason="the onnxruntime comparison builds its graph with onnx: pip install onnx")
-    ort = pytest.importorskip("onnxruntime", reason="the onnxruntime comparison needs pip install onnxruntime")
-    from onnx import TensorProto, helper
-
-    b, h, lq, lk, d = row.dims
-    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=h,
-                            unidirectional=int(row.causal), scale=1.0 / math.sqrt(d))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b, length, h * d])
-              for n, length in (("q", lq), ("k", lk), ("v", lk))]
-    graph = helper.make_graph([node], "mha", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [b, lq, h * d])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {name: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b, x.shape[2], h * d))
-             for name, x in zip("qkv", (q, k, v))}
-    return lambda: session.run(None, feeds)[0].reshape(b, lq, h, d).transpose(0, 2, 1, 3)
+    """onnxruntime's com.microsoft MultiHeadAttention: the one implementation of fusedattn bench (_bench)."""
+    ort, reason = _bench.load_onnxruntime()
+    if ort is None:
+        pytest.skip(reason)
+    return _bench.onnxruntime_runner(q, k, v, causal=row.causal, threads=threads)
 
 
 def _forward_runner(library, row, q, k, v, threads, torch):

@@ -1,4 +1,7 @@
-"""Attention pooling for a toy sentiment task: which words does a learned query attend to?
+"""Text classification: attention pooling over the words of a sentence
+===================================================================
+
+Attention pooling for a toy sentiment task: which words does a learned query attend to?
 
 Each sentence is a handful of neutral words plus one sentiment word ("loved", "boring", ...); its label
 is that word's polarity. The model pools the word vectors with attention,
@@ -17,7 +20,6 @@ The PNG needs matplotlib (pip install 'fusedattn[plot]'); without it the script 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -73,7 +75,7 @@ def train(params, x, mask, labels, steps=300, lr=2.0, decay=0.01):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Attention pooling for a toy sentiment task: which words does a learned query attend to?")
     parser.add_argument("output", nargs="?", default="attention_map.png", help="heatmap PNG (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -130,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

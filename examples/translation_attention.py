@@ -1,4 +1,7 @@
-"""Encoder-decoder cross-attention with KV caches: the alignment between a source and a target sentence.
+"""Translation: the cross-attention alignment between two sentences
+================================================================
+
+Encoder-decoder cross-attention with KV caches: the alignment between a source and a target sentence.
 
 A toy "translation" model, built by hand so that its attention is readable (nothing is trained):
 
@@ -25,7 +28,6 @@ Usage:  python examples/translation_attention.py [OUTPUT.png]   (default: alignm
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -53,7 +55,7 @@ def project(layer, x, which):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Encoder-decoder cross-attention with KV caches: the alignment between two sentences.")
     parser.add_argument("output", nargs="?", default="alignment.png", help="alignment PNG (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -130,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -49,6 +49,9 @@ export UBSAN_OPTIONS="print_stacktrace=1:log_path=$WORK/ubsan"
 mkdir -p "$WORK/suite"
 cp -r "$ROOT/tests" "$ROOT/pyproject.toml" "$WORK/suite/"
 [[ -d "$ROOT/examples" ]] && cp -r "$ROOT/examples" "$WORK/suite/"
+# README.md and docs/: tests/test_docs_snippets.py runs their code blocks.
+cp "$ROOT/README.md" "$WORK/suite/"
+[[ -d "$ROOT/docs" ]] && cp -r "$ROOT/docs" "$WORK/suite/"
 cd "$WORK/suite"
 "$VENV/python" -c "
 import fusedattn, sys

@@ -29,8 +29,9 @@ def fast_bench(monkeypatch):
 
 @pytest.fixture
 def no_torch(monkeypatch):
-    """Leave torch out: its column is covered by test_json_structure, and each run costs time."""
+    """Leave the peers out: their columns are covered by test_json_structure, and each run costs time."""
     monkeypatch.setattr(_bench, "load_torch", lambda: (None, "left out by the test"))
+    monkeypatch.setattr(_bench, "load_onnxruntime", lambda: (None, "left out by the test"))
 
 
 def run_json(tmp_path, *args):
@@ -108,7 +109,13 @@ def test_json_structure(tmp_path, capsys):
     expected = {"fusedattn", "naive"} | {_bench.fused_variant(isa) for isa in isas["run"]}
     if doc["torch_version"] is not None:
         expected.add("torch")
+    if doc["onnxruntime_version"] is not None:
+        expected.add("onnxruntime")
+        assert row["check"]["onnxruntime"]["ok"] is True and row["speedup_vs_onnxruntime"] > 0
+    else:
+        assert "onnx" in doc["onnxruntime_skipped"]
     assert set(row["results"]) == expected
+    assert row["cache_resident"] is True and isinstance(row["noisy"], list)  # 16 KB of K and V
     fused = row["results"]["fusedattn"]
     assert {"ms", "gflops", "reps", "inner", "pct_of_peak", "pct_of_bandwidth"} <= fused.keys()
     for isa in isas["run"]:
@@ -183,3 +190,110 @@ def test_memory_check(tmp_path, capsys, monkeypatch):
     assert memory["naive_score_bytes"] == 2 * 256 * 256 * 4
     assert doc["rows"] == []
     assert "beyond its inputs and output" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The table: width, noisy rows, cache-resident decode rows, the onnxruntime peer
+# --------------------------------------------------------------------------------------------
+
+def test_table_fits_80_columns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, doc = run_json(tmp_path, "--shapes", "1x2x16x16x8,1x2x1x64x8,1x2x32x32x8c", "--threads", "1",
+                         "--isa", "avx2")
+    assert code == 0
+    out = capsys.readouterr().out
+    table = out[out.index("shape "):].splitlines()
+    assert all(len(line) <= 80 for line in table), "\n".join(line for line in table if len(line) > 80)
+    header = table[0].split()
+    assert header[:4] == ["shape", "dtype", "fused", "ms"] and header[-1] == "check"
+    if doc["onnxruntime_version"] is not None:
+        assert "onnxrt" in header  # the peer's ratio is never the column left out
+    wide = doc["rows"][0]["results"]
+    assert "naive" in wide and "ms" in wide["naive"]  # what the table leaves out, the JSON keeps
+
+
+def test_wide_terminal_keeps_every_column(tmp_path, capsys, monkeypatch, no_torch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli.main(["bench", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "naive ms" in out and "GFLOP/s" in out and "efficiency" in out and "left out to fit" not in out
+
+
+def test_fit_table_drops_by_priority():
+    columns = [("shape", 0), ("a", 2), ("b", 1), ("c", 2), ("check", 0)]
+    rows = [["x" * 10, "1" * 10, "2" * 10, "3" * 10, "ok"]]
+    names, cells, dropped = cli._fit_table(columns, rows, 40)
+    assert names == ["shape", "b", "check"] and dropped == ["c", "a"] and cells == [["x" * 10, "2" * 10, "ok"]]
+    assert cli._fit_table(columns, rows, 200)[2] == []
+
+
+def test_noisy_timings():
+    quiet = _bench.Timing(1.0, 10, 1, median_s=1.1, worst_s=2.5)  # one preempted rep: not noisy
+    assert not _bench.is_noisy(quiet)
+    assert _bench.is_noisy(_bench.Timing(1.0, 10, 1, median_s=1.5, worst_s=2.0))
+    assert _bench.is_noisy(_bench.Timing(1.0, 2, 1, median_s=50.5, worst_s=100.0))  # a time 100x off
+    assert not _bench.is_noisy(_bench.Timing(1.0, 1, 1, median_s=1.0, worst_s=1.0))
+    timing = _bench.time_best(lambda: None, reps=5, inner=1)
+    assert timing.best_s <= timing.median_s <= timing.worst_s
+
+
+def test_noisy_row_is_flagged(tmp_path, capsys, monkeypatch, no_torch):
+    noisy = _bench.Timing(1e-3, 5, 1, median_s=5e-3, worst_s=9e-3)
+    monkeypatch.setattr(_bench, "time_best", lambda fn, **kwargs: (fn(), noisy)[1])
+    code, doc = run_json(tmp_path, *TINY)
+    assert code == 0  # flagged, not failed: the numbers are still the best estimate
+    (row,) = doc["rows"]
+    assert set(row["noisy"]) == {"fusedattn", "naive"} and row["results"]["fusedattn"]["noisy"] is True
+    out = capsys.readouterr().out
+    assert "ok NOISY" in out and "NOISY: 1x1x16x16x8 float32" in out
+
+
+def test_decode_rows_sized_past_the_cache():
+    llc = 32 << 20
+    decode = _bench.Case(_bench.Shape(1, 32, 1, 1024, 128), np.dtype(np.float32))  # 32 MiB of K + V
+    grown = _bench.beyond_cache(decode, llc)
+    assert grown.shape.lk == 4096 and _bench.kv_bytes(grown.shape, np.float32) == 4 * llc
+    assert not _bench.cache_resident(grown.shape, np.float32, llc)
+    assert _bench.cache_resident(decode.shape, np.float32, llc)
+    prefill = _bench.Case(_bench.Shape(1, 8, 512, 512, 64), np.dtype(np.float32))
+    assert _bench.beyond_cache(prefill, llc) == prefill and not _bench.cache_resident(prefill.shape, np.float32, llc)
+    assert _bench.beyond_cache(decode, None) == decode  # unknown cache: as given
+    assert _bench.beyond_cache(decode, 1 << 40, limit=1 << 30).shape.lk == 1 << 15  # capped
+    quick = _bench.cases_from(None, None, quick=True, llc_bytes=1 << 30)
+    assert max(c.shape.lk for c in quick if _bench.is_memory_bound(c.shape)) > 4096
+
+
+def test_cache_resident_row_says_so(tmp_path, capsys, no_torch):
+    code, doc = run_json(tmp_path, "--shapes", "1x2x1x64x8", "--threads", "1")
+    assert code == 0
+    (row,) = doc["rows"]
+    if doc["roofline"]["llc_bytes"] is None:
+        pytest.skip("the last-level cache size is unknown here")
+    assert row["cache_resident"] is True
+    out = capsys.readouterr().out
+    assert "in cache" in out and "% bw" not in out
+
+
+def test_onnxruntime_peer():
+    ort, reason = _bench.load_onnxruntime()
+    if ort is None:
+        pytest.skip(reason)
+    shape = _bench.Shape(2, 3, 20, 20, 16, causal=True)
+    q, k, v = _bench.make_inputs(shape, np.float32)
+    got = _bench.make_runner("onnxruntime", q, k, v, causal=True, threads=1)()
+    np.testing.assert_allclose(got, _bench.naive_attention(q, k, v, causal=True), atol=1e-5)
+    case64 = _bench.Case(shape, np.dtype(np.float64))
+    assert "float32" in _bench.unsupported("onnxruntime", case64)
+    decode = _bench.Case(_bench.Shape(1, 2, 1, 30, 8, causal=True), np.dtype(np.float32))
+    assert "bottom-right" in _bench.unsupported("onnxruntime", decode)
+    assert _bench.unsupported("fusedattn", decode) is None
+
+
+def test_onnxruntime_skipped_for_float64(tmp_path, monkeypatch):
+    if _bench.load_onnxruntime()[0] is None:
+        pytest.skip("onnxruntime is not installed")
+    monkeypatch.setattr(_bench, "load_torch", lambda: (None, "left out by the test"))
+    code, doc = run_json(tmp_path, *TINY, "--dtype", "float64")
+    assert code == 0
+    (row,) = doc["rows"]
+    assert "float32" in row["results"]["onnxruntime"]["skipped"] and "onnxruntime" not in row["check"]

@@ -3,7 +3,9 @@ fusedattn.plot.attention_map draws what it is given.
 
 The examples are run with ``-W error``, like the test suite, and with and without matplotlib (a stub
 package on PYTHONPATH that fails to import stands in for an installation without the [plot] extra).
-Their printed numbers are checked for substance (accuracy, alignments, errors); never their timings.
+Their printed numbers are checked for substance (accuracy, alignments, errors); never their timings. The
+gallery's plot_*.py examples run here too (the documentation build runs them again, for their figures),
+except plot_benchmark.py, which is fusedattn bench (tests/test_cli.py).
 """
 from __future__ import annotations
 
@@ -224,3 +226,45 @@ def test_train_tiny_transformer(tmp_path):
     chance = number_after("chance accuracy:", out)
     assert chance == pytest.approx(1 / 16, abs=1e-3)
     assert number_after("test accuracy:", out) > 4 * chance  # measured ~0.84 against chance 0.0625
+
+
+# ---------------------------------------------------------------------------------------------
+# The gallery's plot_* examples (the documentation build runs them too, and shows their figures)
+# ---------------------------------------------------------------------------------------------
+
+def run_gallery_example(name, tmp_path):
+    pytest.importorskip("matplotlib", reason="the gallery examples draw with matplotlib (the [plot] extra)")
+    env = subprocess_env()
+    env["MPLBACKEND"] = "Agg"  # plt.show() returns at once, as under sphinx-gallery
+    proc = subprocess.run([PYTHON, "-W", "error", str(EXAMPLES / name)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"{name} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_gallery_speech(tmp_path):
+    out = run_gallery_example("plot_speech.py", tmp_path)
+    assert number_after("test accuracy:", out) >= 0.9
+    # The learned query finds the whistle: measured 89% of test clips within 2 frames of it.
+    assert number_after("most-attended frame within 2 frames of the whistle:", out) >= 60
+
+
+def test_gallery_vision(tmp_path):
+    out = run_gallery_example("plot_vision.py", tmp_path)
+    assert "chosen patch (row 9, col 2) is red: True" in out
+    red = re.search(r"on red patches: ([0-9.]+), on blue patches: ([0-9.]+)", out)
+    assert float(red.group(1)) > 0.8 and float(red.group(2)) < 0.05, out
+
+
+def test_gallery_kv_cache_decoding(tmp_path):
+    out = run_gallery_example("plot_kv_cache_decoding.py", tmp_path)
+    assert number_after("last step, max |cached - uncached| =", out) < 1e-4  # timings reported, not judged
+    assert "with KVCache:" in out and "without cache:" in out
+
+
+def test_gallery_long_context(tmp_path):
+    out = run_gallery_example("plot_long_context.py", tmp_path)
+    assert number_after("max |merged - one call| =", out) < 1e-5
+    assert re.search(r"head 2, last query: (9\d|100)\.\d% of its attention in the needle's block", out), out
+    if "Dask part skipped" not in out:
+        assert number_after("max |dask - one call| =", out) < 1e-5

@@ -1,7 +1,8 @@
 """Measurement helpers shared by ``fusedattn bench`` and the pytest benchmarks in ``benchmarks/``.
 
 Both front ends build their inputs, baselines, correctness checks and repetition counts here, so
-the numbers they report are measured the same way. torch is optional and only imported on demand.
+the numbers they report are measured the same way. The peers are optional and only imported on demand:
+onnxruntime (its ``com.microsoft`` MultiHeadAttention operator, in the ``[bench]`` extra) and torch.
 """
 from __future__ import annotations
 
@@ -29,11 +30,24 @@ __all__ = [
     "make_inputs", "make_runner", "measure_extra_memory", "measure_machine", "naive_attention", "naive_fits",
     "parse_shape", "plan_repetitions", "run_benchmark", "score_bytes", "time_best", "timing_budget", "utilisation",
     "FORWARD_BACKWARD_FLOP_FACTOR", "NAIVE_ADDITIVE_CHUNK_BYTES", "forward_backward_flops", "make_backward_runner",
-    "naive_additive_attention",
+    "naive_additive_attention", "PEERS", "NOISY_RATIO", "NOISY_WORST_RATIO", "is_noisy", "last_level_cache_bytes", "cache_resident",
+    "load_onnxruntime", "onnxruntime_runner", "onnxruntime_unsupported", "unsupported", "CACHE_MARGIN",
+    "DECODE_MAX_BYTES", "kv_bytes", "beyond_cache",
 ]
 
-# Torch runs first so a fusedattn measurement can be compared to a torch time taken just before it.
-LIBRARIES = ("torch", "fusedattn", "naive")
+# The peers run first so a fusedattn measurement can be compared to their times taken just before it.
+LIBRARIES = ("torch", "onnxruntime", "fusedattn", "naive")
+
+# The other attention implementations fusedattn is compared with, the one on every machine first:
+# onnxruntime comes with the [bench] extra (~15 MB, CPU only), torch where the user installed it.
+PEERS = ("onnxruntime", "torch")
+
+# A measurement whose median repetition took more than NOISY_RATIO times its best, or whose slowest took
+# more than NOISY_WORST_RATIO times it, was disturbed (another process took the cores, the frequency
+# dropped): its best-of is still the best estimate, but the row is flagged. One preempted repetition out of
+# many moves the median little, so a quiet machine does not flag; a loaded one does.
+NOISY_RATIO = 1.3
+NOISY_WORST_RATIO = 3.0
 
 # The kernel's instruction-set paths, slowest first. ``fusedattn[NAME]`` (see :func:`fused_variant`) is
 # fusedattn forced onto one of them; plain ``fusedattn`` is whichever path the dispatcher selected.
@@ -223,14 +237,82 @@ def load_torch():
     return torch, None
 
 
+def load_onnxruntime():
+    """Import onnxruntime (and onnx, which builds its graph) if installed: ``(module, None)`` or ``(None, reason)``."""
+    try:
+        import onnx  # noqa: F401  (builds the one-node graph in onnxruntime_runner)
+        import onnxruntime
+    except ImportError as exc:
+        return None, (f"onnxruntime / onnx not installed ({exc.msg}); pip install onnxruntime onnx "
+                      "(both come with fusedattn[bench])")
+    except Exception as exc:  # a broken install should cost the column, not the whole benchmark
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"onnxruntime failed to import: {first_line}"
+    return onnxruntime, None
+
+
+def onnxruntime_unsupported(shape: Shape, dtype) -> Optional[str]:
+    """Why onnxruntime's MultiHeadAttention cannot run ``shape`` in ``dtype`` here, or None when it can."""
+    if np.dtype(dtype) != _F32:
+        return f"{np.dtype(dtype).name}: its CPU MultiHeadAttention kernel takes float32"
+    if shape.causal and shape.lq != shape.lk:
+        return "causal with Lq != Lk: its unidirectional mask is not bottom-right aligned"
+    return None
+
+
+def unsupported(library: str, case: Case) -> Optional[str]:
+    """Why ``library`` does not run ``case`` (a one-line reason for the table), or None when it does."""
+    if library == "onnxruntime":
+        return onnxruntime_unsupported(case.shape, case.dtype)
+    return None
+
+
+def onnxruntime_runner(q, k, v, *, causal: bool, threads: int, scale: Optional[float] = None) -> Callable[[], object]:
+    """onnxruntime's ``com.microsoft`` MultiHeadAttention on ``(B, H, L, D)`` float32 arrays, as a callable.
+
+    The operator takes ``(B, L, H * D)`` inputs: they are transposed once here, outside the timed call, as a
+    model holding that layout would not transpose at all; the callable returns a ``(B, H, Lq, D)`` view of
+    the output. ``causal`` uses the operator's ``unidirectional`` mask, which equals ``is_causal`` when
+    ``Lq == Lk`` (see :func:`onnxruntime_unsupported`). One session, ``threads`` intra-op threads.
+    """
+    onnxruntime, reason = load_onnxruntime()
+    if onnxruntime is None:
+        raise ImportError(reason)
+    from onnx import TensorProto, helper
+
+    if q.ndim != 4 or k.shape[:2] != q.shape[:2] or v.shape != k.shape:
+        raise ValueError(f"onnxruntime_runner takes q (B, H, Lq, D) and k, v (B, H, Lk, D), got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=h,
+                            unidirectional=int(bool(causal)), scale=scale)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [b, length, h * d])
+              for name, length in (("q", lq), ("k", lk), ("v", lk))]
+    output = helper.make_tensor_value_info("o", TensorProto.FLOAT, [b, lq, h * d])
+    model = helper.make_model(helper.make_graph([node], "mha", inputs, [output]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # Idle onnxruntime threads would otherwise spin-wait for the next run, taking the cores from whichever
+    # library is timed after it (measured: fusedattn 1 ms -> 8 ms on two cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {name: np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 2, 1, 3).reshape(b, x.shape[2], h * d))
+             for name, x in zip("qkv", (q, k, v))}
+    return lambda: session.run(None, feeds)[0].reshape(b, lq, h, d).transpose(0, 2, 1, 3)
+
+
 def make_runner(library: str, q, k, v, *, causal: bool, threads: int, torch=None) -> Callable[[], object]:
     """A zero-argument callable running one forward pass of ``library`` on ``(q, k, v)``.
 
     Everything that is not part of the attention itself (tensor wrapping, mask building) happens here,
     outside the timed callable. ``library`` is one of :data:`LIBRARIES` or a :func:`fused_variant`,
     whose ISA the caller selects around the calls with :func:`isa_for` (forcing it inside the callable
-    would time the switch too); ``torch`` is the module from :func:`load_torch`. The scale is pinned to
-    ``1/sqrt(D)`` for all so no default can differ.
+    would time the switch too); ``torch`` is the module from :func:`load_torch`; onnxruntime is
+    imported by :func:`onnxruntime_runner`. The scale is pinned to ``1/sqrt(D)`` for all so no default can
+    differ.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     lq, lk = q.shape[-2], k.shape[-2]
@@ -251,6 +333,10 @@ def make_runner(library: str, q, k, v, *, causal: bool, threads: int, torch=None
             keep = torch.from_numpy(causal_keep_mask(lq, lk))
             return lambda: _torch_call(torch, sdpa, tq, tk, tv, attn_mask=keep, scale=scale)
         return lambda: _torch_call(torch, sdpa, tq, tk, tv, is_causal=causal, scale=scale)
+    if library == "onnxruntime":
+        if causal and lq != lk:
+            raise ValueError("onnxruntime's unidirectional mask is not bottom-right aligned: Lq must equal Lk")
+        return onnxruntime_runner(q, k, v, causal=causal, threads=threads, scale=scale)
     raise ValueError(f"unknown library {library!r}; expected one of {LIBRARIES}")
 
 
@@ -395,11 +481,26 @@ def check_against_naive(libraries: Sequence[str], case: Case, q, k, v, *, thread
 
 
 class Timing(NamedTuple):
-    """Best-of-``reps`` time of one call, each rep timing ``inner`` back-to-back calls."""
+    """Best-of-``reps`` time of one call, each rep timing ``inner`` back-to-back calls; ``median_s`` and
+    ``worst_s`` are the median and slowest reps' times per call (NaN when unknown), what :func:`is_noisy`
+    judges."""
 
     best_s: float
     reps: int
     inner: int
+    median_s: float = math.nan
+    worst_s: float = math.nan
+
+
+def is_noisy(timing: Timing) -> bool:
+    """Whether the repetitions of ``timing`` disagree widely: the median over :data:`NOISY_RATIO` x the best
+    (three reps or more), or the slowest over :data:`NOISY_WORST_RATIO` x the best (two or more).
+
+    One repetition cannot disagree with itself, so a single-rep timing is never noisy.
+    """
+    if timing.reps >= 3 and timing.median_s > NOISY_RATIO * timing.best_s:
+        return True
+    return timing.reps >= 2 and timing.worst_s > NOISY_WORST_RATIO * timing.best_s
 
 
 def run_benchmark(benchmark, run: Callable[[], object], *, target_s: float = 0.5, min_reps: int = 6):
@@ -453,25 +554,27 @@ def time_best(fn: Callable[[], object], *, target_s: float = 0.3, min_reps: int 
         reps, inner = plan_repetitions(fn, target_s=target_s, min_reps=min_reps)
     else:
         fn()
-    best = math.inf
+    samples = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(inner):
             fn()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return Timing(best, reps, inner)
+        samples.append((time.perf_counter() - start) / inner)
+    return Timing(min(samples), reps, inner, float(np.median(samples)), max(samples))
 
 
-def cases_from(shapes: Optional[Sequence[Shape]], dtype: Optional[str], quick: bool = False) -> list:
+def cases_from(shapes: Optional[Sequence[Shape]], dtype: Optional[str], quick: bool = False,
+               llc_bytes: Optional[int] = None) -> list:
     """The cases a command line asks for: explicit ``shapes`` or a preset, in ``dtype``.
 
-    Explicit shapes default to float32; a preset keeps its own dtypes unless ``dtype`` overrides them.
+    Explicit shapes default to float32 and run as given; a preset keeps its own dtypes unless ``dtype``
+    overrides them, and its decode rows are sized past ``llc_bytes`` (:func:`beyond_cache`).
     """
     if shapes:
         cases = [Case(s, np.dtype(dtype or "float32")) for s in shapes]
     else:
         preset = QUICK_CASES if quick else DEFAULT_CASES
-        cases = [Case(c.shape, np.dtype(dtype)) if dtype else c for c in preset]
+        cases = [beyond_cache(Case(c.shape, np.dtype(dtype)) if dtype else c, llc_bytes) for c in preset]
     unique = []
     for case in cases:  # an override can collapse two preset cases into one
         if case not in unique:
@@ -492,6 +595,8 @@ class Machine(NamedTuple):
     isa: Optional[str]
     bandwidth_probe_bytes: int
     unavailable: Optional[str] = None
+    llc_bytes: Optional[int] = None  # the last-level cache, see last_level_cache_bytes()
+    probe_note: Optional[str] = None  # set when the repeated probes disagree widely (other load)
 
     def peak_gflops(self, dtype) -> Optional[float]:
         """The FLOP ceiling for ``dtype``: float64 vectors hold half as many lanes as float32 ones."""
@@ -513,12 +618,81 @@ def measure_machine(threads: int, *, bandwidth_bytes: int = BANDWIDTH_PROBE_BYTE
     interrupted can only read low.
     """
     core = _backend._core
+    llc = last_level_cache_bytes()
     if core is None:
         return Machine(None, None, threads, None, bandwidth_bytes,
-                       unavailable="no compiled extension (NumPy reference fallback): nothing to probe with")
-    peak = max(float(core.measure_fma_peak_gflops(threads)) for _ in range(repeats))
-    bandwidth = max(float(core.measure_read_bandwidth_gbs(threads, bandwidth_bytes)) for _ in range(repeats))
-    return Machine(peak, bandwidth, threads, str(core.current_isa()), bandwidth_bytes)
+                       unavailable="no compiled extension (NumPy reference fallback): nothing to probe with",
+                       llc_bytes=llc)
+    peaks = [float(core.measure_fma_peak_gflops(threads)) for _ in range(repeats)]
+    bandwidths = [float(core.measure_read_bandwidth_gbs(threads, bandwidth_bytes)) for _ in range(repeats)]
+    notes = [f"the {what} probes disagree ({min(values):.1f} vs {max(values):.1f} {unit}): other load?"
+             for what, values, unit in (("peak", peaks, "GFLOP/s"), ("bandwidth", bandwidths, "GB/s"))
+             if max(values) > 1.5 * min(values)]
+    return Machine(max(peaks), max(bandwidths), threads, str(core.current_isa()), bandwidth_bytes, llc_bytes=llc,
+                   probe_note="; ".join(notes) or None)
+
+
+def last_level_cache_bytes() -> Optional[int]:
+    """The size of the CPU's largest (last-level) cache in bytes, from Linux sysfs or ``sysconf``; None if unknown."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size"), encoding="ascii") as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)])
+    if not sizes:
+        for name in ("SC_LEVEL4_CACHE_SIZE", "SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+            try:
+                value = os.sysconf(name)
+            except (ValueError, OSError, AttributeError):
+                continue
+            if value and value > 0:
+                sizes.append(int(value))
+    return max(sizes) if sizes else None
+
+
+# A memory-bound row's K and V must be this many times the last-level cache for its % of bandwidth to be
+# a read from memory: smaller, they stay (partly) cached between repetitions and can read above 100%.
+CACHE_MARGIN = 4
+
+# The presets' decode rows grow their Lk up to this many bytes of K + V to get past the cache.
+DECODE_MAX_BYTES = 1 << 30
+
+
+def kv_bytes(shape: Shape, dtype) -> int:
+    """Bytes of K and V together."""
+    b, h, _, lk, d = shape.dims
+    return 2 * b * h * lk * d * np.dtype(dtype).itemsize
+
+
+def cache_resident(shape: Shape, dtype, llc_bytes: Optional[int]) -> bool:
+    """Whether a memory-bound row's K and V may stay in the last-level cache between repetitions.
+
+    Such a row's bytes per second measure the cache, not memory: the table says "in cache" instead of a
+    percentage of the read bandwidth. Unknown cache size: False.
+    """
+    return (llc_bytes is not None and is_memory_bound(shape)
+            and kv_bytes(shape, dtype) < CACHE_MARGIN * llc_bytes)
+
+
+def beyond_cache(case: Case, llc_bytes: Optional[int], limit: int = DECODE_MAX_BYTES) -> Case:
+    """``case`` with its Lk doubled until K + V take :data:`CACHE_MARGIN` x the cache, if it is a memory-bound
+    case and ``limit`` bytes allow; any other case unchanged."""
+    shape, dtype = case.shape, case.dtype
+    if llc_bytes is None or not is_memory_bound(shape):
+        return case
+    while cache_resident(shape, dtype, llc_bytes) and 2 * kv_bytes(shape, dtype) <= limit:
+        shape = Shape(shape.batch, shape.heads, shape.lq, 2 * shape.lk, shape.d, shape.causal)
+    return Case(shape, dtype)
 
 
 def utilisation(shape: Shape, dtype, seconds: float, machine: Machine) -> Dict[str, Optional[float]]:

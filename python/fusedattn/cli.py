@@ -1,8 +1,9 @@
 """The ``fusedattn`` command line (also ``python -m fusedattn``).
 
-``fusedattn bench`` times fusedattn against naive NumPy and, when installed, torch's
-``scaled_dot_product_attention``, after checking that fusedattn's answer is right, and sets every
-fusedattn time against the machine's measured fp32 peak or memory bandwidth.
+``fusedattn bench`` times fusedattn against its peers — onnxruntime's MultiHeadAttention (the ``[bench]``
+extra) and torch's ``scaled_dot_product_attention`` where they are installed — and naive NumPy, after
+checking every answer, and sets every fusedattn time against the machine's measured fp32 peak or memory
+bandwidth. The table fits the terminal (80 columns when it is not one); ``--json`` keeps every field.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
+import textwrap
 import time
 from typing import List, Optional
 
@@ -21,7 +24,11 @@ from . import _bench
 __all__ = ["main"]
 
 # Columns in display order; _bench.LIBRARIES is the (different) order in which they are measured.
-_DISPLAY_ORDER = ("fusedattn", "naive", "torch")
+_DISPLAY_ORDER = ("fusedattn", "onnxruntime", "torch", "naive")
+
+# Short column names and dtypes: the table has to fit 80 columns.
+_SHORT = {"onnxruntime": "onnxrt", "fusedattn": "fusedattn", "torch": "torch", "naive": "naive"}
+_SHORT_DTYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 
 _UTILISATION_FORMULA = (
     "pct_of_peak = GFLOP/s / fp32 FMA peak (float64 rows: / half of it, as a float64 vector holds half the "
@@ -52,13 +59,17 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = commands.add_parser(
         "bench",
-        help="time fusedattn against naive NumPy and torch",
-        description="Time fusedattn against naive NumPy and torch's scaled_dot_product_attention (when "
-                    "installed), best of several runs after a warm-up, each result first checked "
-                    "against the naive one. FLOPs = 4*B*H*Lq*Lk*D, halved for causal shapes. fusedattn's "
-                    "GFLOP/s are shown as a percentage of the measured fp32 FMA peak (float64: half of it), "
-                    f"or for memory-bound rows (Lq <= {_bench.MEMORY_BOUND_MAX_LQ}) its bytes per second as "
-                    "a percentage of the measured read bandwidth. The default set ends with the memory "
+        help="time fusedattn against onnxruntime, torch and naive NumPy",
+        description="Time fusedattn against its peers, onnxruntime's MultiHeadAttention (pip install "
+                    "onnxruntime onnx, part of fusedattn[bench]) and torch's scaled_dot_product_attention "
+                    "(pip install torch), where installed, and naive NumPy: best of several runs after a "
+                    "warm-up, each result first checked against the naive one; rows whose repetitions "
+                    "disagree widely are flagged NOISY. FLOPs = 4*B*H*Lq*Lk*D, halved for causal shapes. "
+                    "fusedattn's GFLOP/s are shown as a percentage of the measured fp32 FMA peak (float64: "
+                    f"half of it), or for memory-bound rows (Lq <= {_bench.MEMORY_BOUND_MAX_LQ}) its bytes "
+                    "per second as a percentage of the measured read bandwidth ('in cache' when K and V fit "
+                    "in the last-level cache; the presets' decode rows are sized past it). The table fits "
+                    "the terminal (COLUMNS; 80 when not a terminal). The default set ends with the memory "
                     "check of --memory.",
     )
     which = bench.add_mutually_exclusive_group()
@@ -150,12 +161,13 @@ def _run_bench(args) -> int:
             ui.note(f"wrote the memory check to {args.json}")
         return 1 if memory["ok"] is False else 0
 
-    cases = _bench.cases_from(args.shapes, args.dtype, quick=args.quick)
+    cases = _bench.cases_from(args.shapes, args.dtype, quick=args.quick, llc_bytes=machine.llc_bytes)
     torch, torch_reason = _bench.load_torch()
+    ort, ort_reason = _bench.load_onnxruntime()
     variants, isa_skipped = _isa_variants(args.isa, info)
     libraries = []
     for lib in _bench.LIBRARIES:
-        if lib == "torch" and torch is None:
+        if (lib == "torch" and torch is None) or (lib == "onnxruntime" and ort is None):
             continue
         libraries.append(lib)
         if lib == "fusedattn":
@@ -167,7 +179,7 @@ def _run_bench(args) -> int:
     interrupted = False
     with _bench.limit_threads(threads) as numpy_threads:
         ui.header(_header_lines(info, machine, threads=threads, torch=torch, torch_reason=torch_reason,
-                                numpy_threads=numpy_threads)
+                                numpy_threads=numpy_threads, ort=ort, ort_reason=ort_reason)
                   + [f"--isa {isa} skipped: {reason}" for isa, reason in isa_skipped.items()])
         try:
             with ui.progress(len(cases), len(libraries)) as progress:
@@ -177,14 +189,16 @@ def _run_bench(args) -> int:
         except KeyboardInterrupt:
             interrupted = True  # still report what was measured
 
-    ui.table(_table_columns(libraries), [_table_cells(row, libraries) for row in rows])
-    for line in _footnotes(machine, rows):
+    columns, cells, dropped = _fit_table(_table_columns(libraries), [_table_cells(row, libraries) for row in rows],
+                                         _table_width())
+    ui.table(columns, cells)
+    for line in _footnotes(machine, rows, dropped):
         ui.note(line)
     if run_memory and not interrupted:
         ui.note("")
         memory = _run_memory_check(ui, threads)
     document = _document(rows, info, machine, threads=threads, torch=torch, torch_reason=torch_reason,
-                         numpy_threads=numpy_threads, isas={"requested": list(args.isa),
+                         ort=ort, ort_reason=ort_reason, numpy_threads=numpy_threads, isas={"requested": list(args.isa),
                                                             "run": [_bench.library_isa(v) for v in variants],
                                                             "skipped": isa_skipped},
                          memory=memory)
@@ -218,7 +232,8 @@ def _isa_variants(requested, info):
     return variants, skipped
 
 
-def _header_lines(info, machine, *, threads=None, torch=None, torch_reason=None, numpy_threads=None) -> List[str]:
+def _header_lines(info, machine, *, threads=None, torch=None, torch_reason=None, numpy_threads=None, ort=None,
+                  ort_reason=None) -> List[str]:
     ext = "" if info.get("extension", True) else "  (compiled extension missing: NumPy reference fallback)"
     lines = [
         f"fusedattn {info['version']}: ISA {info['isa']} (compiled {', '.join(info['compiled_isas'])}; "
@@ -233,8 +248,10 @@ def _header_lines(info, machine, *, threads=None, torch=None, torch_reason=None,
     if threads is not None:
         lines += [
             f"threads: {threads} for every library; {numpy_threads}",
-            f"numpy {np.__version__}; " + (f"torch {torch.__version__}" if torch is not None
-                                            else f"torch column skipped: {torch_reason}"),
+            f"numpy {np.__version__}; " + (f"onnxruntime {ort.__version__} (MultiHeadAttention)" if ort is not None
+                                            else f"onnxruntime column skipped: {ort_reason}"),
+            (f"torch {torch.__version__} (scaled_dot_product_attention)" if torch is not None
+             else f"torch column skipped: {torch_reason}"),
         ]
     return lines + [f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}"]
 
@@ -247,17 +264,54 @@ def _machine_line(machine: _bench.Machine) -> str:
             f"{machine.read_bandwidth_gbs:.1f} GB/s ({machine.bandwidth_probe_bytes / 2**20:g} MiB buffer)")
 
 
-def _footnotes(machine: _bench.Machine, rows) -> List[str]:
+def _footnotes(machine: _bench.Machine, rows, dropped=()) -> List[str]:
+    lines = _row_notes(rows, dropped)
+    if machine.probe_note:
+        lines.append(f"NOISY probes: {machine.probe_note}")
     if machine.unavailable or not rows:
-        return []
-    lines = [f"efficiency: fusedattn's GFLOP/s as % of the fp32 peak ({machine.fp32_peak_gflops:.1f} GFLOP/s)"]
+        return lines
+    lines.append(f"efficiency: fusedattn's GFLOP/s as % of the fp32 peak ({machine.fp32_peak_gflops:.1f} GFLOP/s)")
     if any(row["dtype"] == "float64" for row in rows):
-        lines[0] += f"; float64 rows: % of half that ({machine.peak_gflops(np.float64):.1f} GFLOP/s)"
+        lines[-1] += f"; float64 rows: % of half that ({machine.peak_gflops(np.float64):.1f} GFLOP/s)"
     if any(row["bound"] == "memory" for row in rows):
         lines.append(f"  memory-bound rows (Lq <= {_bench.MEMORY_BOUND_MAX_LQ}): q+k+v+out bytes per second as % of "
                      f"the read bandwidth ({machine.read_bandwidth_gbs:.1f} GB/s)")
-    if any(pct > 100 for row in rows for pct in _fused_pcts(row)):
-        lines.append("  over 100%: a bandwidth row whose data fit in cache, or a peak probe slowed by other load")
+    if any(row.get("cache_resident") for row in rows):
+        llc = machine.llc_bytes / 2**20
+        lines.append(f"  in cache: K + V under {_bench.CACHE_MARGIN}x the {llc:g} MiB last-level cache, so the bytes "
+                     "come (partly) from the cache, not memory; the JSON keeps its pct_of_bandwidth")
+    if any(pct > 100 for row in rows for pct in _fused_pcts(row) if not row.get("cache_resident")):
+        lines.append("  over 100%: a peak or bandwidth probe slowed by other load (see NOISY)")
+    return lines
+
+
+def _row_notes(rows, dropped) -> List[str]:
+    """The details the check column has no room for, and the columns left out to fit the width."""
+    lines = []
+    for row in rows:
+        where = f"{row['shape']} {row['dtype']}"
+        for lib, check in row["check"].items():
+            if check["ok"] is False:
+                lines.append(f"{'MISMATCH' if _is_fusedattn(lib) else 'differs'}: {lib} on {where}: {check['status']}")
+        fused = row["check"].get("fusedattn", {})
+        if fused.get("ok") and fused.get("scope") != "full":
+            lines.append(f"checked on the {fused['scope']} only (the naive scores would not fit): {where}")
+        for lib, result in row["results"].items():
+            if "skipped" in result and lib != "naive":
+                lines.append(f"{lib} skipped on {where}: {result['skipped']}")
+            if "error" in result:
+                lines.append(f"{lib} failed on {where}: {result['error']}")
+        if row.get("noisy"):
+            lines.append(f"NOISY: {where}: the repetitions of {', '.join(row['noisy'])} disagree (median over "
+                         f"{_bench.NOISY_RATIO:g}x or slowest over {_bench.NOISY_WORST_RATIO:g}x the best): other load? "
+                         "Rerun on a quiet machine")
+    if dropped:
+        lines.append(f"left out to fit {_table_width()} columns: {', '.join(dropped)} (set COLUMNS wider, or see --json)")
+    if rows:
+        legend = "shape: BxHxLqxLkxD, c = causal; f32 / f64: float32 / float64; vs X: X's time / fusedattn's"
+        if any(lib == "onnxruntime" for row in rows for lib in row["results"]):
+            legend += "; onnxrt: onnxruntime's MultiHeadAttention"
+        lines.append(legend)
     return lines
 
 
@@ -296,11 +350,16 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, machine: _b
     shape, dtype = case.shape, np.dtype(case.dtype)
     q, k, v = _bench.make_inputs(shape, dtype)
     # Check before timing: a fast wrong answer must not pass for a result.
-    checks = _bench.check_against_naive([lib for lib in libraries if lib != "naive"], case, q, k, v,
-                                        threads=threads, torch=torch)
+    unsupported = {lib: _bench.unsupported(lib, case) for lib in libraries}
+    checks = _bench.check_against_naive([lib for lib in libraries if lib != "naive" and not unsupported[lib]], case,
+                                        q, k, v, threads=threads, torch=torch)
     results = {}
+    noisy = []
     for lib in libraries:
         progress.step(lib)
+        if unsupported[lib]:
+            results[lib] = {"skipped": unsupported[lib]}
+            continue
         if lib == "naive" and not _bench.naive_fits(shape, dtype):
             gib = _bench.score_bytes(shape, dtype) / 2**30
             results[lib] = {"skipped": f"memory: the score matrix would take {gib:.1f} GiB"}
@@ -313,8 +372,11 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, machine: _b
             results[lib] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         results[lib] = {"ms": timing.best_s * 1e3, "gflops": _bench.gflops(shape, timing.best_s),
-                        "reps": timing.reps, "inner": timing.inner,
+                        "reps": timing.reps, "inner": timing.inner, "worst_ms": timing.worst_s * 1e3,
+                        "noisy": _bench.is_noisy(timing),
                         **_bench.utilisation(shape, dtype, timing.best_s, machine)}
+        if results[lib]["noisy"]:
+            noisy.append(lib)
     fused_ms = results.get("fusedattn", {}).get("ms")
     for lib in libraries:
         isa = _bench.library_isa(lib)
@@ -322,7 +384,7 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, machine: _b
             # Above 1 the forced path is faster than the selected one, below 1 slower.
             results[lib].update(isa=isa, speed_vs_default=fused_ms / results[lib]["ms"] if fused_ms else None)
     speedups = {}
-    for base in ("naive", "torch"):
+    for base in ("naive", *_bench.PEERS):
         base_ms = results.get(base, {}).get("ms")
         speedups[f"speedup_vs_{base}"] = base_ms / fused_ms if fused_ms and base_ms else None
     return {
@@ -334,11 +396,14 @@ def _measure_case(case: _bench.Case, libraries, threads: int, torch, machine: _b
         "gflop": _bench.attention_flops(shape) / 1e9,
         "bytes_moved": _bench.bytes_moved(shape, dtype),
         "bound": "memory" if _bench.is_memory_bound(shape) else "compute",
+        "kv_bytes": _bench.kv_bytes(shape, dtype),
+        "cache_resident": _bench.cache_resident(shape, dtype, machine.llc_bytes),
         "check": {lib: {"ok": c.ok, "max_abs_err": c.max_abs_err, "scope": c.scope, "status": c.status}
                   for lib, c in checks.items()},
         # Only fusedattn's own checks mark the row: torch is the comparison, not the subject.
         "mismatch": any(c.ok is False for lib, c in checks.items() if _is_fusedattn(lib)),
         "results": results,
+        "noisy": noisy,
         **speedups,
     }
 
@@ -347,17 +412,15 @@ def _is_fusedattn(library: str) -> bool:
     return library == "fusedattn" or _bench.library_isa(library) is not None
 
 
-def _table_columns(libraries) -> List[str]:
+def _table_columns(libraries) -> List[tuple]:
+    """``(name, priority)`` of each column: when the table is too wide, the highest priority numbers go first."""
     shown = [lib for lib in _DISPLAY_ORDER if lib in libraries]
-    columns = ["shape", "dtype"]
-    for lib in shown:
-        columns += [f"{lib} ms", "GFLOP/s"]
-        if lib == "fusedattn":
-            columns.append("efficiency")
-            for variant in _variants(libraries):
-                columns += [f"{variant} GFLOP/s", "vs default"]
-    columns += [f"vs {lib}" for lib in shown if lib != "fusedattn"]
-    return columns + ["check"]
+    columns = [("shape", 0), ("dtype", 0), ("fused ms", 0), ("GFLOP/s", 2), ("efficiency", 1)]
+    for variant in _variants(libraries):
+        columns += [(f"{variant} GFLOP/s", 5), ("vs default", 4)]
+    columns += [(f"{_SHORT[lib]} ms", 3) for lib in shown if lib != "fusedattn"]
+    columns += [(f"vs {_SHORT[lib]}", 2 if lib == "naive" else 0) for lib in shown if lib != "fusedattn"]
+    return columns + [("check", 0)]
 
 
 def _variants(libraries) -> List[str]:
@@ -366,52 +429,74 @@ def _variants(libraries) -> List[str]:
 
 def _table_cells(row: dict, libraries) -> List[str]:
     shown = [lib for lib in _DISPLAY_ORDER if lib in libraries]
-    dims = "x".join(str(row[key]) for key in ("batch", "heads", "lq", "lk", "d"))
-    cells = [dims + (" causal" if row["causal"] else ""), row["dtype"]]
-    for lib in shown:
-        result = row["results"].get(lib, {})
-        if "ms" in result:
-            cells += [_format_ms(result["ms"]), f"{result['gflops']:.1f}"]
-        elif "skipped" in result:
-            cells += [f"skipped ({result['skipped'].split(':')[0]})", "-"]
-        else:
-            cells += ["error", "-"]
-        if lib == "fusedattn":
-            cells.append(_efficiency_cell(row["bound"], result))
-            for variant in _variants(libraries):
-                forced = row["results"].get(variant, {})
-                ratio = forced.get("speed_vs_default")
-                cells += [f"{forced['gflops']:.1f}" if "gflops" in forced else "error",
-                          f"{ratio:.2f}x" if ratio else "-"]
+    fused = row["results"].get("fusedattn", {})
+    cells = [row["shape"], _SHORT_DTYPES.get(row["dtype"], row["dtype"]), _ms_cell(fused),
+             f"{fused['gflops']:.1f}" if "gflops" in fused else "-", _efficiency_cell(row, fused)]
+    for variant in _variants(libraries):
+        forced = row["results"].get(variant, {})
+        ratio = forced.get("speed_vs_default")
+        cells += [f"{forced['gflops']:.1f}" if "gflops" in forced else "error", f"{ratio:.2f}x" if ratio else "-"]
+    cells += [_ms_cell(row["results"].get(lib, {})) for lib in shown if lib != "fusedattn"]
     for lib in shown:
         if lib != "fusedattn":
-            ratio = row[f"speedup_vs_{lib}"]
+            ratio = row.get(f"speedup_vs_{lib}")
             cells.append(f"{ratio:.2f}x" if ratio else "-")
     cells.append(_check_cell(row))
     return cells
 
 
-def _efficiency_cell(bound: str, result: dict) -> str:
-    key, unit = ("pct_of_bandwidth", "bw") if bound == "memory" else ("pct_of_peak", "peak")
+def _ms_cell(result: dict) -> str:
+    if "ms" in result:
+        return _format_ms(result["ms"])
+    return "skipped" if "skipped" in result else "error"
+
+
+def _table_width() -> int:
+    """The terminal's width (the COLUMNS variable first), 80 when stdout is not a terminal."""
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
+def _fit_table(columns, rows, width: int):
+    """Drop the columns of the highest priority numbers (the rightmost first among equals) until the plain
+    table, two spaces between columns, fits ``width``; returns ``(names, rows, dropped names)``."""
+    keep = list(range(len(columns)))
+
+    def table_width():
+        widths = [max(len(columns[i][0]), *(len(r[i]) for r in rows)) if rows else len(columns[i][0]) for i in keep]
+        return sum(widths) + 2 * (len(widths) - 1)
+
+    dropped = []
+    while table_width() > width:
+        candidates = [i for i in keep if columns[i][1] > 0]
+        if not candidates:
+            break
+        worst = max(candidates, key=lambda i: (columns[i][1], i))
+        keep.remove(worst)
+        dropped.append(columns[worst][0])
+    return [columns[i][0] for i in keep], [[r[i] for i in keep] for r in rows], dropped
+
+
+def _efficiency_cell(row: dict, result: dict) -> str:
+    if row["bound"] == "memory" and row.get("cache_resident"):
+        return "in cache"
+    key, unit = ("pct_of_bandwidth", "bw") if row["bound"] == "memory" else ("pct_of_peak", "peak")
     pct = result.get(key)
     # n/a: the reference fallback has no probes to measure the machine with
     if pct is None:
         return "n/a"
-    return f"{pct:.0f}% of {unit}" if pct >= 9.5 else f"{pct:.2g}% of {unit}"
+    return f"{pct:.0f}% {unit}" if pct >= 9.5 else f"{pct:.2g}% {unit}"
 
 
 def _check_cell(row: dict) -> str:
+    """ok, MISMATCH or unchecked, and the flags: the details are footnotes (the JSON has them all)."""
     fused = row["check"]["fusedattn"]
-    # The table keeps only the verdict (and the error when it matters); the JSON has the details.
-    cell = fused["status"] if fused["ok"] is not True else "ok"
-    if fused["ok"] and fused["scope"] != "full":
-        cell += f" ({fused['scope']})"
-    for lib, check in row["check"].items():
-        if _bench.library_isa(lib) is not None and check["ok"] is False:
-            cell += f"; {lib} {check['status']}"
-    torch_check = row["check"].get("torch")
-    if torch_check is not None and torch_check["ok"] is False:
-        cell += "; torch differs"
+    cell = "ok" if fused["ok"] else ("MISMATCH" if fused["ok"] is False else "unchecked")
+    if any(check["ok"] is False for lib, check in row["check"].items() if lib != "fusedattn" and _is_fusedattn(lib)):
+        cell = "MISMATCH"
+    if any(check["ok"] is False for lib, check in row["check"].items() if not _is_fusedattn(lib)):
+        cell += " peer!"
+    if row.get("noisy"):
+        cell += " NOISY"
     return cell
 
 
@@ -421,8 +506,8 @@ def _format_ms(ms: float) -> str:
     return f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
 
 
-def _document(rows, info, machine: _bench.Machine, *, threads=None, torch=None, torch_reason=None,
-              numpy_threads=None, isas=None, memory=None) -> dict:
+def _document(rows, info, machine: _bench.Machine, *, threads=None, torch=None, torch_reason=None, ort=None,
+              ort_reason=None, numpy_threads=None, isas=None, memory=None) -> dict:
     """Everything a run measured, as written by --json and drawn by --plot."""
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -433,6 +518,8 @@ def _document(rows, info, machine: _bench.Machine, *, threads=None, torch=None, 
         "numpy_threads": numpy_threads,
         "torch_version": None if torch is None else str(torch.__version__),
         "torch_skipped": torch_reason,
+        "onnxruntime_version": None if ort is None else str(ort.__version__),
+        "onnxruntime_skipped": ort_reason,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "flops_formula": "4*B*H*Lq*Lk*D, halved for causal",
@@ -453,6 +540,14 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _wrap(text: str) -> str:
+    """A note folded to the table's width, continuation lines indented under it."""
+    if len(text) <= _table_width():
+        return text
+    indent = " " * (len(text) - len(text.lstrip()) + 2)
+    return textwrap.fill(text, _table_width(), subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _make_ui():
@@ -491,7 +586,7 @@ class _PlainUI:
             print(line(row).rstrip())
 
     def note(self, text):
-        print(text)
+        print(_wrap(text))
 
 
 class _PlainStatus:
@@ -536,10 +631,8 @@ class _RichUI:
     def __init__(self):
         from rich.console import Console
 
-        self.out = Console()
-        if not self.out.is_terminal:
-            # Redirected to a file or pipe: rich would squeeze the table into 80 columns and elide cells.
-            self.out = Console(width=10_000)
+        # The columns were already fitted to this width (_fit_table): rich should neither fold nor elide them.
+        self.out = Console(width=_table_width() + 1)
         self.err = Console(stderr=True)
 
     def header(self, lines):
@@ -565,19 +658,20 @@ class _RichUI:
 
         from rich import box
 
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        # Two spaces between columns (one of padding, one of the box's blank divider) and none at the edges:
+        # the widths _fit_table assumed.
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
         for i, column in enumerate(columns):
             numeric = 1 < i < len(columns) - 1
             # Text, not str: "fusedattn[avx2]" would otherwise be read as markup and vanish.
-            # Wrapping rather than no_wrap: on a narrow terminal a folded number beats an elided one.
-            table.add_column(Text(column), justify="right" if numeric else "left", overflow="fold")
+            table.add_column(Text(column), justify="right" if numeric else "left", no_wrap=True)
         for row in rows:
-            style = "bold red" if "MISMATCH" in row[-1] else None
+            style = "bold red" if "MISMATCH" in row[-1] else ("yellow" if "NOISY" in row[-1] else None)
             table.add_row(*map(Text, row), style=style)
         self.out.print(table)
 
     def note(self, text):
-        self.out.print(text, highlight=False, markup=False)
+        self.out.print(_wrap(text), highlight=False, markup=False, soft_wrap=True)
 
 
 class _RichProgress:

@@ -16,7 +16,8 @@ bfloat16; D and Dv up to 256; bool / float masks with broadcasting; both causal 
 ``q_start`` / ``k_start``; grouped-query heads; ``return_lse``; ``out`` / ``out_dtype``. Other options
 (window, alibi_slopes, softcap, dropout, BlockDiagonal masks) raise ``NotImplementedError``.
 
-Status: the kernels are compiled in CI but have not yet been run on a GPU (see README, "CUDA").
+Status: the kernels are compiled in CI but have not yet been run on a GPU (see the documentation's page
+"The CUDA path and its status", docs/user_guide/cuda.md).
 """
 from __future__ import annotations
 

@@ -576,7 +576,7 @@ class MultiHeadAttention:
 # ---------------------------------------------------------------------------------------------
 
 class AdditiveAttention:
-    """Additive (Bahdanau) attention: ``score[i, j] = v_a . tanh(q_i W_q + k_j W_k)``, softmax over j, times value.
+    """Additive (Bahdanau) attention: ``score[i, j] = v_a · tanh(q_i W_q + k_j W_k)``, softmax over j, times value.
 
     Computed as ``fusedattn.additive_attention(query @ W_q, key @ W_k, value, score_weight=v_a)``: the
     ``Lq x Lk x units`` tanh tensor is never stored. Single-head; batch-first.

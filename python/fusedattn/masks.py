@@ -59,18 +59,22 @@ class BlockDiagonal:
 
     @property
     def cu_seqlens_q(self) -> np.ndarray:
+        """``(n + 1,)`` int64 offsets of the sequences' queries (0, then each one's end)."""
         return np.concatenate([[0], np.cumsum(self.q_seqlens)]).astype(np.int64)
 
     @property
     def cu_seqlens_k(self) -> np.ndarray:
+        """``(n + 1,)`` int64 offsets of the sequences' keys (0, then each one's end)."""
         return np.concatenate([[0], np.cumsum(self.kv_seqlens)]).astype(np.int64)
 
     @property
     def total_q(self) -> int:
+        """The packed query length, the sum of ``q_seqlens``."""
         return int(self.q_seqlens.sum())
 
     @property
     def total_k(self) -> int:
+        """The packed key length, the sum of ``kv_seqlens``."""
         return int(self.kv_seqlens.sum())
 
     def materialize(self) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import List
 __all__ = ["attention_map", "plot_bench", "require_matplotlib"]
 
 # fusedattn and its forced-ISA variants in blues (darkest: the selected path), the baselines apart.
-_COLOURS = {"fusedattn": "#1f4e9c", "torch": "#e07b24", "naive": "#8c8c8c"}
+_COLOURS = {"fusedattn": "#1f4e9c", "onnxruntime": "#3a923a", "torch": "#e07b24", "naive": "#8c8c8c"}
 _VARIANT_COLOURS = ("#5b8bd0", "#9dbbe6", "#c9daf2")
 
 
@@ -28,8 +28,8 @@ def require_matplotlib() -> None:
 def plot_bench(document: dict, path: str) -> None:
     """Draw the rows of a ``fusedattn bench`` document (as written by ``--json``) to ``path``.
 
-    One group of bars per shape, one bar per library (fusedattn, its ``--isa`` variants, torch,
-    naive NumPy) at its GFLOP/s; the measured fp32 FMA peak is a horizontal line (and half of it
+    One group of bars per shape, one bar per library (fusedattn, its ``--isa`` variants, onnxruntime,
+    torch, naive NumPy) at its GFLOP/s; the measured fp32 FMA peak is a horizontal line (and half of it
     for float64, when such rows exist). fusedattn's bars carry their % of peak, or for memory-bound
     rows their % of bandwidth, whose GFLOP/s alone would read as failure. The format follows
     ``path``'s extension (PNG when it has none).
@@ -80,7 +80,7 @@ def plot_bench(document: dict, path: str) -> None:
     ax.set_ylabel("GFLOP/s (4·B·H·Lq·Lk·D, halved if causal)")
     ax.set_ylim(0, tallest * 1.25 if tallest else 1)
     info = document.get("backend_info", {})
-    ax.set_title(f"fusedattn {info.get('version', '')} vs torch vs naive NumPy, {document.get('threads')} threads\n"
+    ax.set_title(f"fusedattn {info.get('version', '')} vs its peers and naive NumPy, {document.get('threads')} threads\n"
                  "on fusedattn's bars: % of the peak, or for decode rows % of the read bandwidth", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -95,11 +95,13 @@ def _libraries(rows) -> List[str]:
     seen = {lib for row in rows for lib in row["results"]}
     # Fastest path first, so the blues fade as the forced paths slow down.
     variants = sorted((lib for lib in seen if library_isa(lib) in ISAS), key=lambda lib: -ISAS.index(library_isa(lib)))
-    return [lib for lib in ("fusedattn", *variants, "torch", "naive") if lib in seen]
+    return [lib for lib in ("fusedattn", *variants, "onnxruntime", "torch", "naive") if lib in seen]
 
 
 def _efficiency_label(row: dict) -> str:
     result = row["results"]["fusedattn"]
+    if row.get("bound") == "memory" and row.get("cache_resident"):
+        return "in cache"
     if row.get("bound") == "memory" and result.get("pct_of_bandwidth") is not None:
         return f"{result['pct_of_bandwidth']:.0f}% bw"
     if result.get("pct_of_peak") is not None:

@@ -28,6 +28,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     and with ``return_lse=True`` also ``lse`` of shape ``(..., Hq, Lq)``. Rows with no key they may
     attend give 0 and lse ``-inf``.
 
+    The scores, softmax and weighted sum are computed in float64 whatever the input dtype, but the result
+    is returned in the input dtype (or ``out_dtype``): float32 inputs give float32 ``out`` and ``lse``,
+    rounded once from the float64 values. Pass float64 arrays to get the float64 result itself.
+
     Example:
         >>> import numpy as np
         >>> from fusedattn import reference
@@ -86,7 +90,7 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
         >>> import numpy as np
         >>> from fusedattn import reference
         >>> w = reference.attention_weights(np.ones((3, 4)), np.ones((5, 4)))
-        >>> w.shape, float(w.sum())
+        >>> w.shape, round(float(w.sum()), 6)
         ((3, 5), 3.0)
     """
     check_num_threads(num_threads)
