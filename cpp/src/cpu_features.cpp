@@ -245,8 +245,6 @@ void set_amx_emulation(int mode) {
     g_selected.store(static_cast<int>(best_supported_isa()), std::memory_order_relaxed);
 }
 
-int amx_emulation() { return g_amx_emulation.load(); }
-
 bool amx_fp16_enabled() {
   const int emulation = g_amx_emulation.load();
   if (emulation) return emulation == 2;

@@ -42,7 +42,6 @@ AmxStatus amx_status();
 // LDTILECFG / TILELOADD / TILESTORED / TDPBF16PS instead of the tiles; mode 2 models a CPU with
 // AMX-FP16 too (float16 on TDPFP16PS); 0 is the hardware. std::invalid_argument for other modes.
 void set_amx_emulation(int mode);
-int amx_emulation();
 
 // Validates `params` (std::invalid_argument on inconsistency) and runs the selected kernel.
 void attention_forward(const AttnParams& params);

@@ -173,8 +173,8 @@ struct KvPanels {
           pack_row<typename Mode::Encoding, kValuePlanes>(block_t + e * 16, 16, 16, vt, (e0 + e) * v_cols + j0);
       }
   }
-  // fp32 scratch of pack(): a widened K row (d_pad <= 512), or two 16 x 16 blocks of V.
-  static int64_t row_scratch(const AttnParams&) { return 512; }
+  // fp32 scratch of pack(): a widened K row, or two 16 x 16 blocks of V.
+  static constexpr int64_t kRowScratch = kMaxHeadDim;  // >= d_pad (D <= kMaxHeadDim, a multiple of 32) and 2 x 256
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ void run_forward_tiles(const AttnParams& p) {
   const int64_t fitting = kPanelBudget / (2 * panels.per_unit);
   const int64_t wave = fitting < 1 ? 1 : min_i64(units, fitting);
   AlignedBuffer buffer(sizeof(uint16_t) * panels.per_unit * wave);
-  const int64_t row_floats = KvPanels<Mode>::row_scratch(p);
+  const int64_t row_floats = KvPanels<Mode>::kRowScratch;
   AlignedBuffer rows(sizeof(float) * row_floats * p.num_threads);
   panels.data = static_cast<uint16_t*>(buffer.data);
   call.plan.shared = &panels;

@@ -32,7 +32,7 @@ MachineProbe machine_probe_avx512();
 void attention_forward_avx512bf16(const AttnParams& params);  // bfloat16; other dtypes go to the AVX-512 path
 #endif
 #ifdef FUSEDATTN_HAVE_AMX
-// The amx level's kernels (the dispatcher picks one by amx_emulation()), instantiated with the native tile instructions (attn_fwd_amx.cpp) and with the
+// The amx level's kernels (the dispatcher picks one by set_amx_emulation's mode), instantiated with the native tile instructions (attn_fwd_amx.cpp) and with the
 // software model (attn_fwd_amx_model.cpp).
 void attention_forward_amx_native(const AttnParams& params);
 void attention_backward_amx_native(const AttnParams& params);
