@@ -21,7 +21,7 @@ import pytest
 
 import fusedattn as fa
 from fusedattn import cuda, reference
-from fusedattn._checks import head_view
+from fusedattn._spec import head_view
 
 try:
     import ml_dtypes
@@ -146,7 +146,7 @@ def test_head_dim_above_256_is_refused(rng):
 
 @pytest.mark.parametrize("bad", ["k_heads", "leading", "mask", "causal", "mixed_dtypes"])
 def test_validation_errors_match_the_cpu_path(rng, bad):
-    """The CUDA path runs _checks.prepare: the same inputs give the same error, word for word."""
+    """The CUDA path runs _spec.prepare_attention: the same inputs give the same error, word for word."""
     q, k, v = qkv(rng)
     kwargs = {}
     if bad == "k_heads":

@@ -1,6 +1,8 @@
-// pybind11 bindings: convert numpy arrays into AttnParams, check what the kernel relies on, release the
-// GIL and call the core. The user-facing validation and messages live in python/fusedattn/_checks.py;
-// the checks here guard the C++ core against callers that bypass it.
+// pybind11 bindings: convert a call spec (python/fusedattn/_spec.py's AttentionSpec, read attribute by
+// attribute under the names of the AttnParams fields it fills) into AttnParams, check what the kernel relies
+// on, release the GIL and call the core. The user-facing validation and messages live in Python; the checks
+// here guard the C++ core against callers that bypass it. A missing attribute is an AttributeError: no
+// option is ever switched off by a misspelt name.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "fusedattn/batch_offsets.h"
 #include "fusedattn/dispatch.h"
 #include "fusedattn/limits.h"
 #include "fusedattn/params.h"
@@ -71,17 +74,7 @@ Converted convert(const py::array& a, const char* name, int inner, const std::ve
       throw std::invalid_argument(std::string(name) + ": leading dimensions must match q's, got shape " + shape_str(a));
   }
   Converted c;
-  int64_t batch = 1;
-  for (py::ssize_t s : lead_shape) batch *= s;
-  c.batch_offsets.resize(static_cast<size_t>(batch));
-  for (int64_t b = 0; b < batch; ++b) {
-    int64_t rest = b, offset = 0;
-    for (py::ssize_t d = lead - 1; d >= 0; --d) {
-      offset += (rest % lead_shape[d]) * strides[d];
-      rest /= lead_shape[d];
-    }
-    c.batch_offsets[b] = offset;
-  }
+  c.batch_offsets = fusedattn::flatten_batch_offsets(lead_shape.data(), strides.data(), static_cast<int>(lead));
   c.tensor.data = const_cast<void*>(a.data());
   c.tensor.batch_offsets = c.batch_offsets.data();
   c.tensor.head_stride = strides[lead];
@@ -107,7 +100,7 @@ struct Call {
 };
 
 // Packed variable-length batches arrive as (1, H, total, D) views (lse (1, H, total)) plus
-// packed = (cu_seqlens_q, cu_seqlens_k, diagonal offsets), int64 and validated in Python. Sequence b is
+// cu_seqlens_q, cu_seqlens_k and diagonal offsets, int64 and validated in Python. Sequence b is
 // "batch entry" b: its rows start at cu[b] along the L axis, its lengths are the cu differences.
 void check_alibi_rows(const AttnParams& p) {
   if (p.alibi_slopes && p.alibi_rows != 1 && p.alibi_rows != p.batch)
@@ -115,10 +108,12 @@ void check_alibi_rows(const AttnParams& p) {
                                 " for a batch of " + std::to_string(p.batch));
 }
 
-void apply_packing(Call& call, const py::tuple& packed) {
-  const auto cu_q = packed[0].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
-  const auto cu_k = packed[1].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
-  const auto diagonal = packed[2].cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+void apply_packing(Call& call, const py::handle& cu_seqlens_q, const py::handle& cu_seqlens_k,
+                   const py::handle& diagonal_offset) {
+  using Offsets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  const auto cu_q = cu_seqlens_q.cast<Offsets>();
+  const auto cu_k = cu_seqlens_k.cast<Offsets>();
+  const auto diagonal = diagonal_offset.cast<Offsets>();
   AttnParams& p = call.p;
   const int64_t batch = static_cast<int64_t>(cu_q.size()) - 1;
   if (batch < 0 || static_cast<int64_t>(cu_k.size()) != batch + 1 || static_cast<int64_t>(diagonal.size()) != batch ||
@@ -160,51 +155,61 @@ void apply_packing(Call& call, const py::tuple& packed) {
   p.seq_diagonal_offset = call.seq_diagonal_offset.data();
 }
 
-// q, k, mask, causal alignment, scale, score policy and threads: shared by both entry points.
-// `positions` (built by python/fusedattn/_checks.py): diagonal_offset (int), window ((left, right) ints,
-// absent: no restriction), alibi_slopes ((1 or batch, Hq) contiguous, q's dtype), softcap (float),
-// dropout_p (float) with seed (uint64), q_start / k_start (ints, for the dropout positions).
-void convert_positions(AttnParams& p, const py::dict& positions, const py::array& q) {
-  p.diagonal_offset = positions.contains("diagonal_offset") ? positions["diagonal_offset"].cast<int64_t>() : 0;
-  if (positions.contains("window")) {
-    const auto window = positions["window"].cast<std::pair<int64_t, int64_t>>();
-    if (window.first < 0 || window.second < -fusedattn::kUnbounded)
-      throw std::invalid_argument("window: bounds must be >= 0 (left) and > -2^60 (right)");
-    p.windowed = true;
-    p.window_left = window.first < fusedattn::kUnbounded ? window.first : fusedattn::kUnbounded;
-    p.window_right = window.second < fusedattn::kUnbounded ? window.second : fusedattn::kUnbounded;
-  }
-  if (positions.contains("alibi_slopes")) {
-    const py::array slopes = positions["alibi_slopes"].cast<py::array>();
-    // A (batch, Hq) table is checked against the batch in check_alibi_rows, after any packing.
-    if (!same_dtype(slopes.dtype(), compute_dtype(q)) || slopes.ndim() != 2 || slopes.shape(1) != p.heads_q ||
-        !(slopes.flags() & py::array::c_style))
-      throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's compute dtype");
-    p.alibi_slopes = slopes.data();
-    p.alibi_batch_stride = slopes.shape(0) == 1 ? 0 : p.heads_q;
-    p.alibi_rows = slopes.shape(0);
-  }
-  p.softcap = positions.contains("softcap") ? positions["softcap"].cast<double>() : 0.0;
-  if (positions.contains("dropout_p")) {
-    p.dropout_p = positions["dropout_p"].cast<double>();
-    if (!(p.dropout_p >= 0 && p.dropout_p < 1)) throw std::invalid_argument("dropout_p: must be in [0, 1)");
-    p.dropout_seed = positions["seed"].cast<uint64_t>();
-  }
-  if (positions.contains("precision")) {
-    const std::string precision = positions["precision"].cast<std::string>();
-    if (precision == "highest") p.precision = fusedattn::Precision::kHighest;
-    else if (precision == "high") p.precision = fusedattn::Precision::kHigh;
-    else if (precision == "medium") p.precision = fusedattn::Precision::kMedium;
-    else throw std::invalid_argument("precision: expected 'highest', 'high' or 'medium', got '" + precision + "'");
-  }
-  p.q_start = positions.contains("q_start") ? positions["q_start"].cast<int64_t>() : 0;
-  p.k_start = positions.contains("k_start") ? positions["k_start"].cast<int64_t>() : 0;
-  if (!(p.softcap >= 0) || !std::isfinite(p.softcap)) throw std::invalid_argument("softcap: must be finite and >= 0");
+template <class T>
+T field(const py::handle& spec, const char* name) {
+  return spec.attr(name).cast<T>();
 }
 
-void convert_common(Call& call, const py::array& q, const py::array& k, const std::optional<py::array>& mask,
-                    const py::dict& positions, double scale, const std::optional<py::array>& score_weight,
-                    int num_threads) {
+std::optional<py::array> optional_array(const py::handle& spec, const char* name) {
+  const py::object value = spec.attr(name);
+  if (value.is_none()) return std::nullopt;
+  return value.cast<py::array>();
+}
+
+fusedattn::Precision precision_from_name(const std::string& precision) {
+  if (precision == "highest") return fusedattn::Precision::kHighest;
+  if (precision == "high") return fusedattn::Precision::kHigh;
+  if (precision == "medium") return fusedattn::Precision::kMedium;
+  throw std::invalid_argument("precision: expected 'highest', 'high' or 'medium', got '" + precision + "'");
+}
+
+// Which keys each row sees and the biases on the way: the spec's diagonal_offset, windowed /
+// window_left / window_right, alibi_slopes ((1 or batch, Hq), contiguous, compute dtype), softcap,
+// dropout_p / dropout_seed and q_start / k_start (the dropout positions).
+void convert_positions(AttnParams& p, const py::handle& spec, const py::array& q) {
+  p.diagonal_offset = field<int64_t>(spec, "diagonal_offset");
+  if (field<bool>(spec, "windowed")) {
+    const int64_t left = field<int64_t>(spec, "window_left"), right = field<int64_t>(spec, "window_right");
+    if (left < 0 || right < -fusedattn::kUnbounded)
+      throw std::invalid_argument("window: bounds must be >= 0 (left) and > -2^60 (right)");
+    p.windowed = true;
+    p.window_left = std::min(left, fusedattn::kUnbounded);
+    p.window_right = std::min(right, fusedattn::kUnbounded);
+  }
+  if (const auto slopes = optional_array(spec, "alibi_slopes")) {
+    // A (batch, Hq) table is checked against the batch in check_alibi_rows, after any packing.
+    if (!same_dtype(slopes->dtype(), compute_dtype(q)) || slopes->ndim() != 2 || slopes->shape(1) != p.heads_q ||
+        !(slopes->flags() & py::array::c_style))
+      throw std::invalid_argument("alibi_slopes: expected a contiguous (1 or batch, Hq) array of q's compute dtype");
+    p.alibi_slopes = slopes->data();
+    p.alibi_batch_stride = slopes->shape(0) == 1 ? 0 : p.heads_q;
+    p.alibi_rows = slopes->shape(0);
+  }
+  p.softcap = field<double>(spec, "softcap");
+  if (!(p.softcap >= 0) || !std::isfinite(p.softcap)) throw std::invalid_argument("softcap: must be finite and >= 0");
+  p.dropout_p = field<double>(spec, "dropout_p");
+  if (!(p.dropout_p >= 0 && p.dropout_p < 1)) throw std::invalid_argument("dropout_p: must be in [0, 1)");
+  p.dropout_seed = field<uint64_t>(spec, "dropout_seed");
+  p.precision = precision_from_name(field<std::string>(spec, "precision"));
+  p.q_start = field<int64_t>(spec, "q_start");
+  p.k_start = field<int64_t>(spec, "k_start");
+}
+
+// q, k, mask, positions, scale, score policy and threads: shared by every entry point.
+void convert_common(Call& call, const py::handle& spec) {
+  const py::array q = field<py::array>(spec, "q"), k = field<py::array>(spec, "k");
+  const std::optional<py::array> mask = optional_array(spec, "mask");
+  const std::optional<py::array> score_weight = optional_array(spec, "score_weight");
   AttnParams& p = call.p;
   p.dtype = storage_dtype(q);
   if (!same_dtype(k.dtype(), q.dtype())) throw py::type_error("q and k must share one dtype");
@@ -244,17 +249,23 @@ void convert_common(Call& call, const py::array& q, const py::array& k, const st
     p.score_kind = fusedattn::ScoreKind::kAdditive;
     p.score_weight = w.data();
   }
-  convert_positions(p, positions, q);
-  p.scale = scale;
-  p.num_threads = num_threads;
+  convert_positions(p, spec, q);
+  p.scale = field<double>(spec, "scale");
+  p.num_threads = field<int>(spec, "num_threads");
 }
 
-void attention_forward(const py::array& q, const py::array& k, const py::array& v, std::optional<py::array> mask,
-                       const py::dict& positions, double scale, py::array out,
-                       std::optional<py::array> lse, int num_threads, std::optional<py::array> score_weight,
-                       std::optional<py::tuple> packed) {
+// Packed variable-length sequences (spec.packing: cu_seqlens_q, cu_seqlens_k, diagonal_offset), once
+// every tensor of the call is converted.
+void apply_spec_packing(Call& call, const py::handle& spec) {
+  const py::object packing = spec.attr("packing");
+  if (!packing.is_none())
+    apply_packing(call, packing.attr("cu_seqlens_q"), packing.attr("cu_seqlens_k"), packing.attr("diagonal_offset"));
+}
+
+void attention_forward(const py::object& spec, py::array out, std::optional<py::array> lse) {
   Call call;
-  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
+  convert_common(call, spec);
+  const py::array q = field<py::array>(spec, "q"), v = field<py::array>(spec, "v");
   AttnParams& p = call.p;
   if (!same_dtype(v.dtype(), q.dtype())) throw py::type_error("q, k and v must share one dtype");
   p.out_float32 = !same_dtype(out.dtype(), q.dtype()) && same_dtype(out.dtype(), compute_dtype(q));
@@ -276,17 +287,16 @@ void attention_forward(const py::array& q, const py::array& k, const py::array& 
     call.lse = convert(*lse, "lse", 2, call.lead);
     p.lse = call.lse.tensor;
   }
-  if (packed) apply_packing(call, *packed);
+  apply_spec_packing(call, spec);
   check_alibi_rows(p);
   py::gil_scoped_release release;
   fusedattn::attention_forward(p);
 }
 
-void attention_weights(const py::array& q, const py::array& k, std::optional<py::array> mask,
-                       const py::dict& positions, double scale, std::optional<py::array> score_weight,
-                       py::array weights, int num_threads) {
+void attention_weights(const py::object& spec, py::array weights) {
   Call call;
-  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
+  convert_common(call, spec);
+  const py::array q = field<py::array>(spec, "q");
   if (!same_dtype(weights.dtype(), q.dtype())) throw py::type_error("weights: dtype must be the dtype of q");
   if (!weights.writeable()) throw std::invalid_argument("weights: array is read-only");
   require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
@@ -297,14 +307,14 @@ void attention_weights(const py::array& q, const py::array& k, std::optional<py:
   fusedattn::attention_weights(call.p);
 }
 
-void attention_backward(const py::array& dout, const py::array& q, const py::array& k, const py::array& v,
-                        const py::array& out, const py::array& lse, std::optional<py::array> mask,
-                        const py::dict& positions, double scale, py::array dq, py::array dk, py::array dv,
-                        int num_threads, std::optional<py::array> score_weight, std::optional<py::array> dscore_weight,
-                        std::optional<py::tuple> packed) {
+void attention_backward(const py::object& spec, const py::array& dout, const py::array& out, const py::array& lse,
+                        py::array dq, py::array dk, py::array dv, std::optional<py::array> dscore_weight) {
   Call call;
-  convert_common(call, q, k, mask, positions, scale, score_weight, num_threads);
-  if (score_weight.has_value() != dscore_weight.has_value())
+  convert_common(call, spec);
+  const py::array q = field<py::array>(spec, "q"), v = field<py::array>(spec, "v");
+  if (call.p.score_kind == fusedattn::ScoreKind::kAdditive && !dscore_weight)
+    throw std::invalid_argument("dscore_weight: additive scores need it");
+  if (call.p.score_kind == fusedattn::ScoreKind::kDot && dscore_weight)
     throw std::invalid_argument("score_weight and dscore_weight come together");
   if (dscore_weight) {
     py::array& dw = *dscore_weight;
@@ -341,7 +351,7 @@ void attention_backward(const py::array& dout, const py::array& q, const py::arr
   p.dq = call.dq.tensor;
   p.dk = call.dk.tensor;
   p.dv = call.dv.tensor;
-  if (packed) apply_packing(call, *packed);
+  apply_spec_packing(call, spec);
   check_alibi_rows(p);
   py::gil_scoped_release release;
   fusedattn::attention_backward(p);
@@ -357,19 +367,14 @@ std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedattn's compiled core (private: use the fusedattn package)";
-  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"),
-        py::arg("positions"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("num_threads"),
-        py::arg("score_weight") = py::none(), py::arg("packed") = py::none(),
-        "Fused attention forward on (*lead, H, L, D) arrays; writes out (and lse when given). With score_weight "
-        "the scores are additive: sum_d w_d tanh(q_d + k_d).");
-  m.def("attention_weights", &attention_weights, py::arg("q"), py::arg("k"), py::arg("mask"),
-        py::arg("positions"), py::arg("scale"), py::arg("score_weight"), py::arg("weights"),
-        py::arg("num_threads"), "Softmax probabilities into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
-  m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("lse"), py::arg("mask"), py::arg("positions"), py::arg("scale"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("score_weight") = py::none(),
-        py::arg("dscore_weight") = py::none(), py::arg("packed") = py::none(),
-        "Gradients of attention_forward into dq, dk, dv (and dscore_weight for additive scores); "
+  m.def("attention_forward", &attention_forward, py::arg("spec"), py::kw_only(), py::arg("out"), py::arg("lse"),
+        "Fused attention forward of a call spec (fusedattn._spec.AttentionSpec) into out (*lead, Hq, Lq, Dv) and, "
+        "when given, lse (*lead, Hq, Lq).");
+  m.def("attention_weights", &attention_weights, py::arg("spec"), py::kw_only(), py::arg("weights"),
+        "Softmax probabilities of a call spec into weights (*lead, Hq, Lq, Lk), zero-filled by the caller.");
+  m.def("attention_backward", &attention_backward, py::arg("spec"), py::kw_only(), py::arg("dout"), py::arg("out"),
+        py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dscore_weight"),
+        "Gradients of a call spec's forward into dq, dk, dv (and dscore_weight for additive scores); "
         "deterministic at any thread count.");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
   m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });

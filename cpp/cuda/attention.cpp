@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "fusedattn_cuda.h"
 #include "kernel_params.h"
 
@@ -18,13 +19,6 @@ namespace {
 
 void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument("attention (CUDA): " + message);
-}
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    cudaGetLastError();  // a failed query must not surface again as the next call's error
-    throw std::runtime_error(std::string("fusedattn CUDA: ") + what + ": " + cudaGetErrorString(status));
-  }
 }
 
 // Everything AttnParams can express that the GPU kernel does not compute is refused by name, never ignored.

@@ -30,6 +30,7 @@
 #include <string>
 #include <type_traits>
 
+#include "check.h"
 #include "kernel_params.h"
 
 namespace fusedattn {
@@ -296,11 +297,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Kerne
   }
 }
 
-inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("fusedattn CUDA: ") + what + ": " + cudaGetErrorString(status));
-}
-
 // float32 scores on CUDA cores; 16-bit scores on tensor cores where the architecture has them.
 template <class T>
 using ScoresFor = typename std::conditional<std::is_same<T, float>::value, SimtScores, MmaScores>::type;
@@ -312,18 +308,18 @@ void launch(const KernelParams& p, cudaStream_t stream) {
   const int bytes = Tile::kSmemBytes;
   if (bytes > 48 * 1024) {  // above 48 KB, dynamic shared memory is opt-in per kernel
     int device = 0, limit = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
     if (bytes > limit)
       throw std::runtime_error("fusedattn CUDA: head dim " + std::to_string(p.head_dim > p.value_dim ? p.head_dim : p.value_dim) +
                                " needs " + std::to_string(bytes) + " bytes of shared memory per block; device " +
                                std::to_string(device) + " allows " + std::to_string(limit));
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "cudaFuncSetAttribute");
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), "cudaFuncSetAttribute");
   }
   const int64_t blocks = p.batch * p.heads_q * ((p.len_q + Tile::kBlockQ - 1) / Tile::kBlockQ);
   if (blocks > 2147483647LL) throw std::invalid_argument("attention (CUDA): batch * heads * query blocks exceeds 2^31 - 1");
   kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  check(cudaGetLastError(), "kernel launch");
 }
 
 template <class T, int kMaxD>

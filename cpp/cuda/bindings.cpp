@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+#include "fusedattn/batch_offsets.h"
 #include "fusedattn/params.h"
 #include "fusedattn_cuda.h"
 
@@ -21,12 +23,7 @@ using fusedattn::StridedTensor;
 
 namespace {
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("fusedattn CUDA: ") + what + ": " + cudaGetErrorString(status));
-  }
-}
+using fusedattn::cuda::check;
 
 // Makes `device` current for the scope, as every pointer of a call must live there.
 class DeviceScope {
@@ -68,17 +65,7 @@ Tensor convert(const py::tuple& spec, const char* name, const std::vector<int64_
     throw std::invalid_argument(std::string(name) + ": expected shape " + shape_str(expected) + ", got " +
                                 shape_str(t.shape));
   const size_t n_lead = lead.size();
-  int64_t batch = 1;
-  for (int64_t s : lead) batch *= s;
-  t.batch_offsets.resize(static_cast<size_t>(batch));
-  for (int64_t b = 0; b < batch; ++b) {
-    int64_t rest = b, offset = 0;
-    for (size_t d = n_lead; d-- > 0;) {
-      offset += (rest % lead[d]) * strides[d];
-      rest /= lead[d];
-    }
-    t.batch_offsets[static_cast<size_t>(b)] = offset;
-  }
+  t.batch_offsets = fusedattn::flatten_batch_offsets(lead.data(), strides.data(), static_cast<int>(n_lead));
   t.view.data = reinterpret_cast<void*>(spec[0].cast<uintptr_t>());
   t.view.batch_offsets = t.batch_offsets.data();
   t.view.head_stride = strides[n_lead];

@@ -1,4 +1,4 @@
-"""Validation and normalisation of attention arguments, shared by the kernel API and the reference.
+"""Validators of single attention arguments, composed into whole calls by :mod:`fusedattn._spec`.
 
 Everything a user can get wrong is caught here, with a message that names the argument, what was
 expected and what was received, so that the C++ core only ever sees consistent inputs.
@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+# The dropout hash has one Python copy, in the oracle (which imports nothing of the package); kept
+# importable from here for the callers that know it by this address.
+from .reference import dropout_keep_factor  # noqa: F401
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -41,6 +44,8 @@ def _is_real(dtype) -> bool:
 def compute_dtype(dtype) -> np.dtype:
     """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
     return np.dtype(np.float32) if is_half_dtype(dtype) else np.dtype(dtype)
+
+
 def _max_head_dim() -> int:
     """The largest D and Dv: the C++ core's one constant (fusedattn/limits.h), 512 for the NumPy fallback."""
     from . import _backend
@@ -53,22 +58,7 @@ _CAUSAL_CHOICES = (False, True, "top_left", "bottom_right")
 _TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
 
 
-@dataclass
-class Prepared:
-    """Inputs in the kernel's layout: ``(*lead, H, L, D)`` views of the user's arrays (never copies)."""
-
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    mask: Optional[np.ndarray]  # None, or bool / q-dtype array broadcast (zero strides) to (*lead, Hq, Lq, Lk)
-    positions: dict  # diagonal_offset, window (left, right), alibi_slopes, softcap: see _positions()
-    scale: float
-    out_shape: tuple  # user-facing shapes, so 2-D / 3-D inputs get 2-D / 3-D results
-    lse_shape: tuple
-    user_rank: int
-
-
-def _as_float_array(x, name: str) -> np.ndarray:
+def as_float_array(x, name: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -81,19 +71,6 @@ def _as_float_array(x, name: str) -> np.ndarray:
             f"{name} must have shape (L, D), (B, L, D) or (..., H, L, D) (at least 2 dimensions), "
             f"got shape {x.shape}"
         )
-    return x
-
-
-def head_view(x: np.ndarray, user_rank: int) -> np.ndarray:
-    """Insert the implicit head axis of 2-D ``(L, D)`` and 3-D ``(B, L, D)`` inputs, as a view.
-
-    ``user_rank`` is the rank of the user's q; the same rule maps q/k/v/mask/out (rank ``user_rank``)
-    and lse (rank ``user_rank - 1``) into the kernel's ``(*lead, H, ...)`` layout.
-    """
-    if user_rank == 2:
-        return x[np.newaxis]
-    if user_rank == 3:
-        return np.expand_dims(x, 1)
     return x
 
 
@@ -131,7 +108,7 @@ def check_num_threads(num_threads) -> Optional[int]:
     return int(num_threads)
 
 
-def _check_alignment(causal) -> bool:
+def check_alignment(causal) -> bool:
     """True when the diagonal is top-left aligned (torch's is_causal), False for bottom-right."""
     if isinstance(causal, (bool, np.bool_)):
         return bool(causal)
@@ -140,7 +117,7 @@ def _check_alignment(causal) -> bool:
     raise ValueError(f"causal must be one of False, True, 'top_left', 'bottom_right'; got {causal!r}")
 
 
-def _check_int(value, name: str, *, minimum=None) -> int:
+def check_int(value, name: str, *, minimum=None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
@@ -148,7 +125,7 @@ def _check_int(value, name: str, *, minimum=None) -> int:
     return int(value)
 
 
-def _check_window(window):
+def check_window(window):
     """(left, right) with None or -1 for an unbounded side (FlashAttention's convention)."""
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window must be a pair (left, right) of ints (None or -1: unbounded), got {window!r}")
@@ -157,111 +134,16 @@ def _check_window(window):
         if value is None or (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral) and value == -1):
             bounds.append(UNBOUNDED)
         else:
-            bounds.append(_check_int(value, f"window {side}", minimum=0))
+            bounds.append(check_int(value, f"window {side}", minimum=0))
     return tuple(bounds)
 
 
 UNBOUNDED = 1 << 60  # a window side that never binds (the kernel's kUnbounded)
 
 
-def _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, lead, hq, dtype) -> dict:
-    """Which keys each query sees, and the biases on the way: the kernel's position model.
-
-    Row i's diagonal is key ``i + q_start - k_start`` (top-left alignment, causal=True or "top_left") or
-    that plus ``Lk - Lq`` (bottom-right: causal="bottom_right", and for window / ALiBi without causal, as
-    in FlashAttention). Causal keeps keys at or before the diagonal; ``window=(left, right)`` keeps keys
-    within ``[diagonal - left, diagonal + right]``.
-    """
-    top_left = _check_alignment(causal)
-    is_causal = causal is not False and not (isinstance(causal, np.bool_) and not causal)
-    q_start = _check_int(q_start, "q_start", minimum=0)
-    k_start = _check_int(k_start, "k_start", minimum=0)
-    positions = {"diagonal_offset": q_start - k_start + (0 if top_left else lk - lq)}
-    if window is not None or is_causal:
-        left, right = _check_window(window) if window is not None else (UNBOUNDED, UNBOUNDED)
-        positions["window"] = (left, 0 if is_causal else right)
-    if alibi_slopes is not None:
-        slopes = np.asarray(alibi_slopes)
-        if not _is_real(slopes.dtype):
-            raise TypeError(f"alibi_slopes must be a real-valued array, got dtype {slopes.dtype}")
-        batch = int(np.prod(lead)) if lead else 1
-        if slopes.shape == (hq,):
-            slopes = slopes[None]
-        elif slopes.shape == tuple(lead) + (hq,):
-            slopes = slopes.reshape(batch, hq)
-        else:
-            raise ValueError(f"alibi_slopes must have shape ({hq},) or {tuple(lead) + (hq,)} (batch dims, Hq), "
-                             f"got {slopes.shape}")
-        positions["alibi_slopes"] = np.ascontiguousarray(slopes, dtype=compute_dtype(dtype))
-    positions["q_start"], positions["k_start"] = q_start, k_start
-    if softcap is not None and softcap != 0:
-        if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be positive and finite, got {softcap}")
-        positions["softcap"] = float(softcap)
-    return positions
-
-
-def prepare(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
-            k_start=0) -> Prepared:
-    q = _as_float_array(q, "q")
-    k = _as_float_array(k, "k")
-    v = _as_float_array(v, "v")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(f"q, k and v must have the same number of dimensions, got q {q.shape}, k {k.shape}, v {v.shape}")
-    if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"k and v must agree on all but the last axis (..., Hkv, Lk), got k {k.shape} and v {v.shape}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim D (last axis), got q {q.shape} and k {k.shape}")
-    for name, dim in (("D (last axis of q and k)", q.shape[-1]), ("Dv (last axis of v)", v.shape[-1])):
-        if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
-    qh, kh, vh = (head_view(x, q.ndim) for x in (q, k, v))
-    if qh.shape[:-3] != kh.shape[:-3]:
-        raise ValueError(
-            f"q and k must have the same leading (batch) dimensions, got q {q.shape} and k {k.shape}"
-        )
-    hq, hkv = qh.shape[-3], kh.shape[-3]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"the number of query heads must be a multiple of the number of key/value heads "
-            f"(grouped-query attention), got Hq={hq} (q {q.shape}) and Hkv={hkv} (k {k.shape})"
-        )
-    lq, lk = q.shape[-2], k.shape[-2]
-    positions = _positions(causal, window, alibi_slopes, softcap, q_start, k_start, lq, lk, qh.shape[:-3], hq, q.dtype)
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-
-    scores_shape = q.shape[:-1] + (lk,)
-    prepared_mask = None
-    if mask is not None:
-        if not isinstance(mask, np.ndarray):
-            mask = np.asarray(mask)
-        if mask.dtype != np.bool_ and not _is_float(mask.dtype):
-            raise TypeError(f"mask must be a bool array (True = may attend) or a float array (added to scores), got dtype {mask.dtype}")
-        if mask.dtype != np.bool_ and mask.dtype != compute_dtype(q.dtype):
-            mask = mask.astype(compute_dtype(q.dtype))  # the small, un-broadcast mask; broadcasting below stays a view
-        try:
-            mask = np.broadcast_to(mask, scores_shape)
-        except ValueError:
-            raise ValueError(
-                f"mask of shape {mask.shape} is not broadcastable to the scores' shape {scores_shape} "
-                f"(..., Hq, Lq, Lk)"
-            ) from None
-        prepared_mask = head_view(mask, q.ndim)
-
-    return Prepared(qh, kh, vh, prepared_mask, positions, scale, q.shape[:-1] + (v.shape[-1],), q.shape[:-1], q.ndim)
+def is_causal(causal) -> bool:
+    """Whether ``causal`` (already checked by check_alignment) restricts keys at all."""
+    return causal is not False and not (isinstance(causal, np.bool_) and not causal)
 
 
 def check_out_dtype(out_dtype, dtype) -> np.dtype:
@@ -278,13 +160,13 @@ def check_out_dtype(out_dtype, dtype) -> np.dtype:
     return resolved
 
 
-def check_out(out, prepared: Prepared, inputs, out_dtype=None) -> np.ndarray:
+def check_out(out, out_shape, dtype, inputs, out_dtype=None) -> np.ndarray:
     """Validate a user-supplied ``out`` array: shape, dtype, writeable, and not aliasing any input."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != prepared.out_shape:
-        raise ValueError(f"out must have shape {prepared.out_shape} (q's shape with v's last axis), got {out.shape}")
-    expected = np.dtype(prepared.q.dtype if out_dtype is None else out_dtype)
+    if out.shape != tuple(out_shape):
+        raise ValueError(f"out must have shape {tuple(out_shape)} (q's shape with v's last axis), got {out.shape}")
+    expected = np.dtype(dtype if out_dtype is None else out_dtype)
     if out.dtype != expected:
         raise TypeError(f"out must have dtype {expected} (the output's dtype), got {out.dtype}")
     if not out.flags.writeable:
@@ -364,40 +246,13 @@ def check_dropout(dropout_p, seed, *, need_seed: bool = False):
 PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's words
 
 
-def check_precision(precision) -> dict:
-    """Validate ``precision`` (how float32 products may run); returns what to merge into the positions.
-
-    ``{}`` for ``"highest"``, so a default call hands the kernel exactly the positions it always did;
-    ``{"precision": "high" | "medium"}`` otherwise. The C++ core honours it for float32 on the amx level
-    only (bf16x3 / bf16 products on the tiles) and runs the ``"highest"`` path everywhere else.
-    """
+def check_precision(precision) -> str:
+    """Validate ``precision`` (how float32 products may run). The C++ core honours it for float32 on the amx
+    level only (bf16x3 / bf16 products on the tiles) and runs the ``"highest"`` path everywhere else."""
     if not isinstance(precision, str):
         raise TypeError(f"precision must be a str, one of 'highest', 'high' or 'medium'; "
                         f"got {type(precision).__name__} {precision!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'highest', 'high' or 'medium' (the words of "
                          f"torch.set_float32_matmul_precision), got {precision!r}")
-    return {} if precision == "highest" else {"precision": str(precision)}
-
-
-def dropout_keep_factor(positions: dict, batch_head, query, key, dtype=np.float64):
-    """The kernel's dropout factor (0 or 1 / (1 - p)) for broadcastable integer position arrays.
-
-    The same bits as dropout_hash in cpp/src/kernels/attn_fwd_impl.h: murmur3's finaliser over the seed
-    and (batch * Hq + head, q_start + query, k_start + key), all in uint32 arithmetic.
-    """
-    def mix(x):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x85EBCA6B)
-        x = x ^ (x >> np.uint32(13))
-        x = x * np.uint32(0xC2B2AE35)
-        return x ^ (x >> np.uint32(16))
-
-    seed = positions["seed"]
-    u32 = lambda a: np.asarray(a).astype(np.uint64).astype(np.uint32)  # noqa: E731 - wrap modulo 2^32
-    with np.errstate(over="ignore"):
-        h = mix(np.uint32(seed & 0xFFFFFFFF) ^ (u32(batch_head) * np.uint32(0xC2B2AE3D))
-                ^ (u32(positions["q_start"] + np.asarray(query)) * np.uint32(0x9E3779B1)))
-        h = mix(h ^ np.uint32(seed >> 32) ^ (u32(positions["k_start"] + np.asarray(key)) * np.uint32(0x85EBCA77)))
-    threshold = np.uint32(int(positions["dropout_p"] * 4294967296.0))
-    return np.where(h >= threshold, 1.0 / (1.0 - positions["dropout_p"]), 0.0).astype(dtype)
+    return str(precision)

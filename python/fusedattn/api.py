@@ -1,12 +1,14 @@
-"""The public attention API: validation in Python, the computation in the fused C++ kernel."""
+"""The public attention API: each function is ``spec = prepare_...(...)`` (:mod:`fusedattn._spec`, every rule
+and message) then ``dispatch(spec).run(spec)`` (:mod:`fusedattn._dispatch`: the CUDA path, the C++ kernels or
+the NumPy reference)."""
 from __future__ import annotations
 
 import numpy as np
 
-from . import _backend, reference
-from .masks import BlockDiagonal
-from ._checks import (PRECISIONS, check_dropout, check_kind, check_like, check_out_dtype, check_precision,
-                      compute_dtype, check_num_threads, check_out, check_score_weight, head_view, prepare)
+from . import _backend
+from ._checks import PRECISIONS, check_dropout, check_num_threads
+from ._dispatch import dispatch
+from ._spec import prepare_attention, prepare_backward, prepare_weights
 
 __all__ = ["attention", "additive_attention", "attention_weights", "attention_backward", "attention_vjp",
            "additive_attention_backward", "backend_info", "set_num_threads", "get_num_threads"]
@@ -26,15 +28,6 @@ def _package_version() -> str:
 
 
 __version__ = _package_version()
-
-
-def _wants_cuda(device, *arrays) -> bool:
-    """cuda.wants_cuda, without importing the CUDA routing for the common case: NumPy arrays, no device."""
-    if device is None and all(isinstance(x, np.ndarray) for x in arrays):
-        return False
-    from . import cuda
-
-    return cuda.wants_cuda(device, *arrays)
 
 
 def _cuda_info() -> dict:
@@ -119,28 +112,11 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         >>> fa.attention(q, k, v, causal=True).shape
         (2, 8, 128, 64)
     """
-    threads = check_num_threads(num_threads)
-    fp32_precision = check_precision(precision)  # validated on every path, read by the CPU kernel only
-    if _wants_cuda(device, q, k, v):
-        from . import cuda as _cuda_path
-
-        return _cuda_path.attention(q, k, v, device=device, mask=mask, causal=causal, scale=scale, window=window,
-                                    alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                                    dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out,
-                                    out_dtype=out_dtype, num_threads=num_threads)
-    if _backend._core is None:
-        return reference.attention(q, k, v, mask=mask, causal=causal, scale=scale, return_lse=return_lse, out=out,
-                                   window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                                   dropout_p=dropout_p, seed=seed)
-    if isinstance(mask, BlockDiagonal):
-        p, packed = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start,
-                                    dropout_p, seed, need_seed=False)
-    else:
-        p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-        p.positions.update(check_dropout(dropout_p, seed))
-        packed = None
-    p.positions.update(fp32_precision)
-    return _forward(p, None, return_lse, out, threads, packed, out_dtype)
+    spec = prepare_attention(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
+                             softcap=softcap, q_start=q_start, k_start=k_start, dropout_p=dropout_p, seed=seed,
+                             return_lse=return_lse, out=out, out_dtype=out_dtype, precision=precision,
+                             num_threads=num_threads, device=device)
+    return dispatch(spec).run(spec)
 
 
 def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, window=None, alibi_slopes=None,
@@ -175,56 +151,11 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
         >>> fa.additive_attention(q, k, v, score_weight=np.full(16, 0.5, np.float32)).shape
         (2, 10, 16)
     """
-    threads = check_num_threads(num_threads)
-    if _backend._core is None:
-        return reference.additive_attention(q, k, v, score_weight=score_weight, mask=mask, causal=causal,
-                                            return_lse=return_lse, out=out, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                                            dropout_p=dropout_p, seed=seed)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    p.positions.update(check_dropout(dropout_p, seed))
-    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
-    return _forward(p, weight, return_lse, out, threads, out_dtype=out_dtype)
-
-
-def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, dropout_p, seed,
-                    need_seed):
-    """A dense call with a BlockDiagonal mask: the packed kernel over (1, H, total, D) views of the arrays."""
-    from .varlen import _finish_packed
-
-    if q_start or k_start:
-        raise ValueError("q_start / k_start do not combine with a BlockDiagonal mask (positions restart per sequence)")
-    p = prepare(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
-    if p.q.shape[:-3] not in ((), (1,)):
-        raise ValueError(f"a BlockDiagonal mask packs sequences along L of one batch entry: q's leading dims must be "
-                         f"1, got q {np.shape(q)}")
-    if (p.q.shape[-2], p.k.shape[-2]) != (mask.total_q, mask.total_k):
-        raise ValueError(f"mask is {mask!r}, for Lq={mask.total_q} and Lk={mask.total_k}; got Lq={p.q.shape[-2]} and "
-                         f"Lk={p.k.shape[-2]}")
-    if p.q.ndim == 3:  # (L, D) inputs: the packed kernel wants one explicit batch entry (see _view)
-        p.q, p.k, p.v = (x[np.newaxis] for x in (p.q, p.k, p.v))
-    return _finish_packed(p, mask.cu_seqlens_q, mask.cu_seqlens_k, causal, alibi_slopes, dropout_p, seed, need_seed)
-
-
-def _view(x, p, rank):
-    """The kernel's view of a user out / lse / gradient array of kernel rank ``rank`` (that of p.q for
-    arrays shaped like q, one less for lse): head_view, plus a batch axis where _block_diagonal added one."""
-    view = head_view(x, p.user_rank)
-    return view[np.newaxis] if view.ndim < rank else view
-
-
-def _forward(p, score_weight, return_lse, out, threads, packed=None, out_dtype=None):
-    out_dtype = check_out_dtype(out_dtype, p.q.dtype)
-    if out is None:
-        out = np.empty(p.out_shape, dtype=out_dtype)
-    else:
-        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)), out_dtype)
-    lse = np.empty(p.lse_shape, dtype=compute_dtype(p.q.dtype)) if return_lse else None
-    _backend._core.attention_forward(
-        p.q, p.k, p.v, p.mask, p.positions, p.scale, _view(out, p, p.q.ndim),
-        None if lse is None else _view(lse, p, p.q.ndim - 1),
-        threads or _backend.default_num_threads(), score_weight, packed,
-    )
-    return (out, lse) if return_lse else out
+    spec = prepare_attention(q, k, v, score_weight=score_weight, additive=True, mask=mask, causal=causal,
+                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start,
+                             k_start=k_start, dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out,
+                             out_dtype=out_dtype, num_threads=num_threads)
+    return dispatch(spec).run(spec)
 
 
 def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0,
@@ -253,21 +184,10 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
         >>> w.shape, bool(np.allclose(w.sum(-1), 1))
         ((4, 6), True)
     """
-    threads = check_num_threads(num_threads)
-    kind = check_kind(kind)
-    if kind == "dot" and score_weight is not None:
-        raise ValueError("score_weight applies to kind='additive' only")
-    if _backend._core is None:
-        return reference.attention_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind,
-                                           score_weight=score_weight, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    p = prepare(q, k, k, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    if kind == "additive":  # scale is validated above but additive scores are not scaled
-        p.scale = 1.0
-    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype) if kind == "additive" else None
-    weights = np.zeros(p.lse_shape + (p.k.shape[-2],), dtype=p.q.dtype)
-    _backend._core.attention_weights(p.q, p.k, p.mask, p.positions, p.scale, weight,
-                                     _view(weights, p, p.q.ndim), threads or _backend.default_num_threads())
-    return weights
+    spec = prepare_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind, score_weight=score_weight,
+                           window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                           num_threads=num_threads)
+    return dispatch(spec).run(spec)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None,
@@ -298,19 +218,10 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
         >>> dq.shape, dk.shape, dv.shape
         ((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
     """
-    threads = check_num_threads(num_threads)
-    if _backend._core is None:
-        return reference.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale,
-                                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                                            dropout_p=dropout_p, seed=seed)
-    shapes = tuple(np.shape(x) for x in (q, k, v))
-    if isinstance(mask, BlockDiagonal):
-        p, packed = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start,
-                                    dropout_p, seed, need_seed=True)
-        return _backward(p, dout, out, lse, threads, None, shapes, packed)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
-    return _backward(p, dout, out, lse, threads, None, shapes)
+    spec = prepare_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale, window=window,
+                            alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                            dropout_p=dropout_p, seed=seed, num_threads=num_threads)
+    return dispatch(spec).run(spec)
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
@@ -339,32 +250,11 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
         >>> [g.shape for g in fa.additive_attention_backward(np.ones_like(out), q, k, v, out, lse)]
         [(6, 4), (6, 4), (6, 4), (4,)]
     """
-    threads = check_num_threads(num_threads)
-    if _backend._core is None:
-        return reference.additive_attention_backward(dout, q, k, v, out, lse, score_weight=score_weight, mask=mask,
-                                                     causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                                                     dropout_p=dropout_p, seed=seed)
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=1.0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
-    p.positions.update(check_dropout(dropout_p, seed, need_seed=True))
-    weight = check_score_weight(score_weight, p.q.shape[-1], p.q.dtype)
-    return _backward(p, dout, out, lse, threads, weight, tuple(np.shape(x) for x in (q, k, v)))
-
-
-def _backward(p, dout, out, lse, threads, score_weight, user_shapes, packed=None):
-    dtype = p.q.dtype
-    dout = check_like(dout, "dout", p.out_shape, dtype)
-    out = check_like(out, "out", p.out_shape, dtype)
-    lse = check_like(lse, "lse", p.lse_shape, compute_dtype(dtype))
-    # Zero-filled: keys no query may see (and every key when Lq = 0) have zero gradients.
-    grads = tuple(np.zeros(shape, dtype) for shape in user_shapes)
-    dscore_weight = None if score_weight is None else np.zeros(p.q.shape[-1], compute_dtype(dtype))
-    rank = p.q.ndim
-    _backend._core.attention_backward(
-        _view(dout, p, rank), p.q, p.k, p.v, _view(out, p, rank), _view(lse, p, rank - 1),
-        p.mask, p.positions, p.scale, *(_view(g, p, rank) for g in grads),
-        threads or _backend.default_num_threads(), score_weight, dscore_weight, packed,
-    )
-    return grads if score_weight is None else grads + (dscore_weight,)
+    spec = prepare_backward(dout, q, k, v, out, lse, score_weight=score_weight, additive=True, mask=mask,
+                            causal=causal, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                            q_start=q_start, k_start=k_start, dropout_p=dropout_p, seed=seed,
+                            num_threads=num_threads)
+    return dispatch(spec).run(spec)
 
 
 def attention_vjp(q, k, v, **kwargs):

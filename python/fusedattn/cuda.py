@@ -10,7 +10,7 @@ It takes
   same device, enqueued on the same stream (CuPy's / torch's current stream), without synchronising.
   Such arrays go to the GPU without ``device=``.
 
-Semantics and validation are the CPU path's (``_checks.prepare`` runs on every call, so shapes, masks and
+Semantics and validation are the CPU path's (``_spec.prepare_attention`` runs on every call, so shapes, masks and
 causal alignments are judged, and worded, identically). The GPU computes a subset: float32, float16 and
 bfloat16; D and Dv up to 256; bool / float masks with broadcasting; both causal alignments with
 ``q_start`` / ``k_start``; grouped-query heads; ``return_lse``; ``out`` / ``out_dtype``. Other options
@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._checks import check_num_threads, check_out, check_out_dtype, compute_dtype, is_half_dtype, prepare
-from .masks import BlockDiagonal
+from ._checks import is_half_dtype
+from ._spec import head_axis
 
 try:
     from . import _cuda
@@ -242,10 +242,10 @@ def wants_cuda(device, *arrays) -> bool:
 # --- Layout ----------------------------------------------------------------------------------------------
 
 def _insert_head(shape, strides, user_rank):
-    """_checks.head_view on (shape, strides): the implicit head axis of (L, D) and (B, L, D) inputs."""
+    """_spec.head_view on (shape, strides): the implicit head axis of (L, D) and (B, L, D) inputs."""
     shape, strides = list(shape), list(strides)
-    if user_rank in (2, 3):
-        axis = 0 if user_rank == 2 else 1
+    axis = head_axis(user_rank)
+    if axis is not None:
         shape.insert(axis, 1)
         strides.insert(axis, 0)
     return tuple(shape), tuple(strides)
@@ -278,16 +278,19 @@ def _may_overlap(a: DeviceArray, b: DeviceArray) -> bool:
 
 # --- The entry point ---------------------------------------------------------------------------------
 
-def _refuse_unsupported(mask, window, alibi_slopes, softcap, dropout_p):
-    for option, value, unset in (("window", window, None), ("alibi_slopes", alibi_slopes, None)):
-        if value is not unset:
-            raise NotImplementedError(f"{option}= is not supported on the CUDA path yet (it is on the CPU)")
-    if softcap is not None and softcap != 0:
-        raise NotImplementedError("softcap= is not supported on the CUDA path yet (it is on the CPU)")
-    if not (isinstance(dropout_p, (int, float, np.floating)) and dropout_p == 0):
-        raise NotImplementedError("dropout_p= is not supported on the CUDA path yet (it is on the CPU)")
-    if isinstance(mask, BlockDiagonal):
-        raise NotImplementedError("BlockDiagonal masks (packed sequences) are not supported on the CUDA path yet")
+def refusal(spec) -> Optional[str]:
+    """Why the GPU cannot run ``spec`` (an option only the CPU path has), or None: the CUDA backend's
+    ``supports`` (fusedattn._dispatch)."""
+    if spec.entry != "attention":
+        return f"{spec.entry}() runs on the CPU only (the CUDA path has attention() forward)"
+    for option, unsupported in (("window", spec.user_args.get("window") is not None),
+                                ("alibi_slopes", spec.alibi_slopes is not None), ("softcap", spec.softcap != 0),
+                                ("dropout_p", spec.dropout_p != 0)):
+        if unsupported:
+            return f"{option}= is not supported on the CUDA path yet (it is on the CPU)"
+    if spec.layout == "block_diagonal":
+        return "BlockDiagonal masks (packed sequences) are not supported on the CUDA path yet"
+    return None
 
 
 def _check_gpu_dtype(dtype: str, what: str = "q, k and v"):
@@ -295,8 +298,8 @@ def _check_gpu_dtype(dtype: str, what: str = "q, k and v"):
         raise TypeError(f"unsupported dtype {dtype} for device='cuda': {what} must be float32, float16 or bfloat16")
 
 
-def _check_head_dims(p):
-    for name, dim in (("D (last axis of q and k)", p.q.shape[-1]), ("Dv (last axis of v)", p.v.shape[-1])):
+def _check_head_dims(spec):
+    for name, dim in (("D (last axis of q and k)", spec.q.shape[-1]), ("Dv (last axis of v)", spec.v.shape[-1])):
         if dim > MAX_HEAD_DIM:
             raise ValueError(f"{name} must be at most {MAX_HEAD_DIM} on the CUDA path, got {dim}")
 
@@ -341,29 +344,35 @@ def attention(q, k, v, *, device="cuda", mask=None, causal=False, scale=None, wi
         >>> fa.attention(q, k, v, device="cuda").shape  # doctest: +SKIP
         (1, 4, 64, 32)
     """
-    check_num_threads(num_threads)
-    _refuse_unsupported(mask, window, alibi_slopes, softcap, dropout_p)
-    wanted = None if device is None else parse_device(device)
-    if any(is_device_array(x) for x in (q, k, v)):
-        return _attention_device(q, k, v, wanted, mask, causal, scale, q_start, k_start, return_lse, out, out_dtype)
-    return _attention_numpy(q, k, v, wanted, mask, causal, scale, q_start, k_start, return_lse, out, out_dtype)
+    from . import api
+
+    return api.attention(q, k, v, device=device, mask=mask, causal=causal, scale=scale, window=window,
+                         alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                         dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out, out_dtype=out_dtype,
+                         num_threads=num_threads)
 
 
-def _attention_numpy(q, k, v, wanted, mask, causal, scale, q_start, k_start, return_lse, out, out_dtype):
+def run(spec):
+    """The CUDA backend's run: a validated forward spec on the GPU (see fusedattn._dispatch)."""
+    wanted = None if spec.device is None else parse_device(spec.device)
+    if "numpy" in spec.device_arrays:
+        return _attention_numpy(spec, wanted)
+    return _attention_device(spec, wanted)
+
+
+def _attention_numpy(spec, wanted):
     """NumPy in, NumPy out: copy the (compacted) inputs to the device, compute, copy the results back."""
-    p = prepare(q, k, v, mask=mask, causal=causal, scale=scale, q_start=q_start, k_start=k_start)
-    _check_gpu_dtype(p.q.dtype.name)
-    _check_head_dims(p)
-    resolved_out = check_out_dtype(out_dtype, p.q.dtype)
-    if out is not None:
-        check_out(out, p, (("q", p.q), ("k", p.k), ("v", p.v), ("mask", p.mask)), resolved_out)
+    _check_gpu_dtype(spec.q.dtype.name)
+    _check_head_dims(spec)
+    resolved_out = spec.out_dtype
+    out, return_lse = spec.out, spec.return_lse
     _require_built()
     count = _device_count()
     index = 0 if wanted is None else wanted
     if index >= count:
         raise ValueError(f"device='cuda:{index}' but only {count} CUDA device(s) are visible")
-    result = np.empty(p.out_shape, dtype=resolved_out)
-    lse = np.empty(p.lse_shape, dtype=np.float32) if return_lse else None
+    result = np.empty(spec.out_shape, dtype=resolved_out)
+    lse = np.empty(spec.lse_shape, dtype=np.float32) if return_lse else None
     allocations = []
 
     def empty(shape, dtype):
@@ -372,11 +381,11 @@ def _attention_numpy(q, k, v, wanted, mask, causal, scale, q_start, k_start, ret
         return (ptr, [int(n) for n in shape], list(_contiguous_strides(shape)))
 
     try:
-        q_spec, k_spec, v_spec = (_stage_host(x, index, allocations) for x in (p.q, p.k, p.v))
-        mask_spec = None if p.mask is None else _stage_host(p.mask, index, allocations)
-        out_spec = empty(p.q.shape[:-1] + (p.v.shape[-1],), resolved_out)
-        lse_spec = empty(p.q.shape[:-1], np.float32) if return_lse else None
-        _launch(p, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_out, index, 0)
+        q_spec, k_spec, v_spec = (_stage_host(x, index, allocations) for x in (spec.q, spec.k, spec.v))
+        mask_spec = None if spec.mask is None else _stage_host(spec.mask, index, allocations)
+        out_spec = empty(spec.q.shape[:-1] + (spec.v.shape[-1],), resolved_out)
+        lse_spec = empty(spec.q.shape[:-1], np.float32) if return_lse else None
+        _launch(spec, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_out, index, 0)
         # cudaMemcpy on the default stream waits for the kernel.
         _cuda.memcpy_dtoh(result.ctypes.data, out_spec[0], result.nbytes, index)
         if lse is not None:
@@ -390,13 +399,12 @@ def _attention_numpy(q, k, v, wanted, mask, causal, scale, q_start, k_start, ret
     return (result, lse) if return_lse else result
 
 
-def _launch(p, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_out, index, stream):
-    window = p.positions.get("window")
+def _launch(spec, q_spec, k_spec, v_spec, mask_spec, out_spec, lse_spec, resolved_out, index, stream):
     _cuda.attention_forward(
-        p.q.dtype.name, q_spec, k_spec, v_spec, mask_spec,
-        "none" if mask_spec is None else ("bool" if p.mask.dtype == np.bool_ else "float"), out_spec, lse_spec,
-        np.dtype(resolved_out) == np.float32 and is_half_dtype(p.q.dtype), p.scale,
-        int(p.positions["diagonal_offset"]), window is not None, index, stream)
+        spec.q.dtype.name, q_spec, k_spec, v_spec, mask_spec,
+        "none" if mask_spec is None else ("bool" if spec.mask.dtype == np.bool_ else "float"), out_spec, lse_spec,
+        np.dtype(resolved_out) == np.float32 and is_half_dtype(spec.q.dtype), spec.scale,
+        int(spec.diagonal_offset), spec.windowed, index, stream)
 
 
 def _describe(x, name: str, stream: Optional[int] = None) -> DeviceArray:
@@ -415,7 +423,7 @@ def _describe(x, name: str, stream: Optional[int] = None) -> DeviceArray:
 
 
 def _dummy(a: DeviceArray):
-    """A zero-stride NumPy stand-in with a's shape and dtype, so _checks.prepare can validate it."""
+    """A zero-stride NumPy stand-in with a's shape and dtype, so _spec can validate it."""
     if a.dtype == "bfloat16":
         try:
             import ml_dtypes
@@ -512,8 +520,10 @@ def _resolve_device(named: list, wanted: Optional[int], count: int) -> int:
     return index
 
 
-def _attention_device(q, k, v, wanted, mask, causal, scale, q_start, k_start, return_lse, out, out_dtype):
-    """CUDA arrays in place: validate with zero-stride stand-ins, launch on q's stream, return q's kind."""
+def stand_ins(q, k, v, mask):
+    """CUDA q, k, v (and mask) described, dtype-checked and replaced by zero-stride NumPy stand-ins of their
+    shapes and dtypes, so that _spec validates them exactly as it does NumPy arrays; returns
+    ``((q, k, v, mask) stand-ins, what the launch needs)``."""
     names = ("q", "k", "v")
     for name, x in zip(names, (q, k, v)):
         if not is_device_array(x):
@@ -534,10 +544,19 @@ def _attention_device(q, k, v, wanted, mask, causal, scale, q_start, k_start, re
             raise TypeError(f"mask must be a bool array (True = may attend) or a float array (added to scores), "
                             f"got dtype {mask_array.dtype}")
         checked_mask = _dummy(mask_array)
-    p = prepare(*(_dummy(a) for a in arrays), mask=checked_mask, causal=causal, scale=scale, q_start=q_start,
-                k_start=k_start)
-    _check_head_dims(p)
-    resolved_out = check_out_dtype(out_dtype, p.q.dtype)
+    launch = {"q": q, "kind": kind, "dl_stream": dl_stream, "arrays": arrays, "mask_array": mask_array}
+    return tuple(_dummy(a) for a in arrays) + (checked_mask,), launch
+
+
+def _attention_device(spec, wanted):
+    """CUDA arrays in place: launch on q's stream, return q's kind."""
+    launch = spec.device_arrays
+    q, kind, dl_stream, arrays, mask_array = (launch[name] for name in ("q", "kind", "dl_stream", "arrays",
+                                                                        "mask_array"))
+    names = ("q", "k", "v")
+    _check_head_dims(spec)
+    resolved_out = spec.out_dtype
+    out, return_lse = spec.user_args["out"], spec.return_lse
     _require_built()
     count = _device_count()
     inputs = list(zip(names, arrays)) + ([("mask", mask_array)] if mask_array is not None else [])
@@ -548,10 +567,10 @@ def _attention_device(q, k, v, wanted, mask, causal, scale, q_start, k_start, re
             _cuda.stream_synchronize(int(a.stream), index)
 
     if out is None:
-        out = _allocate(kind, p.out_shape, resolved_out.name, index, q)
+        out = _allocate(kind, spec.out_shape, resolved_out.name, index, q)
     out_array = _describe(out, "out", dl_stream)
-    if tuple(out_array.shape) != tuple(p.out_shape):
-        raise ValueError(f"out must have shape {tuple(p.out_shape)} (q's shape with v's last axis), got {out_array.shape}")
+    if tuple(out_array.shape) != tuple(spec.out_shape):
+        raise ValueError(f"out must have shape {tuple(spec.out_shape)} (q's shape with v's last axis), got {out_array.shape}")
     if out_array.dtype != resolved_out.name:
         raise TypeError(f"out must have dtype {resolved_out.name} (the output's dtype), got {out_array.dtype}")
     if out_array.readonly:
@@ -560,24 +579,24 @@ def _attention_device(q, k, v, wanted, mask, causal, scale, q_start, k_start, re
     for name, a in inputs:
         if _may_overlap(out_array, a):
             raise ValueError(f"out must not overlap {name}: the kernel reads {name} while writing out")
-    lse = _allocate(kind, p.lse_shape, "float32", index, q) if return_lse else None
+    lse = _allocate(kind, spec.lse_shape, "float32", index, q) if return_lse else None
     lse_array = _describe(lse, "lse", dl_stream) if return_lse else None
 
-    rank = p.user_rank
-    scores_shape = tuple(p.lse_shape) + (p.k.shape[-2],)
+    rank = spec.user_rank
+    scores_shape = tuple(spec.lse_shape) + (spec.k.shape[-2],)
     staged = []
     try:
-        if p.mask is None:
+        if spec.mask is None:
             mask_spec = None
         elif mask_array is not None:
             mask_spec = _spec(mask_array.ptr, scores_shape, _broadcast(mask_array.shape, mask_array.strides,
                                                                        scores_shape), rank)
-        else:  # a NumPy mask with CUDA inputs: p.mask is its prepared (kernel-layout) view
-            mask_spec = _stage_host(p.mask, index, staged)
+        else:  # a NumPy mask with CUDA inputs: spec.mask is its prepared (kernel-layout) view
+            mask_spec = _stage_host(spec.mask, index, staged)
         specs = [_spec(a.ptr, a.shape, a.strides, rank) for a in arrays]
         out_spec = _spec(out_array.ptr, out_array.shape, out_array.strides, rank)
         lse_spec = _spec(lse_array.ptr, lse_array.shape, lse_array.strides, rank) if return_lse else None
-        _launch(p, *specs, mask_spec, out_spec, lse_spec, resolved_out, index, stream)
+        _launch(spec, *specs, mask_spec, out_spec, lse_spec, resolved_out, index, stream)
     finally:
         for ptr in staged:  # cudaFree waits for the kernel that reads the staged mask
             _cuda.free(ptr, index)

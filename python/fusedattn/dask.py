@@ -38,7 +38,8 @@ except ImportError as exc:  # pragma: no cover - exercised only where dask is ab
                       '(or pip install "dask[array]")') from exc
 
 from . import api
-from ._checks import UNBOUNDED, _check_alignment, check_out_dtype, compute_dtype, prepare
+from ._checks import check_alignment, check_out_dtype, compute_dtype
+from ._spec import head_axis, prepare_attention
 from .merge import merge_weights
 
 __all__ = ["attention"]
@@ -101,9 +102,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     # Validate exactly as the direct call does, on zero-stride stand-ins of the right shapes and dtypes: the
     # same checks and messages, without touching the data.
     fake = lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape)  # noqa: E731
-    p = prepare(fake(q), fake(k), fake(v), mask=None if mask is None else fake(mask), causal=causal, scale=scale,
-                window=window, alibi_slopes=alibi_slopes, softcap=softcap)
-    slopes = p.positions.get("alibi_slopes")  # (1 or batch, Hq), validated, in the compute dtype
+    spec = prepare_attention(fake(q), fake(k), fake(v), mask=None if mask is None else fake(mask), causal=causal,
+                             scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
+    slopes = spec.alibi_slopes  # (1 or batch, Hq), validated, in the compute dtype
     user_rank = q.ndim
     q, k, v = (_with_head_axis(x, user_rank) for x in (q, k, v))
     dtype = check_out_dtype(out_dtype, q.dtype)  # of out
@@ -143,14 +144,14 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         slopes = slopes.reshape((1,) * n + (hq,)) if slopes.shape[0] == 1 and n else slopes.reshape(lead + (hq,))
         operands[4] = _broadcast_operand(slopes, lead + (hq,), target[:n + 1], lead_ind + ("h",), "s")
 
-    visible = _visible_key_blocks(q.chunks[-2], k.chunks[-2], p.positions)
+    visible = _visible_key_blocks(q.chunks[-2], k.chunks[-2], spec)
     packed = bool(k.numblocks[-2] > 1 or return_lse)  # out and lse travel together as (..., Dv + 1) in acc: out, then lse
     block_dtype = acc if packed else dtype
     block = functools.partial(
-        _block, causal=causal, top_left=causal is not False and _check_alignment(causal), scale=p.scale, window=window, softcap=softcap,
+        _block, causal=causal, top_left=causal is not False and check_alignment(causal), scale=spec.scale, window=window, softcap=softcap,
         lq=lq, lk=lk, dv=dv, packed=packed, out_dtype=block_dtype, num_threads=num_threads)
     split_every = max(int(split_every or dask.config.get("split_every", 4)), 2)
-    token = tokenize(q, k, v, mask, slopes, causal, p.scale, window, softcap, return_lse, dtype, split_every,
+    token = tokenize(q, k, v, mask, slopes, causal, spec.scale, window, softcap, return_lse, dtype, split_every,
                      num_threads)
     name, partial_name, merge_name = (f"fusedattn{part}-{token}" for part in ("", "-partial", "-merge"))
     q_starts = np.cumsum((0,) + q.chunks[-2][:-1]).tolist()
@@ -207,20 +208,14 @@ def _as_dask(x, name):
 
 
 def _with_head_axis(x, user_rank):
-    """The kernel layout (*lead, H, L, ...): (L, D) -> (1, L, D); (B, L, D) -> (B, 1, L, D)."""
-    if user_rank == 2:
-        return x[None]
-    if user_rank == 3:
-        return x[:, None]
-    return x
+    """The kernel layout (*lead, H, L, ...) of a dask array (see _spec.head_axis)."""
+    axis = head_axis(user_rank)
+    return x if axis is None else da.expand_dims(x, axis)
 
 
 def _without_head_axis(x, user_rank):
-    if user_rank == 2:
-        return x[0]
-    if user_rank == 3:
-        return x[:, 0]
-    return x
+    axis = head_axis(user_rank)
+    return x if axis is None else x.squeeze(axis)
 
 
 def _left_pad(x, rank):
@@ -248,17 +243,16 @@ def _broadcast_operand(x, full, target_chunks, ind, private):
     return x, tuple(index)
 
 
-def _visible_key_blocks(q_chunks, k_chunks, positions):
+def _visible_key_blocks(q_chunks, k_chunks, spec):
     """For each query block, the key blocks some of its queries may see (the others become no task).
 
-    Query row r (global) sees keys ``[r + offset - left, r + offset + right]`` (``positions`` of the whole
-    problem, from :func:`prepare`: causal is a window with right = 0); over the rows ``[r0, r1)`` of a
+    Query row r (global) sees keys ``[r + offset - left, r + offset + right]`` (the call spec of the whole
+    problem, from :func:`prepare_attention`: causal is a window with right = 0); over the rows ``[r0, r1)`` of a
     block these bands cover ``[r0 + offset - left, r1 - 1 + offset + right]``, one interval, since the
     band moves by one key per row. A key block ``[c0, c1)`` is visible when it meets that interval.
     Empty blocks are never visible. Masks are data: a block they hide entirely is still computed.
     """
-    offset = positions["diagonal_offset"]
-    left, right = positions.get("window", (UNBOUNDED, UNBOUNDED))
+    offset, left, right = spec.diagonal_offset, spec.window_left, spec.window_right
     q_bounds = np.cumsum((0,) + tuple(q_chunks)).tolist()
     k_bounds = np.cumsum((0,) + tuple(k_chunks)).tolist()
     return [[j for j, (c0, c1) in enumerate(zip(k_bounds[:-1], k_bounds[1:]))
