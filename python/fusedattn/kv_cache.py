@@ -96,22 +96,22 @@ class KVCache:
 
     @property
     def key_scale_buffer(self):
-        """int8 caches: the keys' scales ``(batch, num_kv_heads, max_len)`` float32; None otherwise."""
+        """The keys' scales ``(batch, num_kv_heads, max_len)`` float32 of an int8 cache; None otherwise."""
         return self._k_scale
 
     @property
     def value_scale_buffer(self):
-        """int8 caches: the values' scales ``(batch, num_kv_heads, max_len)`` float32; None otherwise."""
+        """The values' scales ``(batch, num_kv_heads, max_len)`` float32 of an int8 cache; None otherwise."""
         return self._v_scale
 
     @property
     def key_scales(self):
-        """int8 caches: read-only view ``(batch, num_kv_heads, length)`` of the cached keys' scales; None otherwise."""
+        """A read-only view ``(batch, num_kv_heads, length)`` of the cached keys' scales (int8 cache); None otherwise."""
         return None if self._k_scale is None else self._prefix(self._k_scale)
 
     @property
     def value_scales(self):
-        """int8 caches: read-only view ``(batch, num_kv_heads, length)`` of the cached values' scales; None otherwise."""
+        """A read-only view ``(batch, num_kv_heads, length)`` of the cached values' scales (int8 cache); None otherwise."""
         return None if self._v_scale is None else self._prefix(self._v_scale)
 
     @property

@@ -192,7 +192,7 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
                     num_threads=None):
     """Attention of each sequence's queries to its keys/values in a paged (vLLM-layout) cache.
 
-    PROVISIONAL SLOW PATH (issue #15): validates with :func:`check_paged_args`, then gathers each
+    PROVISIONAL SLOW PATH (issue #15): validates with ``fusedattn.paged.check_paged_args``, then gathers each
     sequence's tokens into contiguous arrays and runs :func:`fusedattn.attention` on them, one call per
     sequence. The fused paged kernel replaces the body; the signature, the checks and the results stay.
 
@@ -398,12 +398,12 @@ class PagedKVCache:
 
     @property
     def key_scales(self):
-        """int8 caches: the keys' scales ``(num_blocks, block_size, Hkv)`` float32; None otherwise."""
+        """The keys' scales ``(num_blocks, block_size, Hkv)`` float32 of an int8 cache; None otherwise."""
         return self._ks
 
     @property
     def value_scales(self):
-        """int8 caches: the values' scales ``(num_blocks, block_size, Hkv)`` float32; None otherwise."""
+        """The values' scales ``(num_blocks, block_size, Hkv)`` float32 of an int8 cache; None otherwise."""
         return self._vs
 
     @property
@@ -418,11 +418,12 @@ class PagedKVCache:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks of the pool that no sequence holds (a growable pool adds more when an append needs them)."""
         return len(self._free)
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block: keys, values and (int8) their scales."""
+        """The size of one block in bytes (keys, values and, for int8, their scales)."""
         per_token = self.num_kv_heads * (self.head_dim + self.value_dim) * self.dtype.itemsize
         if self.quantized:
             per_token += self.num_kv_heads * 2 * 4
@@ -445,6 +446,7 @@ class PagedKVCache:
         return len(self._seqs)
 
     def __contains__(self, seq_id) -> bool:
+        """Whether ``seq_id`` is a live sequence."""
         return seq_id in self._seqs
 
     @property
