@@ -258,6 +258,11 @@ BAD_CALLS = [
      r"v_scale must have shape \(num_blocks, block_size, Hkv\) = \(4, 3, 2\), got \(4, 3\)"),
     (dict(_int8_call()[0], q=np.zeros((2, 4, 1, 8), np.float64)), _int8_call()[1], TypeError,
      r"q must have dtype float32 with int8 caches, got float64"),
+    (_valid_call(), dict(alibi_slopes=np.ones(3, np.float32)), ValueError,
+     r"alibi_slopes must have shape \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\), got \(3,\)"),
+    (_valid_call(), dict(out=np.zeros((2, 4, 1, 8), np.float32)), ValueError,
+     r"out must be a float32 array of shape \(B, Hq, Lq, Dv\) = \(2, 4, 1, 6\), got float32 \(2, 4, 1, 8\)"),
+    (_valid_call(), dict(out=np.zeros((2, 4, 1, 6), np.float64)), ValueError, r"out must be a float32 array.*got float64"),
 ]
 
 

@@ -42,7 +42,7 @@ def _index_array(x, name, ndim, shape_text):
 
 
 def check_paged_args(q, key_cache, value_cache, block_table, seq_lens, *, causal="bottom_right", sinks=None,
-                     k_scale=None, v_scale=None):
+                     k_scale=None, v_scale=None, alibi_slopes=None, out=None):
     """Validate the arrays of an :func:`attention_paged` call; return the normalised index arrays.
 
     Everything that decides where the kernel reads is checked here, so that no call can read outside
@@ -62,6 +62,10 @@ def check_paged_args(q, key_cache, value_cache, block_table, seq_lens, *, causal
         sinks: None or ``(Hq,)`` floats.
         k_scale, v_scale: ``(num_blocks, block_size, Hkv)`` float32, both given for int8 caches, neither
             for float caches.
+        alibi_slopes: None, ``(Hq,)`` or ``(B, Hq)``.
+        out: None or a ``(B, Hq, Lq, Dv)`` array of q's dtype.
+
+    ``scale``, ``window`` and ``softcap`` are checked as in :func:`fusedattn.attention`, not here.
 
     Returns:
         ``(block_table, seq_lens)`` as C-contiguous int32 arrays (the inputs themselves when they already
@@ -149,6 +153,15 @@ def check_paged_args(q, key_cache, value_cache, block_table, seq_lens, *, causal
             raise TypeError(f"sinks must be a float array, got dtype {s.dtype}")
         if s.shape != (hq,):
             raise ValueError(f"sinks must have shape (Hq,) = ({hq},), one logit per query head, got {s.shape}")
+    if alibi_slopes is not None and np.shape(alibi_slopes) not in ((hq,), (b, hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}), got "
+                         f"{np.shape(alibi_slopes)}")
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != (b, hq, lq, dv) or out.dtype != q.dtype:
+            raise ValueError(f"out must be a {q.dtype} array of shape (B, Hq, Lq, Dv) = {(b, hq, lq, dv)}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {np.shape(out)}")
+        if not out.flags.writeable:
+            raise ValueError("out must be writeable")
 
     # -- block_table / seq_lens ----------------------------------------------------------------
     block_table = _index_array(block_table, "block_table", 2, f"(B={b}, max_blocks_per_seq)")
@@ -197,7 +210,9 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
     sequence. The fused paged kernel replaces the body; the signature, the checks and the results stay.
 
     Args:
-        q: ``(B, Hq, Lq, D)``; query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - Lq + i``.
+        q: ``(B, Hq, Lq, D)``; query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - Lq + i``
+            (decoding: ``Lq = 1``; chunked prefill: the chunk's tokens, appended first). With
+            ``seq_lens[b] < Lq`` the first queries of that sequence sit before its start and see no key.
             The caches' dtype, or float32 for int8 caches.
         key_cache: ``(num_blocks, block_size, Hkv, D)``; value_cache: ``(num_blocks, block_size, Hkv, Dv)``.
         block_table: ``(B, max_blocks_per_seq)`` int32: row ``b`` lists sequence ``b``'s blocks in order.
@@ -226,13 +241,12 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
         (2, 4, 1, 8)
     """
     block_table, seq_lens = check_paged_args(q, key_cache, value_cache, block_table, seq_lens, causal=causal,
-                                             sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+                                             sinks=sinks, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
+                                             out=out)
     q, key_cache, value_cache = (np.asarray(x) for x in (q, key_cache, value_cache))
     b, hq, lq, _ = q.shape
     block_size, dv = key_cache.shape[1], value_cache.shape[3]
     alibi = None if alibi_slopes is None else np.asarray(alibi_slopes)
-    if alibi is not None and alibi.shape not in ((hq,), (b, hq)):
-        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}), got {alibi.shape}")
     extra = {}  # only what is set, so that the call also works with an attention() that lacks sinks= etc.
     if sinks is not None:
         extra["sinks"] = sinks
@@ -256,9 +270,6 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
     result = np.stack(results) if b else np.zeros((0, hq, lq, dv), q.dtype)
     lse = np.stack(lses) if b else np.zeros((0, hq, lq), np.float64 if q.dtype == np.float64 else np.float32)
     if out is not None:
-        if not isinstance(out, np.ndarray) or out.shape != result.shape or out.dtype != result.dtype:
-            raise ValueError(f"out must be a {result.dtype} array of shape {result.shape}, got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {np.shape(out)}")
         out[...] = result
         result = out
     return (result, lse) if return_lse else result
