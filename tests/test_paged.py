@@ -14,7 +14,7 @@ import pytest
 import fusedattn
 from conftest import randn, tol
 from fusedattn import reference
-from fusedattn.paged import PagedKVCache, attention_paged, check_paged_args
+from fusedattn.paged import PagedKVCache, check_paged_args
 from fusedattn.quant import quantize_kv
 
 pytestmark = pytest.mark.usefixtures("provisional_api")
