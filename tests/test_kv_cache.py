@@ -186,3 +186,100 @@ def test_repr_and_attributes():
     assert (cache.batch, cache.num_kv_heads, cache.max_len, cache.head_dim, cache.value_dim) == (2, 4, 16, 8, 6)
     assert cache.dtype == np.float64 and cache.keys.dtype == np.float64
     assert repr(cache) == "KVCache(batch=2, num_kv_heads=4, max_len=16, head_dim=8, value_dim=6, dtype=float64, length=0)"
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 storage and sinks (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _dequantised_attention(q, codes_k, scale_k, codes_v, scale_v, sinks=None):
+    """float64 bottom-right causal attention on the dequantised cache (with the sink in the denominator)."""
+    k = codes_k.astype(np.float64) * scale_k[..., None]
+    v = codes_v.astype(np.float64) * scale_v[..., None]
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) / np.sqrt(q.shape[-1])
+    lq, lk = q.shape[2], k.shape[2]
+    s = np.where(np.arange(lk)[None, :] <= np.arange(lq)[:, None] + lk - lq, s, -np.inf)
+    if sinks is not None:
+        s = np.concatenate([s, np.broadcast_to(sinks.astype(np.float64)[:, None, None], s.shape[:3] + (1,))], axis=-1)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p[..., :lk] @ v
+
+
+@pytest.mark.usefixtures("provisional_api")
+@pytest.mark.parametrize("append_dtype", [np.float32, np.float64])
+def test_int8_cache_decoding(rng, append_dtype):
+    from fusedattn import quantize_kv
+
+    b, hq, hkv, d, dv, length = 2, 8, 2, 32, 16, 19
+    k = randn(rng, (b, hkv, length, d), append_dtype)
+    v = randn(rng, (b, hkv, length, dv), append_dtype)
+    q = randn(rng, (b, hq, length, d))
+    cache = KVCache(b, hkv, max_len=24, head_dim=d, value_dim=dv, dtype=np.int8)
+    assert cache.quantized and cache.key_buffer.dtype == np.int8 and cache.key_scale_buffer.shape == (b, hkv, 24)
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    outs = []
+    for start, stop in ((0, 7), (7, 8), (8, 9), (9, 19)):  # a prefill chunk, two steps, another chunk
+        cache.append(k[:, :, start:stop], v[:, :, start:stop])
+        outs.append(cache.attend(q[:, :, start:stop]))
+        expected = _dequantised_attention(q[:, :, start:stop], kq[:, :, :stop], ks[:, :, :stop], vq[:, :, :stop],
+                                          vs[:, :, :stop])
+        assert outs[-1].dtype == np.float32
+        np.testing.assert_allclose(outs[-1], expected, **tol(np.float32))
+    np.testing.assert_array_equal(cache.keys, kq)
+    np.testing.assert_array_equal(cache.key_scales, ks)
+    np.testing.assert_array_equal(cache.values, vq)
+    np.testing.assert_array_equal(cache.value_scales, vs)
+    # The quantised cache stays close to float attention (the bound itself: tests/test_paged.py).
+    full = reference.attention(q, k.astype(np.float32), v.astype(np.float32), causal=True)
+    assert np.abs(np.concatenate(outs, axis=2) - full).max() < 0.05
+
+
+def test_int8_cache_passes_views_not_dequantised_copies(rng, monkeypatch):
+    import fusedattn
+
+    cache = KVCache(1, 2, max_len=8, head_dim=4, dtype=np.int8)
+    cache.append(randn(rng, (1, 2, 3, 4)), randn(rng, (1, 2, 3, 4)))
+    seen = {}
+
+    def spy(q, k, v, **kwargs):
+        seen.update(kwargs, k=k, v=v)
+        return "sentinel"
+
+    monkeypatch.setattr(fusedattn, "attention", spy)
+    assert cache.attend(np.zeros((1, 2, 1, 4), np.float32), sinks=np.zeros(2, np.float32)) == "sentinel"
+    assert seen["k"].dtype == seen["v"].dtype == np.int8
+    for name, buffer in (("k", cache.key_buffer), ("v", cache.value_buffer), ("k_scale", cache.key_scale_buffer),
+                         ("v_scale", cache.value_scale_buffer)):
+        assert np.shares_memory(seen[name], buffer), name
+    assert seen["k_scale"].shape == (1, 2, 3) and seen["k_scale"].dtype == np.float32
+    assert "sinks" in seen
+
+
+def test_int8_cache_errors(rng):
+    cache = KVCache(1, 1, max_len=4, head_dim=2, dtype=np.int8)
+    with pytest.raises(TypeError, match=r"k_new must be a float32, float64, float16 or bfloat16 array.*int8"):
+        cache.append(np.zeros((1, 1, 1, 2), np.int8), np.zeros((1, 1, 1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"x must be finite"):
+        cache.append(np.zeros((1, 1, 1, 2), np.float32), np.full((1, 1, 1, 2), np.inf, np.float32))
+    assert len(cache) == 0  # nothing written
+    cache.append(np.ones((1, 1, 1, 2)), np.ones((1, 1, 1, 2)))
+    with pytest.raises(TypeError, match=r"q must have dtype float32 with an int8 cache, got float64"):
+        cache.attend(np.zeros((1, 1, 1, 2)))
+    assert repr(cache) == "KVCache(batch=1, num_kv_heads=1, max_len=4, head_dim=2, dtype=int8, length=1)"
+
+
+@pytest.mark.usefixtures("provisional_api")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attend_with_sinks(rng, dtype):
+    b, hq, hkv, d = 2, 4, 2, 8
+    cache = KVCache(b, hkv, max_len=16, head_dim=d, dtype=dtype)
+    k, v = randn(rng, (b, hkv, 11, d), dtype), randn(rng, (b, hkv, 11, d), dtype)
+    cache.append(k, v)
+    q = randn(rng, (b, hq, 3, d), dtype)
+    sinks = np.array([-1.0, 0.0, 2.0, 5.0], dtype)
+    out = cache.attend(q, sinks=sinks)
+    ones = np.ones(k.shape[:-1], np.float64)
+    np.testing.assert_allclose(out, _dequantised_attention(q, k, ones, v, ones, sinks=sinks), **tol(dtype))

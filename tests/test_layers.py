@@ -154,7 +154,7 @@ def test_mha_state_dict_layout_is_torch(kdim, vdim, bias):
 # MultiHeadAttention vs NumPy (grouped-query attention has no torch equivalent)
 # ---------------------------------------------------------------------------------------------
 
-def numpy_mha(mha, query, key, value, mask=None, causal=False):
+def numpy_mha(mha, query, key, value, mask=None, causal=False, sinks=None):
     """The layer's formula in float64 NumPy, batch-first; returns (out, head-averaged weights)."""
     p = {k: v.astype(np.float64) for k, v in mha.state_dict().items()}
     e, ekv, hd = mha.embed_dim, mha.num_kv_heads * mha.head_dim, mha.head_dim
@@ -179,7 +179,9 @@ def numpy_mha(mha, query, key, value, mask=None, causal=False):
         s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
     if causal:
         s = np.where(np.tril(np.ones((lq, lk), bool)), s, -np.inf)
-    w = softmax_rows(s)
+    if sinks is not None:  # one extra column per head that joins the softmax with no value
+        s = np.concatenate([s, np.broadcast_to(sinks.astype(np.float64)[:, None, None], s.shape[:3] + (1,))], axis=-1)
+    w = softmax_rows(s)[..., :lk]
     out = (w @ v).transpose(0, 2, 1, 3).reshape(b, lq, e) @ p["out_proj.weight"].T
     return out + p.get("out_proj.bias", 0), w.mean(axis=1)
 
@@ -486,3 +488,53 @@ def test_additive_errors(make, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         layer = make()
         call(layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned attention sinks (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("provisional_api")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mha_sinks_forward_and_weights(rng, dtype):
+    e, heads, b, lq = 32, 8, 2, 6
+    sinks = np.linspace(-2, 3, heads)
+    mha = MultiHeadAttention(e, heads, num_kv_heads=2, dtype=dtype, rng=0, sinks=sinks)
+    x = randn(rng, (b, lq, e), dtype)
+    mask = rng.random((lq, lq)) > 0.3
+    mask[:, 0] = True
+    out, weights = mha(x, mask=mask, causal=True, need_weights=True)
+    ref_out, ref_w = numpy_mha(mha, x, x, x, mask, True, sinks=mha.sinks)
+    np.testing.assert_allclose(out, ref_out, **tol(dtype))
+    np.testing.assert_allclose(weights, ref_w, **tol(dtype))
+    assert np.all(weights.sum(-1) < 1)  # each head's sink keeps part of every row
+    plain = MultiHeadAttention(e, heads, num_kv_heads=2, dtype=dtype, rng=0)  # same rng: same weights
+    sd = mha.state_dict()
+    assert list(sd) == list(plain.state_dict()) + ["sinks"]
+    for name, value in plain.state_dict().items():
+        np.testing.assert_array_equal(sd[name], value)
+
+
+def test_mha_sinks_state_dict_round_trip():
+    a = MultiHeadAttention(16, 4, rng=0, sinks=True)
+    np.testing.assert_array_equal(a.sinks, np.zeros(4, np.float32))  # sinks=True starts at 0
+    sd = a.state_dict()
+    sd["sinks"] = np.array([0.5, -1.0, 2.0, 0.0])
+    b = MultiHeadAttention(16, 4, rng=1, sinks=True)
+    b.load_state_dict(sd)
+    assert b.sinks.dtype == np.float32 and b.sinks.tolist() == [0.5, -1.0, 2.0, 0.0]
+    assert set(b.state_dict()) == set(sd) and "sinks=True" in repr(b)
+    b.sinks[0] = 9  # state_dict() copies: this does not reach the copy below
+    with pytest.raises(ValueError, match=r"unexpected keys \['sinks'\].*construct the layer with sinks=True"):
+        MultiHeadAttention(16, 4, rng=0).load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"missing keys \['sinks'\].*no attention sinks"):
+        b.load_state_dict(MultiHeadAttention(16, 4, rng=0).state_dict())
+    with pytest.raises(ValueError, match=r"sinks: expected shape \(4,\), got \(3,\)"):
+        b.load_state_dict({**sd, "sinks": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"sinks must have shape \(num_heads,\) = \(4,\).*got \(2,\)"):
+        MultiHeadAttention(16, 4, sinks=np.zeros(2))
+    with pytest.raises(TypeError, match=r"sinks must be True, False/None or a \(4,\) float array"):
+        MultiHeadAttention(16, 4, sinks=np.array(["a"] * 4))
+    with pytest.raises(ValueError, match=r"sinks must be finite"):
+        MultiHeadAttention(16, 4, sinks=np.array([0, 0, 0, np.nan]))
+    assert MultiHeadAttention(16, 4, sinks=False).sinks is None

@@ -488,3 +488,18 @@ def test_backward_dout_errors(make, name):
         layer.backward(np.ones((3, 2, 8), np.float32))
     with pytest.raises(TypeError, match=r"dout must be a floating-point array.*int64"):
         layer.backward(np.ones(out.shape, np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned attention sinks (issue #15): dsinks with the other gradients, by finite differences
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("provisional_api")
+@pytest.mark.parametrize("case", ["self_gqa_causal", "self_seq_first_dead_row", "unbatched_mqa_causal"])
+def test_mha_sinks_backward_matches_finite_differences(rng, case):
+    layer_kwargs, make_inputs, call, to_inputs = MHA_FD_CASES[case]
+    sinks = randn(rng, (layer_kwargs["num_heads"],), np.float64)  # away from 0: a sign error would show
+    mha = MultiHeadAttention(**layer_kwargs, dtype=np.float64, rng=rng, sinks=sinks)
+    nonzero_biases(mha, rng)
+    check_layer_against_fd(mha, rng, make_inputs(rng), call, to_inputs)
+    assert "sinks" in mha.grads and mha.grads["sinks"].shape == (layer_kwargs["num_heads"],)

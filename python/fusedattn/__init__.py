@@ -21,6 +21,8 @@ from .api import (
 from .kv_cache import KVCache
 from .layers import AdditiveAttention, MultiHeadAttention
 from .merge import merge_attention
+from .paged import PagedKVCache, attention_paged
+from .quant import quantize_kv
 from .varlen import attention_varlen, attention_varlen_backward
 
 __all__ = [
@@ -39,6 +41,9 @@ __all__ = [
     "MultiHeadAttention",
     "AdditiveAttention",
     "KVCache",
+    "PagedKVCache",
+    "attention_paged",
+    "quantize_kv",
     "plot",
     "masks",
     "reference",

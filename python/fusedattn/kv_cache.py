@@ -5,7 +5,9 @@ import numpy as np
 
 import fusedattn  # fusedattn.attention is looked up at call time
 
-from ._checks import MAX_HEAD_DIM, check_positive_int as _check_positive_int, check_storage_dtype as _check_dtype
+from ._checks import (MAX_HEAD_DIM, check_positive_int as _check_positive_int, check_storage_dtype as _check_dtype,
+                      is_attention_dtype)
+from .quant import quantize_kv
 
 __all__ = ["KVCache"]
 
@@ -26,10 +28,15 @@ class KVCache:
         value_dim: Dv, the value head dim, 1..512 (default ``head_dim``).
         dtype: float32 or float64, for the buffers and every array appended or attended; or float16 /
             ``ml_dtypes.bfloat16``: 16-bit buffers (half the memory of float32), attended by the fused
-            kernel with float32 accumulation, the output in the cache's 16-bit dtype.
+            kernel with float32 accumulation, the output in the cache's 16-bit dtype; or ``np.int8``:
+            keys and values quantised on append by :func:`fusedattn.quantize_kv` (one float32 scale per
+            token and kv head, a quarter of float32's bytes plus the scales), appended as any float dtype,
+            attended with float32 queries (float32 output); the kernel reads the int8 buffers and their
+            scales (``k_scale=`` / ``v_scale=``) and dequantises inside its loop, never in a copy.
 
     Buffers: :attr:`key_buffer` ``(batch, num_kv_heads, max_len, head_dim)`` and :attr:`value_buffer`
-    ``(batch, num_kv_heads, max_len, value_dim)``. Their unfilled tail is never read.
+    ``(batch, num_kv_heads, max_len, value_dim)``; int8 caches also :attr:`key_scale_buffer` and
+    :attr:`value_scale_buffer` ``(batch, num_kv_heads, max_len)`` float32. Their unfilled tail is never read.
 
     Example:
         >>> import numpy as np
@@ -51,10 +58,20 @@ class KVCache:
         self.max_len = _check_positive_int(max_len, "max_len")
         self.head_dim = _check_positive_int(head_dim, "head_dim", upper=MAX_HEAD_DIM)
         self.value_dim = self.head_dim if value_dim is None else _check_positive_int(value_dim, "value_dim", upper=MAX_HEAD_DIM)
-        self.dtype = _check_dtype(dtype)
+        try:
+            is_int8 = np.dtype(dtype) == np.int8
+        except TypeError:
+            is_int8 = False
+        self.dtype = np.dtype(np.int8) if is_int8 else _check_dtype(dtype)
+        #: Whether keys/values are stored as int8 with per-token float32 scales.
+        self.quantized = is_int8
         # np.zeros maps pages lazily: a large capacity costs memory only as it is filled.
         self._k = np.zeros((self.batch, self.num_kv_heads, self.max_len, self.head_dim), self.dtype)
         self._v = np.zeros((self.batch, self.num_kv_heads, self.max_len, self.value_dim), self.dtype)
+        self._k_scale = self._v_scale = None
+        if is_int8:
+            self._k_scale = np.zeros((self.batch, self.num_kv_heads, self.max_len), np.float32)
+            self._v_scale = np.zeros((self.batch, self.num_kv_heads, self.max_len), np.float32)
         self._length = 0
 
     # -- state --------------------------------------------------------------------------------
@@ -78,8 +95,29 @@ class KVCache:
         return self._v
 
     @property
+    def key_scale_buffer(self):
+        """The keys' scales ``(batch, num_kv_heads, max_len)`` float32 of an int8 cache; None otherwise."""
+        return self._k_scale
+
+    @property
+    def value_scale_buffer(self):
+        """The values' scales ``(batch, num_kv_heads, max_len)`` float32 of an int8 cache; None otherwise."""
+        return self._v_scale
+
+    @property
+    def key_scales(self):
+        """A read-only view ``(batch, num_kv_heads, length)`` of the cached keys' scales (int8 cache); None otherwise."""
+        return None if self._k_scale is None else self._prefix(self._k_scale)
+
+    @property
+    def value_scales(self):
+        """A read-only view ``(batch, num_kv_heads, length)`` of the cached values' scales (int8 cache); None otherwise."""
+        return None if self._v_scale is None else self._prefix(self._v_scale)
+
+    @property
     def keys(self) -> np.ndarray:
-        """Read-only view ``(batch, num_kv_heads, length, head_dim)`` of the cached keys (no copy)."""
+        """Read-only view ``(batch, num_kv_heads, length, head_dim)`` of the cached keys (no copy; int8 codes for an
+        int8 cache, see :attr:`key_scales`)."""
         return self._prefix(self._k)
 
     @property
@@ -105,7 +143,11 @@ class KVCache:
                 x = np.asarray(x)
             except Exception as exc:
                 raise TypeError(f"{name} must be a {self.dtype} array; could not convert {type(x).__name__}: {exc}") from None
-        if x.dtype != self.dtype:
+        if self.quantized:
+            if not is_attention_dtype(x.dtype):
+                raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array (quantised to the "
+                                f"int8 cache on append), got {x.dtype}")
+        elif x.dtype != self.dtype:
             # No silent casts: a float64 step into a float32 cache is most likely a bug upstream.
             raise TypeError(f"{name} must have dtype {self.dtype} (the cache's dtype), got {x.dtype}")
         expected = f"(batch={self.batch}, num_kv_heads={self.num_kv_heads}, n, {width_name}={width})"
@@ -117,7 +159,8 @@ class KVCache:
         """Write the keys and values of ``n`` new tokens after the cached ones, in place.
 
         Args:
-            k_new: ``(batch, num_kv_heads, n, head_dim)`` in the cache's dtype; ``n >= 0``, any strides.
+            k_new: ``(batch, num_kv_heads, n, head_dim)`` in the cache's dtype (any float dtype for an int8
+                cache, quantised per token and head by :func:`fusedattn.quantize_kv`); ``n >= 0``, any strides.
             v_new: ``(batch, num_kv_heads, n, value_dim)``, the same ``n``.
 
         Raises ``ValueError`` (nothing written) when the cache cannot hold ``n`` more tokens, or for
@@ -141,11 +184,18 @@ class KVCache:
             raise ValueError(f"KVCache is full: capacity max_len={self.max_len}, it holds {self._length} tokens and "
                              f"{n} more were requested ({self._length + n} > {self.max_len}); reset() it or allocate "
                              f"a larger max_len")
-        self._k[:, :, self._length:self._length + n] = k_new
-        self._v[:, :, self._length:self._length + n] = v_new
+        new = slice(self._length, self._length + n)
+        if self.quantized:
+            # Both quantised before either is written: a NaN in v_new must not leave k_new half-appended.
+            (k_codes, k_scale), (v_codes, v_scale) = quantize_kv(k_new), quantize_kv(v_new)
+            self._k[:, :, new], self._k_scale[:, :, new] = k_codes, k_scale
+            self._v[:, :, new], self._v_scale[:, :, new] = v_codes, v_scale
+        else:
+            self._k[:, :, new] = k_new
+            self._v[:, :, new] = v_new
         self._length += n
 
-    def attend(self, q, *, causal="bottom_right", mask=None, scale=None, precision="highest"):
+    def attend(self, q, *, causal="bottom_right", mask=None, scale=None, precision="highest", sinks=None):
         """Attention of ``Lq`` new queries to every cached token: ``fusedattn.attention(q, keys, values)``.
 
         Append the new tokens' keys/values first: with the default ``causal="bottom_right"`` query
@@ -154,7 +204,8 @@ class KVCache:
         to an encoder's cached keys/values).
 
         Args:
-            q: ``(batch, Hq, Lq, head_dim)`` in the cache's dtype, ``Hq`` a multiple of ``num_kv_heads``.
+            q: ``(batch, Hq, Lq, head_dim)`` in the cache's dtype (float32 for an int8 cache), ``Hq`` a multiple
+                of ``num_kv_heads``.
             causal: ``"bottom_right"`` (default), ``False``, or ``True``/``"top_left"`` as in
                 :func:`fusedattn.attention`.
             mask: optional bool (True = may attend) or float mask broadcastable to ``(batch, Hq, Lq, length)``.
@@ -162,10 +213,12 @@ class KVCache:
             precision: ``"highest"`` (default), ``"high"`` or ``"medium"``, as in :func:`fusedattn.attention`:
                 float32 products on the AMX tiles for prefill-sized ``Lq`` (> 4) on the ``amx`` level; a
                 decoding step (``Lq <= 4``) and every other level run the ``"highest"`` path.
+            sinks: optional ``(Hq,)`` attention-sink logits (gpt-oss): each joins its head's softmax
+                denominator with no value, as in :func:`fusedattn.attention`.
 
         Returns:
             ``(batch, Hq, Lq, value_dim)`` in the cache's dtype (float32 accumulation inside the kernel
-            for a 16-bit cache). A query that sees no cached token (an empty cache, say) gets 0.
+            for a 16-bit cache; float32 for an int8 cache). A query that sees no cached token (an empty cache, say) gets 0.
 
         Example:
             >>> import numpy as np
@@ -177,15 +230,23 @@ class KVCache:
         """
         if not isinstance(q, np.ndarray):
             q = np.asarray(q)
-        if q.dtype != self.dtype:
+        if self.quantized:
+            if q.dtype != np.float32:
+                raise TypeError(f"q must have dtype float32 with an int8 cache, got {q.dtype}")
+        elif q.dtype != self.dtype:
             raise TypeError(f"q must have dtype {self.dtype} (the cache's dtype), got {q.dtype}")
         if q.ndim != 4 or q.shape[0] != self.batch or q.shape[3] != self.head_dim:
             raise ValueError(f"q must have shape (batch={self.batch}, Hq, Lq, head_dim={self.head_dim}), got {q.shape}")
         if q.shape[1] == 0 or q.shape[1] % self.num_kv_heads:
             raise ValueError(f"q's number of heads must be a positive multiple of the cache's num_kv_heads="
                              f"{self.num_kv_heads} (grouped-query attention), got Hq={q.shape[1]}")
+        extra = {}  # only what is set: the call stays valid for an attention() without these arguments
+        if sinks is not None:
+            extra["sinks"] = sinks
+        if self.quantized:
+            extra.update(k_scale=self.key_scales, v_scale=self.value_scales)
         return fusedattn.attention(q, self.keys, self.values, mask=mask, causal=causal, scale=scale,
-                                   precision=precision)
+                                   precision=precision, **extra)
 
     def __repr__(self):
         value = f", value_dim={self.value_dim}" if self.value_dim != self.head_dim else ""

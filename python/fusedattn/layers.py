@@ -195,6 +195,11 @@ class MultiHeadAttention:
             level, ignored elsewhere). Stored as :attr:`precision`; a call's ``precision=`` overrides it.
             The projections (NumPy matmuls), ``need_weights`` and :meth:`backward` (the fused backward, from
             the forward's saved output and lse) are not affected.
+        sinks: learned attention sinks (gpt-oss): False/None (default, none), True (one logit per head,
+            initialised to 0) or an initial ``(num_heads,)`` array. Head ``h``'s sink joins every row's
+            softmax denominator with no value (``out_i = sum_j e^{s_ij} v_j / (e^{sink_h} + sum_j e^{s_ij})``),
+            so a head can attend to "nothing". A parameter like the others: the ``sinks`` key of
+            :meth:`state_dict` and :attr:`grads` (no torch ``nn.MultiheadAttention`` equivalent).
 
     Initialisation follows torch: xavier-uniform in-projection weights (over the stacked
     ``in_proj_weight``, or each separate projection), zero biases, and the out projection's
@@ -205,7 +210,7 @@ class MultiHeadAttention:
     (rows: q, then k, then v) or, when kdim/vdim differ from E, ``q_proj_weight`` ``(E, E)``,
     ``k_proj_weight`` ``(Ekv, kdim)``, ``v_proj_weight`` ``(Ekv, vdim)``; ``in_proj_bias``
     ``(E + 2 * Ekv,)``; ``out_proj_weight`` ``(E, E)`` and ``out_proj_bias`` ``(E,)`` (the state-dict
-    keys ``out_proj.weight`` / ``out_proj.bias``).
+    keys ``out_proj.weight`` / ``out_proj.bias``); with sinks, ``sinks`` ``(num_heads,)``.
 
     Training: :meth:`backward` ``(dout)`` differentiates the last call. It returns the gradient with
     respect to that call's inputs (``dx`` for ``mha(x)``; ``(dquery, dkey, dvalue)`` when key was
@@ -227,7 +232,7 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True,
-                 batch_first=True, dtype=np.float32, rng=None, precision="highest"):
+                 batch_first=True, dtype=np.float32, rng=None, precision="highest", sinks=None):
         self.embed_dim = _check_positive_int(embed_dim, "embed_dim")
         self.num_heads = _check_positive_int(num_heads, "num_heads")
         if self.embed_dim % self.num_heads:
@@ -255,13 +260,39 @@ class MultiHeadAttention:
         # torch's flag: one stacked in_proj_weight only when k and v inputs have the query's width.
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         self.kv_embed_dim = self.num_kv_heads * self.head_dim
-        self._params = self._init_params(_check_rng(rng))
+        initial_sinks = self._check_sinks(sinks)
+        self.has_sinks = initial_sinks is not None
+        self._params = self._init_params(_check_rng(rng))  # sinks start at 0: no random draw, same weights
+        if initial_sinks is not None:
+            self._params["sinks"] = initial_sinks
         self._cache = None  # what the last forward call left for backward()
         #: The parameters' gradients from the last :meth:`backward` (``state_dict()``'s keys and shapes,
         #: the layer's dtype); None before the first. Replaced, not accumulated, by each backward.
         self.grads = None
 
     # -- parameters ---------------------------------------------------------------------------
+
+    def _check_sinks(self, sinks):
+        """The constructor's ``sinks=``: None (no sinks) or the initial ``(num_heads,)`` values in the layer's dtype."""
+        if sinks is None or sinks is False:
+            return None
+        if sinks is True:
+            return np.zeros(self.num_heads, self.dtype)
+        arr = _param_to_numpy(sinks, "sinks") if not isinstance(sinks, np.ndarray) else sinks
+        if not (_is_float(arr.dtype) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == np.bool_:
+            raise TypeError(f"sinks must be True, False/None or a ({self.num_heads},) float array, got dtype {arr.dtype}")
+        if arr.shape != (self.num_heads,):
+            raise ValueError(f"sinks must have shape (num_heads,) = ({self.num_heads},), one logit per head, got {arr.shape}")
+        arr = np.array(arr, dtype=self.dtype, copy=True)
+        if not np.all(np.isfinite(arr.astype(np.float64))):
+            raise ValueError("sinks must be finite")
+        return arr
+
+    def _sinks_arg(self) -> dict:
+        """``{"sinks": ...}`` for the fused calls (in the compute dtype, as the kernel reads it), or ``{}``."""
+        if not self.has_sinks:
+            return {}
+        return {"sinks": self._params["sinks"].astype(compute_dtype(self.dtype), copy=False)}
 
     def _shapes(self) -> dict:
         """The state-dict keys and shapes, in torch's order."""
@@ -278,6 +309,8 @@ class MultiHeadAttention:
         shapes["out_proj.weight"] = (e, e)
         if self.bias:
             shapes["out_proj.bias"] = (e,)
+        if getattr(self, "has_sinks", False):
+            shapes["sinks"] = (self.num_heads,)
         return shapes
 
     def _init_params(self, rng) -> dict:
@@ -300,6 +333,7 @@ class MultiHeadAttention:
     in_proj_bias = property(lambda self: self._params.get("in_proj_bias"), doc="``(E + 2*Ekv,)`` or None without bias.")
     out_proj_weight = property(lambda self: self._params["out_proj.weight"], doc="``(E, E)``.")
     out_proj_bias = property(lambda self: self._params.get("out_proj.bias"), doc="``(E,)`` or None without bias.")
+    sinks = property(lambda self: self._params.get("sinks"), doc="``(num_heads,)`` sink logits, or None without sinks.")
 
     def state_dict(self) -> dict:
         """The parameters under torch ``nn.MultiheadAttention.state_dict()``'s names, shapes and order.
@@ -340,6 +374,10 @@ class MultiHeadAttention:
              "the dict has biases: construct the layer with bias=True."),
             (lambda missing, unexpected: "in_proj_bias" in missing,
              "the dict has no biases: construct the layer with bias=False."),
+            (lambda missing, unexpected: "sinks" in unexpected,
+             "the dict has attention sinks: construct the layer with sinks=True."),
+            (lambda missing, unexpected: "sinks" in missing,
+             "the dict has no attention sinks: construct the layer without sinks=."),
         )
         self._params = _load_params(type(self).__name__, self._shapes(), state_dict, self.dtype, hints)
         # The cached activations were computed with the old parameters: a backward through them would
@@ -422,7 +460,7 @@ class MultiHeadAttention:
         # The lse (B, H, Lq) is all the fused backward needs to recompute the probabilities: one number
         # per query row, so keeping it for backward() costs next to nothing.
         _, lse = fusedattn.attention(q, k, v, mask=mask, causal=causal, out=heads_view, return_lse=True,
-                                     precision=precision)
+                                     precision=precision, **self._sinks_arg())
         concat = heads.reshape(heads.shape[:2] + (self.embed_dim,))
         out = _mm(concat, self._params["out_proj.weight"].T)
         if self.bias:
@@ -432,6 +470,10 @@ class MultiHeadAttention:
         weights = None
         if need_weights:
             probs = fusedattn.attention_weights(q, k, mask=mask, causal=causal)  # (B, H, Lq, Lk)
+            if self.has_sinks:
+                # The sink takes exp(sink - lse) of each row (lse includes it); the keys share the rest.
+                sink = self._params["sinks"].astype(np.float64)[:, None]
+                probs = probs * (1.0 - np.exp(sink - lse.astype(np.float64)))[..., None].astype(probs.dtype)
             weights = probs.mean(axis=1, dtype=compute_dtype(self.dtype)).astype(self.dtype, copy=False)
         if not batched:
             out = out[0]
@@ -501,8 +543,12 @@ class MultiHeadAttention:
         # (in the layer's dtype: the fused backward takes dout in the dtype of q).
         dheads = _mm(dout, w_out).astype(self.dtype, copy=False).reshape(c.heads.shape)
         dheads_view = dheads.transpose(1, 2, 0, 3) if c.seq_first else dheads.transpose(0, 2, 1, 3)
-        dq, dk, dv = fusedattn.attention_backward(dheads_view, c.q, c.k, c.v, c.heads_view, c.lse,
-                                                  mask=c.mask, causal=c.causal)
+        sinks = self._sinks_arg()
+        grads_attn = fusedattn.attention_backward(dheads_view, c.q, c.k, c.v, c.heads_view, c.lse,
+                                                  mask=c.mask, causal=c.causal, **sinks)
+        dq, dk, dv = grads_attn[:3]
+        if sinks:
+            grads["sinks"] = grads_attn[3]
         # (B, heads, L, hd) -> the caller's layout with heads * hd features (one copy each).
         dq, dk, dv = (self._heads_to_caller(g, c) for g in (dq, dk, dv))
 
@@ -567,6 +613,7 @@ class MultiHeadAttention:
         extra = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
         extra += f", kdim={self.kdim}, vdim={self.vdim}" if not self._qkv_same_embed_dim else ""
         extra_precision = f", precision={self.precision!r}" if self.precision != "highest" else ""
+        extra_precision += ", sinks=True" if self.has_sinks else ""
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}{extra}, bias={self.bias}, "
                 f"batch_first={self.batch_first}, dtype={self.dtype.name}{extra_precision})")
 
