@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 
 from ._checks import (MAX_HEAD_DIM, UNBOUNDED, _is_float, _is_real, as_float_array, check_alignment, check_dropout,
-                      check_int, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
+                      is_half_dtype, check_int, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
                       check_precision, check_score_weight, check_window, compute_dtype, is_causal)
 
 OPS = ("forward", "weights", "backward")
@@ -71,6 +71,11 @@ class AttentionSpec:
     fwd_out: Optional[np.ndarray] = None
     fwd_lse: Optional[np.ndarray] = None
     grad_shapes: Tuple[Tuple[int, ...], ...] = ()
+    sinks: Optional[np.ndarray] = None   # (Hq,) logits joining each row's softmax denominator, compute dtype
+    k_scale: Optional[np.ndarray] = None  # int8 k / v: float32 per-token scales, (*lead, Hkv, Lk) views
+    v_scale: Optional[np.ndarray] = None  # (paged: the pool's (num_blocks, block_size, Hkv))
+    block_table: Optional[np.ndarray] = None  # paged k / v: (B, max_blocks) int32, contiguous
+    seq_lens: Optional[np.ndarray] = None     # paged: (B,) int64 key lengths; diagonal b is seq_lens[b] - Lq
     device: Any = None                   # None / "cpu" / "cuda" / "cuda:N", as the user gave it
     device_arrays: Mapping[str, Any] = field(default_factory=dict)  # CUDA inputs (q, k, v, mask, out)
     user_args: Mapping[str, Any] = field(default_factory=dict)       # the call in the user's terms
@@ -102,13 +107,74 @@ def head_view(x, user_rank: int):
     return x if axis is None else np.expand_dims(x, axis)
 
 
-def _prepare_core(q, k, v, *, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start):
+def _is_int8(x) -> bool:
+    return np.dtype(getattr(x, "dtype", np.float32)) == np.int8
+
+
+def check_kv_scales(k, v, k_scale, v_scale, q_dtype, *, scale_shapes=None):
+    """int8 k and v with their per-token scales (both or neither): float32 scales of k's / v's shape
+    without the last axis (or ``scale_shapes``), for a float32 / 16-bit q. Returns the scales as float32
+    arrays (views when they already are float32), or (None, None) for float k and v."""
+    quantized = _is_int8(k) or _is_int8(v)
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale must be given together (int8 k and v) or not at all, got "
+                         f"{'k_scale' if k_scale is not None else 'v_scale'} only")
+    if not quantized:
+        if k_scale is not None:
+            raise ValueError(f"k_scale / v_scale are for int8 k and v (from fusedattn.quantize_kv), got k "
+                             f"{np.dtype(k.dtype)} and v {np.dtype(v.dtype)}")
+        return None, None
+    if not (_is_int8(k) and _is_int8(v)):
+        raise TypeError(f"k and v must both be int8 (quantised K/V) or both float, got k {k.dtype} and v {v.dtype}")
+    if k_scale is None:
+        raise ValueError("int8 k and v need their per-token scales: pass k_scale= and v_scale= (float32, k's and "
+                         "v's shapes without the last axis; fusedattn.quantize_kv returns them)")
+    if not (q_dtype == np.float32 or is_half_dtype(q_dtype)):
+        raise TypeError(f"q must be float32, float16 or bfloat16 with int8 k and v, got {q_dtype}")
+    scales = []
+    for name, s, x, shape in (("k_scale", k_scale, k, None if scale_shapes is None else scale_shapes[0]),
+                              ("v_scale", v_scale, v, None if scale_shapes is None else scale_shapes[1])):
+        s = s if isinstance(s, np.ndarray) else np.asarray(s)
+        if not _is_real(s.dtype):
+            raise TypeError(f"{name} must be a real (float32) array, got dtype {s.dtype}")
+        expected = x.shape[:-1] if shape is None else shape
+        if s.shape != tuple(expected):
+            raise ValueError(f"{name} must have shape {tuple(expected)} (one scale per token and kv head), got {s.shape}")
+        scales.append(s if s.dtype == np.float32 else s.astype(np.float32))
+    return tuple(scales)
+
+
+def check_sinks(sinks, hq: int, dtype) -> Optional[np.ndarray]:
+    """``sinks``: None or (Hq,) finite real logits -> contiguous, in the compute dtype."""
+    if sinks is None:
+        return None
+    s = sinks if isinstance(sinks, np.ndarray) else np.asarray(sinks)
+    if not _is_real(s.dtype):
+        raise TypeError(f"sinks must be a real-valued array of shape ({hq},), got dtype {s.dtype}")
+    if s.shape != (hq,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({hq},), one logit per query head, got {s.shape}")
+    s = np.ascontiguousarray(s, dtype=compute_dtype(dtype))
+    if not np.isfinite(s).all():
+        raise ValueError(f"sinks must be finite, got {s.tolist()}")
+    return s
+
+
+def _prepare_core(q, k, v, *, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, k_scale=None,
+                  v_scale=None, sinks=None):
     """Arrays, shapes and positions shared by every dense entry point; returns a dict of spec fields."""
     q = as_float_array(q, "q")
-    k = as_float_array(k, "k")
-    v = as_float_array(v, "v")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if _is_int8(k) or _is_int8(v) or k_scale is not None or v_scale is not None:
+        k, v = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (k, v))
+        k_scale, v_scale = check_kv_scales(k, v, k_scale, v_scale, q.dtype)
+        for name, x in (("k", k), ("v", v)):
+            if x.ndim < 2:
+                raise ValueError(f"{name} must have shape (L, D), (B, L, D) or (..., H, L, D) (at least 2 "
+                                 f"dimensions), got shape {x.shape}")
+    else:
+        k = as_float_array(k, "k")
+        v = as_float_array(v, "v")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(f"q, k and v must have the same number of dimensions, got q {q.shape}, k {k.shape}, v {v.shape}")
     if k.shape[:-1] != v.shape[:-1]:
@@ -154,7 +220,10 @@ def _prepare_core(q, k, v, *, mask, causal, scale, window, alibi_slopes, softcap
             ) from None
         prepared_mask = head_view(mask, q.ndim)
     fields.update(q=qh, k=kh, v=vh, mask=prepared_mask, user_rank=q.ndim,
-                  out_shape=q.shape[:-1] + (v.shape[-1],), lse_shape=q.shape[:-1])
+                  out_shape=q.shape[:-1] + (v.shape[-1],), lse_shape=q.shape[:-1],
+                  k_scale=None if k_scale is None else head_view(k_scale, q.ndim),
+                  v_scale=None if v_scale is None else head_view(v_scale, q.ndim),
+                  sinks=check_sinks(sinks, hq, q.dtype))
     return fields
 
 
@@ -233,6 +302,11 @@ def _user_dropout(fields) -> dict:
     return {"dropout_p": fields["dropout_p"], "seed": fields["dropout_seed"] if fields["dropout_p"] else None}
 
 
+def _given(**options) -> dict:
+    """The options the user set: the serving options reach the reference only when used."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _finish(fields, *, op, entry, layout, precision, num_threads, out_dtype, return_lse=False, out=None,
             device=None, device_arrays=None, user_args=None, score_weight=None, packing=None, **backward):
     fields = dict(fields)
@@ -259,7 +333,8 @@ def resolve_threads(num_threads) -> int:
 
 def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None,
                       q_start=0, k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None,
-                      precision="highest", num_threads=None, device=None, score_weight=None, additive=False):
+                      precision="highest", num_threads=None, device=None, score_weight=None, additive=False,
+                      sinks=None, k_scale=None, v_scale=None):
     """The spec of :func:`fusedattn.attention` (``additive=True``: :func:`fusedattn.additive_attention`)."""
     threads = resolve_threads(num_threads)
     check_precision(precision)
@@ -268,13 +343,14 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
         q, k, v, mask, device_arrays = _device_stand_ins(q, k, v, mask)
     if _is_block_diagonal(mask) and not device_arrays:
         fields, packing = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start,
-                                          k_start)
+                                          k_start, sinks=sinks)
         layout = "block_diagonal"
     else:  # a BlockDiagonal bound for the GPU is refused by name there (fusedattn.cuda.refusal), not judged here
         layout = "block_diagonal" if _is_block_diagonal(mask) else "dense"
         fields = _prepare_core(q, k, v, mask=None if layout == "block_diagonal" else mask, causal=causal,
                                scale=1.0 if additive else scale, window=window, alibi_slopes=alibi_slopes,
-                               softcap=softcap, q_start=q_start, k_start=k_start)
+                               softcap=softcap, q_start=q_start, k_start=k_start, k_scale=k_scale, v_scale=v_scale,
+                               sinks=sinks)
         packing = None
     fields.update(_resolve_dropout(dropout_p, seed, False))
     weight = check_score_weight(score_weight, fields["q"].shape[-1], fields["q"].dtype) if additive else None
@@ -288,6 +364,7 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
         user_args["score_weight"] = score_weight
     else:
         user_args["scale"] = scale
+    user_args.update(_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
     return _finish(fields, op="forward", entry="additive_attention" if additive else "attention", layout=layout,
                    precision=precision, num_threads=threads, out_dtype=resolved_out, return_lse=return_lse, out=out,
                    device=device, device_arrays=device_arrays, user_args=user_args, score_weight=weight,
@@ -295,38 +372,40 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
 
 
 def prepare_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None,
-                    alibi_slopes=None, softcap=None, q_start=0, k_start=0, num_threads=None):
+                    alibi_slopes=None, softcap=None, q_start=0, k_start=0, sinks=None, num_threads=None):
     """The spec of :func:`fusedattn.attention_weights`."""
     threads = resolve_threads(num_threads)
     kind = check_kind(kind)
     if kind == "dot" and score_weight is not None:
         raise ValueError("score_weight applies to kind='additive' only")
     fields = _prepare_core(q, k, k, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                           softcap=softcap, q_start=q_start, k_start=k_start)
+                           softcap=softcap, q_start=q_start, k_start=k_start, sinks=sinks)
     weight = None
     if kind == "additive":  # scale is validated above but additive scores are not scaled
         fields["scale"] = 1.0
         weight = check_score_weight(score_weight, fields["q"].shape[-1], fields["q"].dtype)
     fields.update(dropout_p=0.0, dropout_seed=0)
     user_args = dict(q=q, k=k, mask=mask, causal=causal, scale=scale, kind=kind, score_weight=score_weight,
-                     window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                     window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                     **_given(sinks=sinks))
     return _finish(fields, op="weights", entry="attention_weights", layout="dense", precision="highest",
                    num_threads=threads, out_dtype=fields["q"].dtype, user_args=user_args, score_weight=weight)
 
 
 def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None,
                      softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None,
-                     score_weight=None, additive=False):
+                     score_weight=None, additive=False, sinks=None):
     """The spec of :func:`fusedattn.attention_backward` (``additive=True``: the additive one)."""
     threads = resolve_threads(num_threads)
     shapes = tuple(np.shape(x) for x in (q, k, v))
     if _is_block_diagonal(mask):
         fields, packing = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start,
-                                          k_start)
+                                          k_start, sinks=sinks)
         layout = "block_diagonal"
     else:
         fields = _prepare_core(q, k, v, mask=mask, causal=causal, scale=1.0 if additive else scale, window=window,
-                               alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start)
+                               alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                               sinks=sinks)
         packing, layout = None, "dense"
     fields.update(_resolve_dropout(dropout_p, seed, True))
     dtype = fields["q"].dtype
@@ -341,6 +420,7 @@ def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=
         user_args["score_weight"] = score_weight
     else:
         user_args["scale"] = scale
+    user_args.update(_given(sinks=sinks))
     return _finish(fields, op="backward", entry="additive_attention_backward" if additive else "attention_backward",
                    layout=layout, precision="highest", num_threads=threads, out_dtype=dtype, user_args=user_args,
                    score_weight=weight, packing=packing, dout=dout, fwd_out=out, fwd_lse=lse, grad_shapes=shapes)
@@ -354,12 +434,12 @@ def _is_block_diagonal(mask) -> bool:
     return isinstance(mask, BlockDiagonal)
 
 
-def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start):
+def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, sinks=None):
     """A dense call with a BlockDiagonal mask: the packed kernel over (1, H, total, D) views of the arrays."""
     if q_start or k_start:
         raise ValueError("q_start / k_start do not combine with a BlockDiagonal mask (positions restart per sequence)")
     fields = _prepare_core(q, k, v, mask=None, causal=causal, scale=scale, window=window, alibi_slopes=None,
-                           softcap=softcap, q_start=0, k_start=0)
+                           softcap=softcap, q_start=0, k_start=0, sinks=sinks)
     if fields["q"].shape[:-3] not in ((), (1,)):
         raise ValueError(f"a BlockDiagonal mask packs sequences along L of one batch entry: q's leading dims must be "
                          f"1, got q {np.shape(q)}")
@@ -418,7 +498,7 @@ def _check_max_seqlen(max_seqlen, name: str, lengths: np.ndarray) -> None:
 
 
 def _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
-                         alibi_slopes, softcap):
+                         alibi_slopes, softcap, sinks):
     q, k, v = (as_float_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
@@ -432,7 +512,7 @@ def _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     _check_max_seqlen(max_seqlen_k, "max_seqlen_k", np.diff(cu_k))
     views = [x.swapaxes(0, 1)[np.newaxis] for x in (q, k, v)]  # (1, H, total, D), no copy
     fields = _prepare_core(*views, mask=None, causal=causal, scale=scale, window=window, alibi_slopes=None,
-                           softcap=softcap, q_start=0, k_start=0)
+                           softcap=softcap, q_start=0, k_start=0, sinks=sinks)
     packing = _packing(cu_q, cu_k, causal)
     fields["alibi_slopes"] = _packed_slopes(alibi_slopes, packing, fields["q"].shape[-3], q.dtype)
     hq, total_q, dv = fields["q"].shape[-3], q.shape[0], v.shape[-1]
@@ -441,13 +521,13 @@ def _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                   scale=None, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
+                   scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None, dropout_p=0.0, seed=None,
                    return_lse=False, out=None, precision="highest", num_threads=None):
     """The spec of :func:`fusedattn.attention_varlen`."""
     threads = resolve_threads(num_threads)
     check_precision(precision)
     fields, packing = _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                           scale, window, alibi_slopes, softcap)
+                                           scale, window, alibi_slopes, softcap, sinks)
     fields.update(_resolve_dropout(dropout_p, seed, False))
     dtype = fields["q"].dtype
     if out is not None:
@@ -456,7 +536,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, ma
         check_out(out, fields["out_shape"], dtype, (("q", fields["q"]), ("k", fields["k"]), ("v", fields["v"])))
     user_args = dict(q=q, k=k, v=v, cu_seqlens_q=packing.cu_seqlens_q, cu_seqlens_k=packing.cu_seqlens_k,
                      causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                     return_lse=return_lse, out=out, **_user_dropout(fields))
+                     return_lse=return_lse, out=out, **_user_dropout(fields), **_given(sinks=sinks))
     return _finish(fields, op="forward", entry="attention_varlen", layout="varlen", precision=precision,
                    num_threads=threads, out_dtype=dtype, return_lse=return_lse, out=out, user_args=user_args,
                    packing=packing)
@@ -464,11 +544,11 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, ma
 
 def prepare_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                             max_seqlen_k=None, causal=False, scale=None, window=None, alibi_slopes=None,
-                            softcap=None, dropout_p=0.0, seed=None, num_threads=None):
+                            softcap=None, sinks=None, dropout_p=0.0, seed=None, num_threads=None):
     """The spec of :func:`fusedattn.attention_varlen_backward`."""
     threads = resolve_threads(num_threads)
     fields, packing = _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                           scale, window, alibi_slopes, softcap)
+                                           scale, window, alibi_slopes, softcap, sinks)
     fields.update(_resolve_dropout(dropout_p, seed, True))
     dtype = fields["q"].dtype
     dout = check_like(dout, "dout", fields["out_shape"], dtype)
@@ -476,7 +556,7 @@ def prepare_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
     lse = check_like(lse, "lse", fields["lse_shape"], compute_dtype(dtype))
     user_args = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, cu_seqlens_q=packing.cu_seqlens_q,
                      cu_seqlens_k=packing.cu_seqlens_k, causal=causal, scale=scale, window=window,
-                     alibi_slopes=alibi_slopes, softcap=softcap, **_user_dropout(fields))
+                     alibi_slopes=alibi_slopes, softcap=softcap, **_user_dropout(fields), **_given(sinks=sinks))
     return _finish(fields, op="backward", entry="attention_varlen_backward", layout="varlen", precision="highest",
                    num_threads=threads, out_dtype=dtype, user_args=user_args, packing=packing, dout=dout,
                    fwd_out=out, fwd_lse=lse, grad_shapes=tuple(np.shape(x) for x in (q, k, v)))
@@ -503,3 +583,39 @@ def _device_stand_ins(q, k, v, mask):
         return q, k, v, mask, {"numpy": True}
     stand_ins, originals = cuda.stand_ins(q, k, v, mask)
     return (*stand_ins, originals)
+
+
+# --- paged K/V ---------------------------------------------------------------------------------------
+
+def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="bottom_right", scale=None, window=None,
+                  alibi_slopes=None, softcap=None, sinks=None, k_scale=None, v_scale=None, return_lse=False, out=None,
+                  num_threads=None):
+    """The spec of :func:`fusedattn.attention_paged`: k and v are the block pools, read through the table."""
+    from .paged import check_paged_args
+
+    threads = resolve_threads(num_threads)
+    table, lens = check_paged_args(q, key_cache, value_cache, block_table, seq_lens, causal=causal, sinks=sinks,
+                                   k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, out=out)
+    q, key_cache, value_cache = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (q, key_cache, value_cache))
+    batch, hq, lq, _ = q.shape
+    # Each sequence's diagonal is seq_lens[b] - Lq (the C++ bindings derive it from seq_lens): the
+    # diagonal_offset of the dense position model is not read for paged calls.
+    fields = positions(causal, window, softcap, 0, 0, lq, lq)
+    fields["alibi_slopes"] = check_alibi_slopes(alibi_slopes, (batch,), hq, q.dtype)
+    fields["scale"] = check_scale(scale, q.shape[-1])
+    out_shape = (batch, hq, lq, value_cache.shape[-1])
+    if out is not None:
+        check_out(out, out_shape, q.dtype, (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)))
+    scales = (None, None)
+    if key_cache.dtype == np.int8:
+        scales = check_kv_scales(key_cache, value_cache, k_scale, v_scale, q.dtype,
+                                 scale_shapes=(key_cache.shape[:3], value_cache.shape[:3]))
+    fields.update(q=q, k=key_cache, v=value_cache, mask=None, user_rank=4, out_shape=out_shape,
+                  lse_shape=out_shape[:-1], sinks=check_sinks(sinks, hq, q.dtype), k_scale=scales[0],
+                  v_scale=scales[1], block_table=table, seq_lens=lens.astype(np.int64), dropout_p=0.0,
+                  dropout_seed=0)
+    user_args = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_table=table, seq_lens=lens,
+                     causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                     return_lse=return_lse, out=out, **_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
+    return _finish(fields, op="forward", entry="attention_paged", layout="dense", precision="highest",
+                   num_threads=threads, out_dtype=q.dtype, return_lse=return_lse, out=out, user_args=user_args)
