@@ -1,4 +1,4 @@
-"""Validation and normalisation of attention arguments, shared by the kernel API and the reference.
+"""Validation and normalisation of attention arguments for the kernel API (the reference takes valid inputs).
 
 Everything a user can get wrong is caught here, with a message that names the argument, what was
 expected and what was received, so that the C++ core only ever sees consistent inputs.
@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+# The dropout hash has one Python copy, in the oracle (which imports nothing of the package); kept
+# importable from here for the callers that know it by this address.
+from .reference import dropout_keep_factor  # noqa: F401
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -378,26 +382,3 @@ def check_precision(precision) -> dict:
         raise ValueError(f"precision must be 'highest', 'high' or 'medium' (the words of "
                          f"torch.set_float32_matmul_precision), got {precision!r}")
     return {} if precision == "highest" else {"precision": str(precision)}
-
-
-def dropout_keep_factor(positions: dict, batch_head, query, key, dtype=np.float64):
-    """The kernel's dropout factor (0 or 1 / (1 - p)) for broadcastable integer position arrays.
-
-    The same bits as dropout_hash in cpp/src/kernels/attn_fwd_impl.h: murmur3's finaliser over the seed
-    and (batch * Hq + head, q_start + query, k_start + key), all in uint32 arithmetic.
-    """
-    def mix(x):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x85EBCA6B)
-        x = x ^ (x >> np.uint32(13))
-        x = x * np.uint32(0xC2B2AE35)
-        return x ^ (x >> np.uint32(16))
-
-    seed = positions["seed"]
-    u32 = lambda a: np.asarray(a).astype(np.uint64).astype(np.uint32)  # noqa: E731 - wrap modulo 2^32
-    with np.errstate(over="ignore"):
-        h = mix(np.uint32(seed & 0xFFFFFFFF) ^ (u32(batch_head) * np.uint32(0xC2B2AE3D))
-                ^ (u32(positions["q_start"] + np.asarray(query)) * np.uint32(0x9E3779B1)))
-        h = mix(h ^ np.uint32(seed >> 32) ^ (u32(positions["k_start"] + np.asarray(key)) * np.uint32(0x85EBCA77)))
-    threshold = np.uint32(int(positions["dropout_p"] * 4294967296.0))
-    return np.where(h >= threshold, 1.0 / (1.0 - positions["dropout_p"]), 0.0).astype(dtype)
