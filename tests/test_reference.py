@@ -252,3 +252,177 @@ def test_mask_rank_lower_than_scores():
         mask = rng.random(shape) < 0.8 if shape else np.bool_(True)
         check_reference(q, k, v, mask=mask)
     check_reference(q, k, v, mask=randn(rng, (3, 1), np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle stands alone (issue #14)
+# ---------------------------------------------------------------------------------------------
+
+def test_reference_imports_only_numpy_and_the_standard_library():
+    # The oracle must not share code (nor a mistake) with the API it checks: no relative import, no
+    # fusedattn module, nothing beyond NumPy and the standard library (ml_dtypes neither: bfloat16 by name).
+    import ast
+    import pathlib
+    import sys
+
+
+    source = pathlib.Path(reference.__file__).read_text(encoding="utf-8")
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import from {'.' * node.level}{node.module or ''}"
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+    allowed = set(sys.stdlib_module_names) | {"numpy", "__future__"}
+    assert roots <= allowed, roots - allowed
+
+
+def test_dropout_hash_has_one_python_copy():
+    from fusedattn import _checks
+
+    assert _checks.dropout_keep_factor is reference.dropout_keep_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention sinks (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _sink_as_extra_key(q, k, v, sinks, mask=None):
+    """The same call without sinks: one extra key per kv head whose score is the sink (a zero key, the
+    sink added by a float mask on its column) and whose value is zero."""
+    hq, lq = q.shape[-3], q.shape[-2]
+    k_ext = np.concatenate([k, np.zeros(k.shape[:-2] + (1, k.shape[-1]))], axis=-2)
+    v_ext = np.concatenate([v, np.zeros(v.shape[:-2] + (1, v.shape[-1]))], axis=-2)
+    base = np.zeros(q.shape[:-1] + (k.shape[-2],)) if mask is None else np.broadcast_to(mask, q.shape[:-1] + (k.shape[-2],))
+    column = np.broadcast_to(np.asarray(sinks, np.float64).reshape(hq, 1, 1), q.shape[:-1] + (1,))
+    return q, k_ext, v_ext, np.concatenate([base, column], axis=-1)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("lq,lk", [(4, 6), (1, 1), (3, 0)])
+def test_sinks_are_an_extra_key_with_zero_value(hq, hkv, lq, lk):
+    rng = np.random.default_rng(100 + hq * 10 + lk)
+    q, k, v = make_qkv(rng, lq, lk, 5, 3, batch=(2,), hq=hq, hkv=hkv, dtype=np.float64)
+    sinks = rng.standard_normal(hq) * 2
+    mask = rng.standard_normal((2, hq, lq, lk))
+    mask[rng.random(mask.shape) < 0.3] = -np.inf
+    if lq > 1:
+        mask[0, 0, 1] = -np.inf  # a row that sees no key: out 0, lse = the sink
+    out, lse = reference.attention(q, k, v, mask=mask, sinks=sinks, return_lse=True)
+    want_out, want_lse = brute_force(*_sink_as_extra_key(q, k, v, sinks, mask)[:3], mask=_sink_as_extra_key(q, k, v, sinks, mask)[3])
+    np.testing.assert_allclose(out, want_out, **F64)
+    np.testing.assert_allclose(lse, want_lse, **F64)
+    if lq > 1:
+        assert np.all(out[0, 0, 1] == 0) and lse[0, 0, 1] == sinks[0]
+    if lk == 0:
+        assert np.all(out == 0) and np.array_equal(lse, np.broadcast_to(sinks[:, None], lse.shape))
+    w = reference.attention_weights(q, k, mask=mask, sinks=sinks)
+    np.testing.assert_allclose(w.sum(-1), 1 - np.exp(sinks[:, None] - lse), **F64)  # rows sum to < 1
+
+
+VARIANTS = {
+    "causal": dict(causal=True),
+    "bottom_right_window": dict(causal="bottom_right", window=(2, None)),
+    "window_alibi": dict(window=(1, 2), alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625])),
+    "softcap_starts": dict(softcap=2.0, causal=True, q_start=3, k_start=1),
+    "dropout": dict(dropout_p=0.3, seed=11),
+    "batch_alibi_mask": dict(alibi_slopes=np.linspace(0.1, 0.8, 8).reshape(2, 4), mask=np.tri(5, 7, 1, bool)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sinks_compose_with_every_variant(variant):
+    # From the definition: with lse0 the row's lse without the sink, the sink rescales the row's output by
+    # e^lse0 / (e^sink + e^lse0) and its lse becomes logaddexp(lse0, sink); dropout (on the key
+    # probabilities) and every bias only shape lse0.
+    rng = np.random.default_rng(7)
+    q, k, v = make_qkv(rng, 5, 7, 4, 3, batch=(2,), hq=4, hkv=2, dtype=np.float64)
+    sinks = np.array([0.5, -1.0, 2.0, -np.inf])
+    kwargs = VARIANTS[variant]
+    out0, lse0 = reference.attention(q, k, v, return_lse=True, **kwargs)
+    out, lse = reference.attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(lse, np.logaddexp(lse0, sinks[:, None]), **F64)
+        factor = np.where(np.isneginf(lse0), 0.0, np.exp(lse0 - lse))
+    np.testing.assert_allclose(out, out0 * factor[..., None], **F64)
+
+
+def _numeric_grad(f, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        up = f()
+        x[idx] = old - eps
+        down = f()
+        x[idx] = old
+        grad[idx] = (up - down) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(causal="bottom_right", softcap=3.0),
+                                    dict(window=(1, 1), alibi_slopes=np.array([0.3, 0.6, 0.9]))],
+                         ids=["plain", "causal_softcap", "window_alibi"])
+def test_sink_gradients_match_finite_differences(kwargs):
+    rng = np.random.default_rng(21)
+    q, k, v = make_qkv(rng, 4, 3, 3, 2, batch=(2,), hq=3, hkv=1, dtype=np.float64)
+    q = q.copy()
+    sinks = rng.standard_normal(3)
+    r = rng.standard_normal((2, 3, 4, 2))
+    out, lse = reference.attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
+    grads = reference.attention_backward(r, q, k, v, out, lse, sinks=sinks, **kwargs)
+    assert len(grads) == 4 and grads[3].shape == (3,) and grads[3].dtype == np.float64
+    loss = lambda: float(np.sum(reference.attention(q, k, v, sinks=sinks, **kwargs) * r))  # noqa: E731
+    for got, x in zip(grads, (q, k, v, sinks)):
+        np.testing.assert_allclose(got, _numeric_grad(loss, x), atol=1e-7, rtol=1e-6)
+    # Without sinks the backward keeps its three results.
+    out, lse = reference.attention(q, k, v, return_lse=True, **kwargs)
+    assert len(reference.attention_backward(r, q, k, v, out, lse, **kwargs)) == 3
+
+
+def test_varlen_sinks_are_per_sequence_dense_calls():
+    rng = np.random.default_rng(31)
+    lens_q, lens_k = [2, 0, 3, 1], [4, 2, 0, 1]
+    cu_q, cu_k = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    q = rng.standard_normal((cu_q[-1], 4, 3))
+    k, v = rng.standard_normal((cu_k[-1], 2, 3)), rng.standard_normal((cu_k[-1], 2, 5))
+    sinks = rng.standard_normal(4)
+    out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, causal="bottom_right", sinks=sinks, return_lse=True)
+    dout = rng.standard_normal(out.shape)
+    grads = reference.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal="bottom_right",
+                                                sinks=sinks)
+    d_sinks = np.zeros(4)
+    for b in range(4):
+        rq, rk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        dense = [x[rows].swapaxes(0, 1)[None] for x, rows in ((q, rq), (k, rk), (v, rk))]
+        o, l = reference.attention(*dense, causal="bottom_right", sinks=sinks, return_lse=True)
+        np.testing.assert_allclose(out[rq], o[0].swapaxes(0, 1), **F64)
+        np.testing.assert_allclose(lse[:, rq], l[0], **F64)
+        g = reference.attention_backward(dout[rq].swapaxes(0, 1)[None], *dense, o, l, causal="bottom_right",
+                                         sinks=sinks)
+        for got, want, rows in zip(grads, g, (rq, rk, rk)):
+            np.testing.assert_allclose(got[rows], want[0].swapaxes(0, 1), **F64)
+        d_sinks += g[3]
+    np.testing.assert_allclose(grads[3], d_sinks, **F64)
+
+
+def test_block_diagonal_backward_is_its_dense_mask():
+    # Any object with cu_seqlens_q / cu_seqlens_k is a block-diagonal mask to the reference (duck typing:
+    # it imports no masks module); its gradients are those of the materialised dense mask.
+    from fusedattn.masks import BlockDiagonal
+
+    rng = np.random.default_rng(41)
+    mask = BlockDiagonal.from_seqlens([2, 3], [3, 1])
+    q, k = rng.standard_normal((1, 2, 5, 4)), rng.standard_normal((1, 2, 4, 4))
+    v = rng.standard_normal((1, 2, 4, 3))
+    sinks = np.array([0.3, -0.7])
+    out, lse = reference.attention(q, k, v, mask=mask.materialize(), sinks=sinks, return_lse=True)
+    got_out, got_lse = reference.attention(q, k, v, mask=mask, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(got_out, out, **F64)
+    np.testing.assert_allclose(got_lse, lse, **F64)
+    dout = rng.standard_normal(out.shape)
+    want = reference.attention_backward(dout, q, k, v, out, lse, mask=mask.materialize(), sinks=sinks)
+    got = reference.attention_backward(dout, q, k, v, out, lse, mask=mask, sinks=sinks)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **F64)
