@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import make_qkv, randn
+from conftest import make_qkv, numeric_gradients, randn
 from fusedattn import reference
 
 # The reference computes in float64 with BLAS matmuls (a different summation order from the
@@ -348,34 +348,20 @@ def test_sinks_compose_with_every_variant(variant):
     np.testing.assert_allclose(out, out0 * factor[..., None], **F64)
 
 
-def _numeric_grad(f, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        old = x[idx]
-        x[idx] = old + eps
-        up = f()
-        x[idx] = old - eps
-        down = f()
-        x[idx] = old
-        grad[idx] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("kwargs", [dict(), dict(causal="bottom_right", softcap=3.0),
                                     dict(window=(1, 1), alibi_slopes=np.array([0.3, 0.6, 0.9]))],
                          ids=["plain", "causal_softcap", "window_alibi"])
 def test_sink_gradients_match_finite_differences(kwargs):
     rng = np.random.default_rng(21)
     q, k, v = make_qkv(rng, 4, 3, 3, 2, batch=(2,), hq=3, hkv=1, dtype=np.float64)
-    q = q.copy()
     sinks = rng.standard_normal(3)
     r = rng.standard_normal((2, 3, 4, 2))
     out, lse = reference.attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
     grads = reference.attention_backward(r, q, k, v, out, lse, sinks=sinks, **kwargs)
     assert len(grads) == 4 and grads[3].shape == (3,) and grads[3].dtype == np.float64
-    loss = lambda: float(np.sum(reference.attention(q, k, v, sinks=sinks, **kwargs) * r))  # noqa: E731
-    for got, x in zip(grads, (q, k, v, sinks)):
-        np.testing.assert_allclose(got, _numeric_grad(loss, x), atol=1e-7, rtol=1e-6)
+    loss = lambda *x: float(np.sum(reference.attention(*x[:3], sinks=x[3], **kwargs) * r))  # noqa: E731
+    for got, want in zip(grads, numeric_gradients(loss, (q, k, v, sinks), 1e-6)):
+        np.testing.assert_allclose(got, want, atol=1e-7, rtol=1e-6)
     # Without sinks the backward keeps its three results.
     out, lse = reference.attention(q, k, v, return_lse=True, **kwargs)
     assert len(reference.attention_backward(r, q, k, v, out, lse, **kwargs)) == 3
@@ -426,3 +412,121 @@ def test_block_diagonal_backward_is_its_dense_mask():
     got = reference.attention_backward(dout, q, k, v, out, lse, mask=mask, sinks=sinks)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, **F64)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 K/V with per-token scales (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _int8_with_scales(rng, shape):
+    x8 = rng.integers(-127, 128, shape).astype(np.int8)
+    scale = rng.uniform(0.001, 0.05, shape[:-1]).astype(np.float32)  # one per (..., head, token)
+    return x8, scale
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch,hq,hkv", [((2,), 4, 2), ((), None, None), ((3,), None, None)],
+                         ids=["gqa", "2d", "3d"])
+def test_int8_kv_is_attention_on_dequantised_float64(dtype, batch, hq, hkv):
+    rng = np.random.default_rng(51)
+    q, _, _ = make_qkv(rng, 5, 6, 8, 3, batch=batch, hq=hq, hkv=hkv, dtype=dtype)
+    kv_heads = () if hkv is None else (hkv,)
+    k8, k_scale = _int8_with_scales(rng, batch + kv_heads + (6, 8))
+    v8, v_scale = _int8_with_scales(rng, batch + kv_heads + (6, 3))
+    kwargs = dict(causal="bottom_right", sinks=None if hq is None else np.full(hq, 0.5))
+    out, lse = reference.attention(q, k8, v8, k_scale=k_scale, v_scale=v_scale, return_lse=True, **kwargs)
+    k64 = k8.astype(np.float64) * k_scale.astype(np.float64)[..., None]
+    v64 = v8.astype(np.float64) * v_scale.astype(np.float64)[..., None]
+    want_out, want_lse = reference.attention(q.astype(np.float64), k64, v64, return_lse=True, **kwargs)
+    assert out.dtype == dtype and lse.dtype == dtype  # q's dtype: int8 is storage only
+    t = F64 if dtype == np.float64 else F32
+    np.testing.assert_allclose(out, want_out, **t)
+    np.testing.assert_allclose(lse, want_lse, **t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _paged_setup(rng, seq_lens, block_size, *, hkv=2, d=4, dv=3, int8=False, spare_blocks=3):
+    """A pool holding each sequence's tokens in shuffled blocks, the table, and the contiguous truth."""
+    need = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(need) + spare_blocks
+    order = rng.permutation(num_blocks)  # blocks of a sequence anywhere in the pool, in any order
+    table = np.zeros((len(seq_lens), max(1, max(need)) + 1), np.int32)  # a spare column: unused entries
+    table[:] = order[-1]
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = order[used:used + n]
+        used += n
+    if int8:
+        k_cache, k_scale = _int8_with_scales(rng, (num_blocks, block_size, hkv, d))
+        v_cache, v_scale = _int8_with_scales(rng, (num_blocks, block_size, hkv, dv))
+    else:
+        k_cache, v_cache = rng.standard_normal((num_blocks, block_size, hkv, d)), rng.standard_normal((num_blocks, block_size, hkv, dv))
+        k_scale = v_scale = None
+
+    def contiguous(b):  # token by token, as the layout is defined: cache[table[b, t // bs], t % bs]
+        ks, vs = [], []
+        for t in range(seq_lens[b]):
+            blk, slot = table[b, t // block_size], t % block_size
+            ks.append(k_cache[blk, slot].astype(np.float64) * (1 if k_scale is None else k_scale[blk, slot][:, None]))
+            vs.append(v_cache[blk, slot].astype(np.float64) * (1 if v_scale is None else v_scale[blk, slot][:, None]))
+        k = np.array(ks).reshape(seq_lens[b], hkv, d).swapaxes(0, 1)[None]
+        v = np.array(vs).reshape(seq_lens[b], hkv, dv).swapaxes(0, 1)[None]
+        return k, v
+
+    return (k_cache, v_cache, table, np.array(seq_lens, np.int32)), dict(k_scale=k_scale, v_scale=v_scale), contiguous
+
+
+PAGED_OPTIONS = {
+    "default": dict(),
+    "not_causal": dict(causal=False),
+    "window_softcap": dict(window=(2, None), softcap=2.5),
+    "alibi_per_sequence_sinks": "per_sequence",
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("lq", [1, 3])
+@pytest.mark.parametrize("option", list(PAGED_OPTIONS))
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_paged_is_contiguous_attention_per_sequence(block_size, lq, option, int8):
+    rng = np.random.default_rng(61 + block_size + lq)
+    seq_lens = [7, 0, 1, 2, 18]  # ragged, empty, shorter than the queries, longer than a block
+    hq = 4
+    (k_cache, v_cache, table, lengths), scales, contiguous = _paged_setup(rng, seq_lens, block_size, int8=int8)
+    q = rng.standard_normal((len(seq_lens), hq, lq, 4)).astype(np.float32)
+    kwargs = PAGED_OPTIONS[option]
+    if kwargs == "per_sequence":
+        kwargs = dict(alibi_slopes=rng.uniform(0.1, 1.0, (len(seq_lens), hq)), sinks=rng.standard_normal(hq))
+    out, lse = reference.attention_paged(q, k_cache, v_cache, table, lengths, return_lse=True, **scales, **kwargs)
+    assert out.shape == (5, hq, lq, 3) and lse.shape == (5, hq, lq)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    for b, n in enumerate(seq_lens):
+        k, v = contiguous(b)
+        position = n - lq + np.arange(lq)  # query i of sequence b sits at seq_lens[b] - Lq + i
+        seen = np.arange(n)[None, :] <= position[:, None]
+        dense = dict(kwargs)
+        if "alibi_slopes" in dense:
+            dense["alibi_slopes"] = dense["alibi_slopes"][b]
+        causal = dense.pop("causal", "bottom_right")
+        # Causality as an explicit mask of positions; window / ALiBi measure from the bottom-right diagonal,
+        # which is what attention() uses without causal.
+        want_out, want_lse = reference.attention(q[b:b + 1].astype(np.float64), k, v, return_lse=True,
+                                                 mask=None if causal is False else seen, **dense)
+        np.testing.assert_allclose(out[b], want_out[0], **F32)
+        np.testing.assert_allclose(lse[b], want_lse[0], **F32)
+        blind = position < 0 if causal is not False else np.full(lq, n == 0)
+        assert np.all(out[b][:, blind] == 0)
+        sink = np.broadcast_to(kwargs["sinks"][:, None], (hq, lq)) if "sinks" in kwargs else np.full((hq, lq), -np.inf)
+        np.testing.assert_array_equal(lse[b][:, blind], sink[:, blind].astype(np.float32))
+
+
+def test_paged_out_parameter():
+    rng = np.random.default_rng(71)
+    (k_cache, v_cache, table, lengths), _, _ = _paged_setup(rng, [3, 5], 2)
+    q = rng.standard_normal((2, 2, 1, 4))
+    buf = np.empty((2, 2, 1, 3))
+    assert reference.attention_paged(q, k_cache, v_cache, table, lengths, out=buf) is buf
+    np.testing.assert_array_equal(buf, reference.attention_paged(q, k_cache, v_cache, table, lengths))

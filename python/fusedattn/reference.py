@@ -18,7 +18,8 @@ import numpy as np
 
 __all__ = [
     "attention", "additive_attention", "attention_weights", "attention_backward", "additive_attention_backward",
-    "attention_varlen", "attention_varlen_backward", "attention_paged", "dropout_keep_factor",
+    "attention_varlen", "attention_varlen_backward", "attention_paged", "dropout_keep_factor", "is_half_dtype",
+    "compute_dtype",
 ]
 
 _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never needs O(Lq*Lk) per head at once
@@ -28,20 +29,36 @@ _CHUNK_BYTES = 64 << 20  # bound the float64 score chunk so the fallback never n
 # dtypes and the dropout hash
 # ---------------------------------------------------------------------------------------------------------
 
-def _is_half(dtype) -> bool:
-    # bfloat16 by name: importing ml_dtypes to compare against would cost the import time issue #14 removes.
+def is_half_dtype(dtype) -> bool:
+    """16-bit storage: float16, or bfloat16 (ml_dtypes, the NumPy ecosystem's bfloat16). The kernels compute
+    in float32 (lse, float masks, ALiBi slopes, sinks too) and store 16-bit. bfloat16 is recognised by its
+    name, as the C++ bindings do, so checking a dtype never imports ml_dtypes (~0.2-2 s): only users who
+    hold bfloat16 arrays have loaded it. The API imports this rule from here.
+
+    Example:
+        >>> import numpy as np
+        >>> is_half_dtype(np.float16), is_half_dtype(np.float32)
+        (True, False)
+    """
     dtype = np.dtype(dtype)
     return dtype == np.float16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    """The kernels' accumulation dtype, which lse, float masks, slopes and sinks are rounded to."""
-    return np.dtype(np.float32) if _is_half(dtype) else np.dtype(dtype)
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype the kernels accumulate in for inputs of ``dtype`` (float32 for 16-bit floats): lse,
+    dsinks and dscore_weight come in it, and float masks, slopes and sinks are rounded to it.
+
+    Example:
+        >>> import numpy as np
+        >>> compute_dtype(np.float16), compute_dtype(np.float64)
+        (dtype('float32'), dtype('float64'))
+    """
+    return np.dtype(np.float32) if is_half_dtype(dtype) else np.dtype(dtype)
 
 
 def _rounded(x, dtype) -> np.ndarray:
     """x as the kernels hold it (rounded to ``dtype``'s compute dtype), then widened to float64."""
-    return np.asarray(x).astype(_compute_dtype(dtype)).astype(np.float64)
+    return np.asarray(x).astype(compute_dtype(dtype)).astype(np.float64)
 
 
 def dropout_keep_factor(positions: dict, batch_head, query, key, dtype=np.float64):
@@ -364,7 +381,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
     out64, lse64 = call.forward(call.dot_scores())
     result = _result(out64, call.out_shape, call.dtype if out_dtype is None else out_dtype, out)
     if return_lse:
-        return result, lse64.reshape(call.lse_shape).astype(_compute_dtype(call.dtype))
+        return result, lse64.reshape(call.lse_shape).astype(compute_dtype(call.dtype))
     return result
 
 
@@ -389,7 +406,7 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     out64, lse64 = call.forward(call.additive_scores(weight))
     result = _result(out64, call.out_shape, call.dtype if out_dtype is None else out_dtype, out)
     if return_lse:
-        return result, lse64.reshape(call.lse_shape).astype(_compute_dtype(call.dtype))
+        return result, lse64.reshape(call.lse_shape).astype(compute_dtype(call.dtype))
     return result
 
 
@@ -452,7 +469,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
     call = _Call(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
                  softcap=softcap, q_start=q_start, k_start=k_start, sinks=sinks, dropout_p=dropout_p, seed=seed)
     grads = call.backward(call.dot_scores(), dout, out, lse)
-    return _gradients(call, grads, (q, k, v), _compute_dtype(call.dtype))
+    return _gradients(call, grads, (q, k, v), compute_dtype(call.dtype))
 
 
 def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, mask=None, causal=False,
@@ -474,7 +491,7 @@ def additive_attention_backward(dout, q, k, v, out, lse, *, score_weight=None, m
                  softcap=softcap, q_start=q_start, k_start=k_start, dropout_p=dropout_p, seed=seed)
     weight = _additive_weight(score_weight, call.q.shape[-1], call.dtype)
     grads = call.backward(call.additive_scores(weight), dout, out, lse, weight)
-    return _gradients(call, grads, (q, k, v), _compute_dtype(call.dtype))
+    return _gradients(call, grads, (q, k, v), compute_dtype(call.dtype))
 
 
 def _block_diagonal_backward(dout, q, k, v, out, lse, mask, **kwargs):
@@ -522,7 +539,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     """
     q, v = np.asarray(q), np.asarray(v)
     result = np.zeros(q.shape[:2] + v.shape[-1:], q.dtype)
-    lse = np.full(q.shape[1::-1], -np.inf, _compute_dtype(q.dtype))
+    lse = np.full(q.shape[1::-1], -np.inf, compute_dtype(q.dtype))
     for call, rows_q, _ in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, alibi_slopes,
                                       softcap, sinks, dropout_p, seed):
         out64, lse64 = call.forward(call.dot_scores())
@@ -561,7 +578,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             d_sinks += seq_grads[3]
     if d_sinks is None:
         return tuple(grads)
-    return tuple(grads) + (d_sinks.astype(_compute_dtype(q.dtype)),)
+    return tuple(grads) + (d_sinks.astype(compute_dtype(q.dtype)),)
 
 
 def _gather(cache, scale, blocks, slots):
@@ -607,7 +624,7 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
     block_size = np.shape(key_cache)[1]
     dv = np.shape(value_cache)[-1]
     result = np.zeros((batch, hq, lq, dv), q.dtype)
-    lse = np.full((batch, hq, lq), -np.inf, _compute_dtype(q.dtype))
+    lse = np.full((batch, hq, lq), -np.inf, compute_dtype(q.dtype))
     slopes = None if alibi_slopes is None else np.asarray(alibi_slopes)
     for b in range(batch):
         t = np.arange(int(lengths[b]))
