@@ -116,7 +116,9 @@ def test_large_arguments_saturate_tanh(isa, rng):
     np.testing.assert_allclose(out, reference.additive_attention(q, k, v), **additive_tol(np.float32, np.ones(8)))
 
 
-@pytest.mark.parametrize("fn", [fusedattn.additive_attention, reference.additive_attention])
+# The reference takes valid inputs only (issue #14): errors are the public function's, which validates
+# before computing. Without the extension these pass once the fallback is routed through validation.
+@pytest.mark.parametrize("fn", [fusedattn.additive_attention])
 def test_score_weight_errors(fn):
     q = k = v = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match=r"score_weight.*\(4,\)"):

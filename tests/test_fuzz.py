@@ -240,8 +240,8 @@ def assert_grads_close(got, want, dtype, spec, names=("dq", "dk", "dv"), allowan
 def delta_allowance(forward, backward, dout, q, k, out, positional, kwargs):
     """(dq, dk, dv) absolute allowances of a 16-bit backward for the out it is given, rounded to 16 bits.
 
-    The kernel's Delta_i = sum_c dout_ic out_ic uses that out; the reference recomputes out in float64.
-    Each out_ic is within eps / 2 of its true value (relative), so Delta_i moves by up to
+    The kernel's Delta_i = sum_c dout_ic out_ic uses that out (so does the reference, but the out it is
+    given here comes from the reference's forward, not the kernel's). Each out_ic is within eps / 2 of its true value (relative), so Delta_i moves by up to
     dDelta_i = eps / 2 * sum_c |dout_ic out_ic| (doubled here for the float32 sum), and through
     dS = P (dP - Delta), dq = scale dS k, dk = scale dS^T q:
         |ddq_i| <= |scale| dDelta_i (P |k|)_i        |ddk_j| <= |scale| (P^T (dDelta |q|))_j        dv: none.
@@ -796,10 +796,12 @@ def run_dense_backward(spec):
     arrays, kwargs, status, bad = build_dense(spec)
     pert = spec["perturb"]
     args = (arrays["q"], arrays["k"], arrays["v"])
-    # out and lse from the reference forward, in the inputs' dtype: the reference backward recomputes
-    # the probabilities itself, so both implementations must see the true forward results.
+    # out and lse from the reference forward, in the inputs' dtype: both backwards build the probabilities
+    # and Delta on them, so both must see the true forward results.
     fwd_kwargs = {name: value for name, value in kwargs.items() if name != "num_threads"}
-    if no_query_rows(arrays["q"]):  # known without the reference (whose chunking divides by Hq)
+    if status != VALID:  # the reference takes valid inputs only (issue #14): no forward to build on
+        forward = Outcome(error=ValueError(f"invalid spec: {', '.join(bad)}"))
+    elif no_query_rows(arrays["q"]):  # known without the reference (whose chunking divides by Hq)
         forward = Outcome(value=empty_forward(arrays))
     else:
         forward = call_reference(reference.attention, *args, return_lse=True, **fwd_kwargs)
@@ -856,14 +858,7 @@ def run_dense_backward(spec):
         for g, x in zip(kernel.value, args):
             assert g.shape == np.shape(x) and not np.any(g), described
         return
-    ref_kwargs = kwargs
-    if isinstance(kwargs.get("mask"), masks.BlockDiagonal):
-        # reference.attention_backward takes no BlockDiagonal (reported); its dense equivalent is exact
-        # while no per-sequence position (causal, window, ALiBi, dropout) is involved.
-        if any(kwargs.get(name) not in (None, False, 0, 0.0) for name in ("causal", "window", "alibi_slopes",
-                                                                          "dropout_p")):
-            return
-        ref_kwargs = dict(kwargs, mask=kwargs["mask"].materialize())
+    ref_kwargs = kwargs  # a BlockDiagonal mask too: the reference's backward packs it as the forward does
     ref = call_reference(reference.attention_backward, dout, *args, out, lse, **ref_kwargs)
     assert ref.error is None, f"the kernel computed a call the reference rejects ({ref.error!r}): {described}"
     finite_inputs = all(np.isfinite(np.asarray(x, np.float64)).all() for x in (*args, dout, out)) and \
@@ -1040,7 +1035,9 @@ def run_varlen(spec):
 
 def run_varlen_backward(spec):
     (q, k, v), cus, kwargs, bad = build_varlen(spec)
-    forward = call_reference(reference.attention_varlen, q, k, v, cus["q"], cus["k"], return_lse=True, **kwargs)
+    # The reference takes valid inputs only (issue #14): no forward to build on for a bad spec.
+    forward = (Outcome(error=ValueError(f"invalid spec: {', '.join(bad)}")) if bad else
+               call_reference(reference.attention_varlen, q, k, v, cus["q"], cus["k"], return_lse=True, **kwargs))
     rng = np.random.default_rng(spec["seed"] + 1)
     if forward.error is not None or bad:
         if not bad:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import make_qkv, randn
+from conftest import make_qkv, numeric_gradients, randn
 from fusedattn import reference
 
 # The reference computes in float64 with BLAS matmuls (a different summation order from the
@@ -252,3 +252,281 @@ def test_mask_rank_lower_than_scores():
         mask = rng.random(shape) < 0.8 if shape else np.bool_(True)
         check_reference(q, k, v, mask=mask)
     check_reference(q, k, v, mask=randn(rng, (3, 1), np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle stands alone (issue #14)
+# ---------------------------------------------------------------------------------------------
+
+def test_reference_imports_only_numpy_and_the_standard_library():
+    # The oracle must not share code (nor a mistake) with the API it checks: no relative import, no
+    # fusedattn module, nothing beyond NumPy and the standard library (ml_dtypes neither: bfloat16 by name).
+    import ast
+    import pathlib
+    import sys
+
+
+    source = pathlib.Path(reference.__file__).read_text(encoding="utf-8")
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import from {'.' * node.level}{node.module or ''}"
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+    allowed = set(sys.stdlib_module_names) | {"numpy", "__future__"}
+    assert roots <= allowed, roots - allowed
+
+
+def test_dropout_hash_has_one_python_copy():
+    from fusedattn import _checks
+
+    assert _checks.dropout_keep_factor is reference.dropout_keep_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention sinks (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _sink_as_extra_key(q, k, v, sinks, mask=None):
+    """The same call without sinks: one extra key per kv head whose score is the sink (a zero key, the
+    sink added by a float mask on its column) and whose value is zero."""
+    hq, lq = q.shape[-3], q.shape[-2]
+    k_ext = np.concatenate([k, np.zeros(k.shape[:-2] + (1, k.shape[-1]))], axis=-2)
+    v_ext = np.concatenate([v, np.zeros(v.shape[:-2] + (1, v.shape[-1]))], axis=-2)
+    base = np.zeros(q.shape[:-1] + (k.shape[-2],)) if mask is None else np.broadcast_to(mask, q.shape[:-1] + (k.shape[-2],))
+    column = np.broadcast_to(np.asarray(sinks, np.float64).reshape(hq, 1, 1), q.shape[:-1] + (1,))
+    return q, k_ext, v_ext, np.concatenate([base, column], axis=-1)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("lq,lk", [(4, 6), (1, 1), (3, 0)])
+def test_sinks_are_an_extra_key_with_zero_value(hq, hkv, lq, lk):
+    rng = np.random.default_rng(100 + hq * 10 + lk)
+    q, k, v = make_qkv(rng, lq, lk, 5, 3, batch=(2,), hq=hq, hkv=hkv, dtype=np.float64)
+    sinks = rng.standard_normal(hq) * 2
+    mask = rng.standard_normal((2, hq, lq, lk))
+    mask[rng.random(mask.shape) < 0.3] = -np.inf
+    if lq > 1:
+        mask[0, 0, 1] = -np.inf  # a row that sees no key: out 0, lse = the sink
+    out, lse = reference.attention(q, k, v, mask=mask, sinks=sinks, return_lse=True)
+    want_out, want_lse = brute_force(*_sink_as_extra_key(q, k, v, sinks, mask)[:3], mask=_sink_as_extra_key(q, k, v, sinks, mask)[3])
+    np.testing.assert_allclose(out, want_out, **F64)
+    np.testing.assert_allclose(lse, want_lse, **F64)
+    if lq > 1:
+        assert np.all(out[0, 0, 1] == 0) and lse[0, 0, 1] == sinks[0]
+    if lk == 0:
+        assert np.all(out == 0) and np.array_equal(lse, np.broadcast_to(sinks[:, None], lse.shape))
+    w = reference.attention_weights(q, k, mask=mask, sinks=sinks)
+    np.testing.assert_allclose(w.sum(-1), 1 - np.exp(sinks[:, None] - lse), **F64)  # rows sum to < 1
+
+
+VARIANTS = {
+    "causal": dict(causal=True),
+    "bottom_right_window": dict(causal="bottom_right", window=(2, None)),
+    "window_alibi": dict(window=(1, 2), alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625])),
+    "softcap_starts": dict(softcap=2.0, causal=True, q_start=3, k_start=1),
+    "dropout": dict(dropout_p=0.3, seed=11),
+    "batch_alibi_mask": dict(alibi_slopes=np.linspace(0.1, 0.8, 8).reshape(2, 4), mask=np.tri(5, 7, 1, bool)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sinks_compose_with_every_variant(variant):
+    # From the definition: with lse0 the row's lse without the sink, the sink rescales the row's output by
+    # e^lse0 / (e^sink + e^lse0) and its lse becomes logaddexp(lse0, sink); dropout (on the key
+    # probabilities) and every bias only shape lse0.
+    rng = np.random.default_rng(7)
+    q, k, v = make_qkv(rng, 5, 7, 4, 3, batch=(2,), hq=4, hkv=2, dtype=np.float64)
+    sinks = np.array([0.5, -1.0, 2.0, -np.inf])
+    kwargs = VARIANTS[variant]
+    out0, lse0 = reference.attention(q, k, v, return_lse=True, **kwargs)
+    out, lse = reference.attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(lse, np.logaddexp(lse0, sinks[:, None]), **F64)
+        factor = np.where(np.isneginf(lse0), 0.0, np.exp(lse0 - lse))
+    np.testing.assert_allclose(out, out0 * factor[..., None], **F64)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(causal="bottom_right", softcap=3.0),
+                                    dict(window=(1, 1), alibi_slopes=np.array([0.3, 0.6, 0.9]))],
+                         ids=["plain", "causal_softcap", "window_alibi"])
+def test_sink_gradients_match_finite_differences(kwargs):
+    rng = np.random.default_rng(21)
+    q, k, v = make_qkv(rng, 4, 3, 3, 2, batch=(2,), hq=3, hkv=1, dtype=np.float64)
+    sinks = rng.standard_normal(3)
+    r = rng.standard_normal((2, 3, 4, 2))
+    out, lse = reference.attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
+    grads = reference.attention_backward(r, q, k, v, out, lse, sinks=sinks, **kwargs)
+    assert len(grads) == 4 and grads[3].shape == (3,) and grads[3].dtype == np.float64
+    loss = lambda *x: float(np.sum(reference.attention(*x[:3], sinks=x[3], **kwargs) * r))  # noqa: E731
+    for got, want in zip(grads, numeric_gradients(loss, (q, k, v, sinks), 1e-6)):
+        np.testing.assert_allclose(got, want, atol=1e-7, rtol=1e-6)
+    # Without sinks the backward keeps its three results.
+    out, lse = reference.attention(q, k, v, return_lse=True, **kwargs)
+    assert len(reference.attention_backward(r, q, k, v, out, lse, **kwargs)) == 3
+
+
+def test_varlen_sinks_are_per_sequence_dense_calls():
+    rng = np.random.default_rng(31)
+    lens_q, lens_k = [2, 0, 3, 1], [4, 2, 0, 1]
+    cu_q, cu_k = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    q = rng.standard_normal((cu_q[-1], 4, 3))
+    k, v = rng.standard_normal((cu_k[-1], 2, 3)), rng.standard_normal((cu_k[-1], 2, 5))
+    sinks = rng.standard_normal(4)
+    out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, causal="bottom_right", sinks=sinks, return_lse=True)
+    dout = rng.standard_normal(out.shape)
+    grads = reference.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal="bottom_right",
+                                                sinks=sinks)
+    d_sinks = np.zeros(4)
+    for b in range(4):
+        rq, rk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        dense = [x[rows].swapaxes(0, 1)[None] for x, rows in ((q, rq), (k, rk), (v, rk))]
+        o, l = reference.attention(*dense, causal="bottom_right", sinks=sinks, return_lse=True)
+        np.testing.assert_allclose(out[rq], o[0].swapaxes(0, 1), **F64)
+        np.testing.assert_allclose(lse[:, rq], l[0], **F64)
+        g = reference.attention_backward(dout[rq].swapaxes(0, 1)[None], *dense, o, l, causal="bottom_right",
+                                         sinks=sinks)
+        for got, want, rows in zip(grads, g, (rq, rk, rk)):
+            np.testing.assert_allclose(got[rows], want[0].swapaxes(0, 1), **F64)
+        d_sinks += g[3]
+    np.testing.assert_allclose(grads[3], d_sinks, **F64)
+
+
+def test_block_diagonal_backward_is_its_dense_mask():
+    # Any object with cu_seqlens_q / cu_seqlens_k is a block-diagonal mask to the reference (duck typing:
+    # it imports no masks module); its gradients are those of the materialised dense mask.
+    from fusedattn.masks import BlockDiagonal
+
+    rng = np.random.default_rng(41)
+    mask = BlockDiagonal.from_seqlens([2, 3], [3, 1])
+    q, k = rng.standard_normal((1, 2, 5, 4)), rng.standard_normal((1, 2, 4, 4))
+    v = rng.standard_normal((1, 2, 4, 3))
+    sinks = np.array([0.3, -0.7])
+    out, lse = reference.attention(q, k, v, mask=mask.materialize(), sinks=sinks, return_lse=True)
+    got_out, got_lse = reference.attention(q, k, v, mask=mask, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(got_out, out, **F64)
+    np.testing.assert_allclose(got_lse, lse, **F64)
+    dout = rng.standard_normal(out.shape)
+    want = reference.attention_backward(dout, q, k, v, out, lse, mask=mask.materialize(), sinks=sinks)
+    got = reference.attention_backward(dout, q, k, v, out, lse, mask=mask, sinks=sinks)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **F64)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 K/V with per-token scales (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _int8_with_scales(rng, shape):
+    x8 = rng.integers(-127, 128, shape).astype(np.int8)
+    scale = rng.uniform(0.001, 0.05, shape[:-1]).astype(np.float32)  # one per (..., head, token)
+    return x8, scale
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch,hq,hkv", [((2,), 4, 2), ((), None, None), ((3,), None, None)],
+                         ids=["gqa", "2d", "3d"])
+def test_int8_kv_is_attention_on_dequantised_float64(dtype, batch, hq, hkv):
+    rng = np.random.default_rng(51)
+    q, _, _ = make_qkv(rng, 5, 6, 8, 3, batch=batch, hq=hq, hkv=hkv, dtype=dtype)
+    kv_heads = () if hkv is None else (hkv,)
+    k8, k_scale = _int8_with_scales(rng, batch + kv_heads + (6, 8))
+    v8, v_scale = _int8_with_scales(rng, batch + kv_heads + (6, 3))
+    kwargs = dict(causal="bottom_right", sinks=None if hq is None else np.full(hq, 0.5))
+    out, lse = reference.attention(q, k8, v8, k_scale=k_scale, v_scale=v_scale, return_lse=True, **kwargs)
+    k64 = k8.astype(np.float64) * k_scale.astype(np.float64)[..., None]
+    v64 = v8.astype(np.float64) * v_scale.astype(np.float64)[..., None]
+    want_out, want_lse = reference.attention(q.astype(np.float64), k64, v64, return_lse=True, **kwargs)
+    assert out.dtype == dtype and lse.dtype == dtype  # q's dtype: int8 is storage only
+    t = F64 if dtype == np.float64 else F32
+    np.testing.assert_allclose(out, want_out, **t)
+    np.testing.assert_allclose(lse, want_lse, **t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache (issue #15)
+# ---------------------------------------------------------------------------------------------
+
+def _paged_setup(rng, seq_lens, block_size, *, hkv=2, d=4, dv=3, int8=False, spare_blocks=3):
+    """A pool holding each sequence's tokens in shuffled blocks, the table, and the contiguous truth."""
+    need = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(need) + spare_blocks
+    order = rng.permutation(num_blocks)  # blocks of a sequence anywhere in the pool, in any order
+    table = np.zeros((len(seq_lens), max(1, max(need)) + 1), np.int32)  # a spare column: unused entries
+    table[:] = order[-1]
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = order[used:used + n]
+        used += n
+    if int8:
+        k_cache, k_scale = _int8_with_scales(rng, (num_blocks, block_size, hkv, d))
+        v_cache, v_scale = _int8_with_scales(rng, (num_blocks, block_size, hkv, dv))
+    else:
+        k_cache, v_cache = rng.standard_normal((num_blocks, block_size, hkv, d)), rng.standard_normal((num_blocks, block_size, hkv, dv))
+        k_scale = v_scale = None
+
+    def contiguous(b):  # token by token, as the layout is defined: cache[table[b, t // bs], t % bs]
+        ks, vs = [], []
+        for t in range(seq_lens[b]):
+            blk, slot = table[b, t // block_size], t % block_size
+            ks.append(k_cache[blk, slot].astype(np.float64) * (1 if k_scale is None else k_scale[blk, slot][:, None]))
+            vs.append(v_cache[blk, slot].astype(np.float64) * (1 if v_scale is None else v_scale[blk, slot][:, None]))
+        k = np.array(ks).reshape(seq_lens[b], hkv, d).swapaxes(0, 1)[None]
+        v = np.array(vs).reshape(seq_lens[b], hkv, dv).swapaxes(0, 1)[None]
+        return k, v
+
+    return (k_cache, v_cache, table, np.array(seq_lens, np.int32)), dict(k_scale=k_scale, v_scale=v_scale), contiguous
+
+
+PAGED_OPTIONS = {
+    "default": dict(),
+    "not_causal": dict(causal=False),
+    "window_softcap": dict(window=(2, None), softcap=2.5),
+    "alibi_per_sequence_sinks": "per_sequence",
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("lq", [1, 3])
+@pytest.mark.parametrize("option", list(PAGED_OPTIONS))
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_paged_is_contiguous_attention_per_sequence(block_size, lq, option, int8):
+    rng = np.random.default_rng(61 + block_size + lq)
+    seq_lens = [7, 0, 1, 2, 18]  # ragged, empty, shorter than the queries, longer than a block
+    hq = 4
+    (k_cache, v_cache, table, lengths), scales, contiguous = _paged_setup(rng, seq_lens, block_size, int8=int8)
+    q = rng.standard_normal((len(seq_lens), hq, lq, 4)).astype(np.float32)
+    kwargs = PAGED_OPTIONS[option]
+    if kwargs == "per_sequence":
+        kwargs = dict(alibi_slopes=rng.uniform(0.1, 1.0, (len(seq_lens), hq)), sinks=rng.standard_normal(hq))
+    out, lse = reference.attention_paged(q, k_cache, v_cache, table, lengths, return_lse=True, **scales, **kwargs)
+    assert out.shape == (5, hq, lq, 3) and lse.shape == (5, hq, lq)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    for b, n in enumerate(seq_lens):
+        k, v = contiguous(b)
+        position = n - lq + np.arange(lq)  # query i of sequence b sits at seq_lens[b] - Lq + i
+        seen = np.arange(n)[None, :] <= position[:, None]
+        dense = dict(kwargs)
+        if "alibi_slopes" in dense:
+            dense["alibi_slopes"] = dense["alibi_slopes"][b]
+        causal = dense.pop("causal", "bottom_right")
+        # Causality as an explicit mask of positions; window / ALiBi measure from the bottom-right diagonal,
+        # which is what attention() uses without causal.
+        want_out, want_lse = reference.attention(q[b:b + 1].astype(np.float64), k, v, return_lse=True,
+                                                 mask=None if causal is False else seen, **dense)
+        np.testing.assert_allclose(out[b], want_out[0], **F32)
+        np.testing.assert_allclose(lse[b], want_lse[0], **F32)
+        blind = position < 0 if causal is not False else np.full(lq, n == 0)
+        assert np.all(out[b][:, blind] == 0)
+        sink = np.broadcast_to(kwargs["sinks"][:, None], (hq, lq)) if "sinks" in kwargs else np.full((hq, lq), -np.inf)
+        np.testing.assert_array_equal(lse[b][:, blind], sink[:, blind].astype(np.float32))
+
+
+def test_paged_out_parameter():
+    rng = np.random.default_rng(71)
+    (k_cache, v_cache, table, lengths), _, _ = _paged_setup(rng, [3, 5], 2)
+    q = rng.standard_normal((2, 2, 1, 4))
+    buf = np.empty((2, 2, 1, 3))
+    assert reference.attention_paged(q, k_cache, v_cache, table, lengths, out=buf) is buf
+    np.testing.assert_array_equal(buf, reference.attention_paged(q, k_cache, v_cache, table, lengths))

@@ -52,7 +52,9 @@ def test_additive_weights_with_score_weight_and_scale(isa, rng):
     assert_close(fusedattn.attention_weights(q, k, scale=0.3), reference.attention_weights(q, k, scale=0.3))
 
 
-@pytest.mark.parametrize("fn", [fusedattn.attention_weights, reference.attention_weights])
+# The reference takes valid inputs only (issue #14): errors are the public function's, which validates
+# before computing. Without the extension these pass once the fallback is routed through validation.
+@pytest.mark.parametrize("fn", [fusedattn.attention_weights])
 def test_errors(fn):
     q = k = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="kind"):

@@ -11,20 +11,11 @@ from typing import Optional
 
 import numpy as np
 
-# The dropout hash has one Python copy, in the oracle (which imports nothing of the package); kept
-# importable from here for the callers that know it by this address.
-from .reference import dropout_keep_factor  # noqa: F401
+# Rules the oracle needs to compute live there (it imports nothing of the package); they stay importable
+# from here for the callers that know them by this address.
+from .reference import compute_dtype, dropout_keep_factor, is_half_dtype  # noqa: F401
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def is_half_dtype(dtype) -> bool:
-    """16-bit storage: float16, or bfloat16 (ml_dtypes, the NumPy ecosystem's bfloat16). The kernels compute
-    in float32 (lse, float masks, ALiBi slopes too) and store 16-bit. bfloat16 is recognised by its name, as
-    the C++ bindings do, so checking a dtype never imports ml_dtypes (~0.2-2 s): only users who hold
-    bfloat16 arrays have loaded it."""
-    dtype = np.dtype(dtype)
-    return dtype == np.float16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
 
 
 def is_attention_dtype(dtype) -> bool:
@@ -39,11 +30,6 @@ def _is_float(dtype) -> bool:
 
 def _is_real(dtype) -> bool:
     return np.dtype(dtype) != np.bool_ and (_is_float(dtype) or np.issubdtype(dtype, np.integer))
-
-
-def compute_dtype(dtype) -> np.dtype:
-    """The dtype the kernels accumulate in for inputs of ``dtype``: float32 for 16-bit floats."""
-    return np.dtype(np.float32) if is_half_dtype(dtype) else np.dtype(dtype)
 
 
 def _max_head_dim() -> int:
