@@ -106,10 +106,25 @@ def _backward(spec):
     grads = tuple(np.zeros(shape, spec.q.dtype) for shape in spec.grad_shapes)
     dscore_weight = None if spec.score_weight is None else np.zeros(spec.q.shape[-1], spec.compute_dtype)
     dq, dk, dv = (spec.kernel_view(g) for g in grads)
-    _backend._core.attention_backward(spec, dout=spec.kernel_view(spec.dout), out=spec.kernel_view(spec.fwd_out),
-                                      lse=spec.kernel_view(spec.fwd_lse, lse=True), dq=dq, dk=dk, dv=dv,
+    dout, out, lse = spec.kernel_view(spec.dout), spec.kernel_view(spec.fwd_out), spec.kernel_view(spec.fwd_lse, lse=True)
+    _backend._core.attention_backward(spec, dout=dout, out=out, lse=lse, dq=dq, dk=dk, dv=dv,
                                       dscore_weight=dscore_weight)
-    return grads if dscore_weight is None else grads + (dscore_weight,)
+    if dscore_weight is not None:
+        grads += (dscore_weight,)
+    if spec.sinks is not None:
+        grads += (sinks_gradient(spec.sinks, dout, out, lse),)
+    return grads
+
+
+def sinks_gradient(sinks, dout, out, lse):
+    """``dsinks_h = -sum_{b,i} e^(sink_h - lse_{b,h,i}) * rowsum(dout * out)_{b,h,i}``, for kernel views
+    (*lead, Hq, Lq, Dv) / (*lead, Hq, Lq). The sink's probability is e^(sink - lse) (lse includes it) and
+    d out_i / d sink = -p_sink_i * out_i. O(Lq * Dv) per head, accumulated in float64 in a fixed order:
+    deterministic like the rest of the backward."""
+    rowsum = np.einsum("...hqd,...hqd->...hq", dout.astype(np.float64), out.astype(np.float64))
+    p_sink = np.exp(sinks.astype(np.float64)[:, np.newaxis] - lse.astype(np.float64))
+    per_head = -(p_sink * rowsum).reshape((-1,) + rowsum.shape[-2:]).sum(axis=(0, 2))
+    return per_head.astype(sinks.dtype)
 
 
 _RUNNERS = {"forward": _forward, "weights": _weights, "backward": _backward}

@@ -36,9 +36,9 @@ def _cuda_info() -> dict:
     return cuda.info()
 
 
-def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, q_start=0,
-              k_start=0, dropout_p=0.0, seed=None, return_lse=False, out=None, out_dtype=None, precision="highest",
-              num_threads=None, device=None):
+def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None,
+              q_start=0, k_start=0, dropout_p=0.0, seed=None, k_scale=None, v_scale=None, return_lse=False, out=None,
+              out_dtype=None, precision="highest", num_threads=None, device=None):
     """Fused scaled dot-product attention: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Computed tile by tile with an online softmax: the ``Lq x Lk`` score matrix is never stored.
@@ -61,6 +61,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         alibi_slopes: ``(Hq,)`` or ``(..., Hq)`` (leading dims of q): adds ``-slope * |d(i) - j|`` (ALiBi).
         softcap: ``c > 0``: scores become ``c * tanh(s / c)`` (Gemma-2 style), before ALiBi and masking,
             so masked keys keep zero probability.
+        sinks: ``(Hq,)`` attention sinks (gpt-oss): one logit per query head that joins every row's softmax
+            denominator but has no value, ``out_i = sum_j e^s_ij v_j / (e^sink + sum_j e^s_ij)``; lse includes
+            it, and a row that sees no key gets 0 and lse = sink.
         q_start, k_start: global positions of this call's first query / key, so that a chunk of a longer
             sequence gets exactly its part of the causal / window / ALiBi pattern.
             The diagonal is ``d(i) = i + q_start - k_start``, plus ``Lk - Lq`` unless causal is True /
@@ -71,6 +74,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         dropout_p, seed: dropout on the probabilities (after the softmax, scaled by ``1 / (1 - p)``); the
             mask is a pure function of ``seed`` (an int, or a ``numpy.random.Generator`` to draw one) and the
             element's position, so it is the same at any thread count and the backward pass regenerates it.
+        k_scale, v_scale: int8 ``k`` and ``v`` (quantised K/V, :func:`fusedattn.quantize_kv`) with one
+            float32 scale per token and kv head, shaped like ``k`` / ``v`` without the last axis: the key is
+            ``k_scale * k``, dequantised inside the fused loop (never a float copy). q is then float32, float16
+            or bfloat16.
         return_lse: also return the log-sum-exp of each row's scaled, masked scores (before dropout), in
             the compute dtype (float32 for 16-bit inputs).
         out_dtype: None (the inputs' dtype) or float32 for float16 / bfloat16 inputs.
@@ -113,9 +120,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
         (2, 8, 128, 64)
     """
     spec = prepare_attention(q, k, v, mask=mask, causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                             softcap=softcap, q_start=q_start, k_start=k_start, dropout_p=dropout_p, seed=seed,
-                             return_lse=return_lse, out=out, out_dtype=out_dtype, precision=precision,
-                             num_threads=num_threads, device=device)
+                             softcap=softcap, sinks=sinks, q_start=q_start, k_start=k_start, dropout_p=dropout_p,
+                             seed=seed, k_scale=k_scale, v_scale=v_scale, return_lse=return_lse, out=out,
+                             out_dtype=out_dtype, precision=precision, num_threads=num_threads, device=device)
     return dispatch(spec).run(spec)
 
 
@@ -158,8 +165,8 @@ def additive_attention(q, k, v, *, score_weight=None, mask=None, causal=False, w
     return dispatch(spec).run(spec)
 
 
-def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None, alibi_slopes=None, softcap=None, q_start=0, k_start=0,
-                      num_threads=None):
+def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None,
+                      alibi_slopes=None, softcap=None, sinks=None, q_start=0, k_start=0, num_threads=None):
     """The attention probabilities, for inspection: ``softmax(scores + mask)`` of shape ``(..., Hq, Lq, Lk)``.
 
     Unlike :func:`attention`, this **materialises** the ``Lq x Lk`` matrix on purpose (it is the result).
@@ -168,8 +175,8 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
 
     Args:
         q: ``(..., Hq, Lq, D)`` (or ``(B, Lq, D)``, ``(Lq, D)``); k: ``(..., Hkv, Lk, D)``.
-        mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start: as in :func:`attention`
-            (``scale`` applies to ``kind="dot"`` only).
+        mask, causal, scale, window, alibi_slopes, softcap, sinks, q_start, k_start: as in :func:`attention`
+            (``scale`` applies to ``kind="dot"`` only; with sinks each row sums to ``1 - e^(sink - lse)``).
         kind: ``"dot"`` (scaled dot product) or ``"additive"`` (as :func:`additive_attention`).
         score_weight: ``(D,)``, for ``kind="additive"`` (default all ones).
         num_threads: as in :func:`attention`.
@@ -185,13 +192,13 @@ def attention_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", 
         ((4, 6), True)
     """
     spec = prepare_weights(q, k, mask=mask, causal=causal, scale=scale, kind=kind, score_weight=score_weight,
-                           window=window, alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
-                           num_threads=num_threads)
+                           window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, q_start=q_start,
+                           k_start=k_start, num_threads=num_threads)
     return dispatch(spec).run(spec)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=None, window=None, alibi_slopes=None,
-                       softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None):
+                       softcap=None, sinks=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None):
     """Gradients of :func:`attention` with respect to q, k and v, by the fused backward kernel.
 
     FlashAttention-2's backward pass on the CPU: the probabilities are recomputed tile by tile from the
@@ -200,13 +207,14 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
 
     Args:
         dout: ``(..., Hq, Lq, Dv)``, the gradient of the loss with respect to ``out``.
-        q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start: exactly as passed to
-            the forward :func:`attention` (soft-capping is differentiated through; ALiBi slopes are constants).
+        q, k, v, mask, causal, scale, window, alibi_slopes, softcap, sinks, q_start, k_start: exactly as passed
+            to the forward :func:`attention` (soft-capping is differentiated through; ALiBi slopes are constants).
         out, lse: the forward's results, from ``attention(..., return_lse=True)``.
         num_threads: as in :func:`attention`.
 
     Returns:
-        ``(dq, dk, dv)`` with the shapes and dtype of ``q``, ``k``, ``v``. With grouped-query attention
+        ``(dq, dk, dv)`` with the shapes and dtype of ``q``, ``k``, ``v``, and with ``sinks`` also ``dsinks``
+        ``(Hq,)`` in the compute dtype: ``-sum_i e^(sink - lse_i) * rowsum(dout_i * out_i)``. With grouped-query attention
         ``dk``/``dv`` are summed over the query heads that share each kv head. A float ``mask`` is a
         constant: it gets no gradient. Rows that attend no key contribute nothing (their ``dq`` is 0).
 
@@ -219,7 +227,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scal
         ((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8))
     """
     spec = prepare_backward(dout, q, k, v, out, lse, mask=mask, causal=causal, scale=scale, window=window,
-                            alibi_slopes=alibi_slopes, softcap=softcap, q_start=q_start, k_start=k_start,
+                            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, q_start=q_start, k_start=k_start,
                             dropout_p=dropout_p, seed=seed, num_threads=num_threads)
     return dispatch(spec).run(spec)
 
@@ -278,7 +286,7 @@ def attention_vjp(q, k, v, **kwargs):
         kwargs["seed"] = check_dropout(kwargs["dropout_p"], kwargs.get("seed"))["seed"]
     out, lse = attention(q, k, v, return_lse=True, **kwargs)
     backward_kwargs = {name: kwargs[name] for name in ("mask", "causal", "scale", "window", "alibi_slopes", "softcap",
-                                                      "q_start", "k_start", "dropout_p", "seed", "num_threads")
+                                                      "sinks", "q_start", "k_start", "dropout_p", "seed", "num_threads")
                        if name in kwargs}
 
     def backward(dout):

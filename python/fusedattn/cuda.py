@@ -14,7 +14,7 @@ Semantics and validation are the CPU path's (``_spec.prepare_attention`` runs on
 causal alignments are judged, and worded, identically). The GPU computes a subset: float32, float16 and
 bfloat16; D and Dv up to 256; bool / float masks with broadcasting; both causal alignments with
 ``q_start`` / ``k_start``; grouped-query heads; ``return_lse``; ``out`` / ``out_dtype``. Other options
-(window, alibi_slopes, softcap, dropout, BlockDiagonal masks) raise ``NotImplementedError``.
+(window, alibi_slopes, softcap, dropout, sinks, int8 K/V, BlockDiagonal masks) raise ``NotImplementedError``.
 
 Status: the kernels are compiled in CI but have not yet been run on a GPU (see the documentation's page
 "The CUDA path and its status", docs/user_guide/cuda.md).
@@ -285,9 +285,11 @@ def refusal(spec) -> Optional[str]:
         return f"{spec.entry}() runs on the CPU only (the CUDA path has attention() forward)"
     for option, unsupported in (("window", spec.user_args.get("window") is not None),
                                 ("alibi_slopes", spec.alibi_slopes is not None), ("softcap", spec.softcap != 0),
-                                ("dropout_p", spec.dropout_p != 0)):
+                                ("dropout_p", spec.dropout_p != 0), ("sinks", spec.sinks is not None),
+                                ("k_scale", spec.k_scale is not None)):
         if unsupported:
-            return f"{option}= is not supported on the CUDA path yet (it is on the CPU)"
+            what = "int8 k / v with k_scale= / v_scale=" if option == "k_scale" else f"{option}="
+            return f"{what} is not supported on the CUDA path yet (it is on the CPU)"
     if spec.layout == "block_diagonal":
         return "BlockDiagonal masks (packed sequences) are not supported on the CUDA path yet"
     return None

@@ -21,7 +21,8 @@ from ._checks import compute_dtype, is_attention_dtype
 __all__ = ["merge_attention"]
 
 
-def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray], *,
+                    sinks=None) -> Tuple[np.ndarray, np.ndarray]:
     """Combine partial attention results computed over disjoint subsets of the keys.
 
     Each ``(outs[c], lses[c])`` is what ``fusedattn.attention(q, k_c, v_c, return_lse=True)`` returns for
@@ -35,6 +36,10 @@ def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]) -> T
         lses: the matching logsumexps, each of shape ``(..., Hq, Lq)`` (``outs[c].shape[:-1]``), in the
             outputs' compute dtype as :func:`fusedattn.attention` returns them: the outputs' dtype, or
             float32 for 16-bit outputs.
+        sinks: optional ``(Hq,)`` attention sinks (see :func:`fusedattn.attention`), counted once here: compute
+            the parts *without* sinks and pass them to the merge, which adds each head's sink to every row's
+            denominator (a part with lse ``sink`` and output 0). ``Hq`` is the lses' axis -2; a scalar (or
+            ``(1,)``) sink applies to every row.
 
     Returns:
         ``(out, lse)`` of shapes ``(..., Hq, Lq, Dv)`` (the outputs' dtype) and ``(..., Hq, Lq)`` (the lses'
@@ -71,8 +76,25 @@ def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]) -> T
         True
     """
     outs, lses = _check(outs, lses)
+    if sinks is not None:
+        lses = lses + [_sink_part(sinks, lses[0])]  # a valueless part: _merge weighs only the outputs given
     out, lse = _merge(outs, np.stack(lses))
     return out, lse
+
+
+def _sink_part(sinks, lse):
+    """The sinks as one more part's lse, broadcast to ``lse``'s shape (heads on axis -2)."""
+    s = np.asarray(sinks)
+    if s.dtype == np.bool_ or not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        raise TypeError(f"sinks must be a real-valued array, got dtype {s.dtype}")
+    if s.size == 1:
+        column = s.reshape(())
+    elif s.ndim == 1 and lse.ndim >= 2 and s.shape[0] == lse.shape[-2]:
+        column = s[:, np.newaxis]
+    else:
+        raise ValueError(f"sinks must have shape (Hq,) = ({lse.shape[-2] if lse.ndim >= 2 else 1},) (the lses' axis -2) "
+                         f"or be a scalar, got {s.shape}")
+    return np.broadcast_to(column.astype(lse.dtype), lse.shape)
 
 
 def _check(outs, lses):

@@ -205,9 +205,8 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
                     num_threads=None):
     """Attention of each sequence's queries to its keys/values in a paged (vLLM-layout) cache.
 
-    PROVISIONAL SLOW PATH (issue #15): validates with ``fusedattn.paged.check_paged_args``, then gathers each
-    sequence's tokens into contiguous arrays and runs :func:`fusedattn.attention` on them, one call per
-    sequence. The fused paged kernel replaces the body; the signature, the checks and the results stay.
+    The fused kernel reads each sequence's keys and values in place through the block table (no gather,
+    no copy; int8 caches are dequantised inside the loop), with the decode layout for short queries.
 
     Args:
         q: ``(B, Hq, Lq, D)``; query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - Lq + i``
@@ -240,39 +239,13 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
         >>> fa.attention_paged(q, kc, vc, table, np.array([9, 3], np.int32)).shape
         (2, 4, 1, 8)
     """
-    block_table, seq_lens = check_paged_args(q, key_cache, value_cache, block_table, seq_lens, causal=causal,
-                                             sinks=sinks, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes,
-                                             out=out)
-    q, key_cache, value_cache = (np.asarray(x) for x in (q, key_cache, value_cache))
-    b, hq, lq, _ = q.shape
-    block_size, dv = key_cache.shape[1], value_cache.shape[3]
-    alibi = None if alibi_slopes is None else np.asarray(alibi_slopes)
-    extra = {}  # only what is set, so that the call also works with an attention() that lacks sinks= etc.
-    if sinks is not None:
-        extra["sinks"] = sinks
-    if num_threads is not None:
-        extra["num_threads"] = num_threads
-    results, lses = [], []
-    for i in range(b):
-        n = int(seq_lens[i])
-        blocks = block_table[i, :-(-n // block_size)]
-        # Batch-of-one 4-D arrays: a 3-D q would mean (B, L, D) with one head to attention().
-        k, v = _gather(key_cache, blocks, n)[None], _gather(value_cache, blocks, n)[None]
-        if k_scale is not None:
-            extra["k_scale"] = _gather(np.asarray(k_scale), blocks, n)[None]
-            extra["v_scale"] = _gather(np.asarray(v_scale), blocks, n)[None]
-        if alibi is not None:
-            extra["alibi_slopes"] = alibi if alibi.ndim == 1 else alibi[i]
-        o, lse = fusedattn.attention(q[i:i + 1], k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                                     return_lse=True, **extra)
-        results.append(o[0])
-        lses.append(lse[0])
-    result = np.stack(results) if b else np.zeros((0, hq, lq, dv), q.dtype)
-    lse = np.stack(lses) if b else np.zeros((0, hq, lq), np.float64 if q.dtype == np.float64 else np.float32)
-    if out is not None:
-        out[...] = result
-        result = out
-    return (result, lse) if return_lse else result
+    from ._dispatch import dispatch
+    from ._spec import prepare_paged
+
+    spec = prepare_paged(q, key_cache, value_cache, block_table, seq_lens, causal=causal, scale=scale, window=window,
+                         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+                         return_lse=return_lse, out=out, num_threads=num_threads)
+    return dispatch(spec).run(spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ __all__ = ["attention_varlen", "attention_varlen_backward"]
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                     scale=None, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
+                     scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None, dropout_p=0.0, seed=None,
                      return_lse=False, out=None, precision="highest", num_threads=None):
     """Fused attention over a packed batch of variable-length sequences.
 
@@ -23,7 +23,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32/int64 offsets: 0, then non-decreasing, ending at
             the packed length.
         max_seqlen_q, max_seqlen_k: optional; checked to be at least the longest sequence.
-        causal, scale, window, alibi_slopes, softcap, dropout_p, seed: as in :func:`fusedattn.attention`,
+        causal, scale, window, alibi_slopes, softcap, sinks, dropout_p, seed: as in :func:`fusedattn.attention`,
             applied per sequence (bottom-right alignment uses each sequence's own lengths); ``alibi_slopes``
             is ``(Hq,)`` or ``(batch, Hq)``.
         return_lse: also return ``lse`` of shape ``(Hq, total_q)`` (FlashAttention's layout).
@@ -44,19 +44,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     """
     spec = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                           causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                          dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out, precision=precision,
+                          sinks=sinks, dropout_p=dropout_p, seed=seed, return_lse=return_lse, out=out, precision=precision,
                           num_threads=num_threads)
     return dispatch(spec).run(spec)
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, causal=False, scale=None, window=None, alibi_slopes=None,
-                              softcap=None, dropout_p=0.0, seed=None, num_threads=None):
+                              softcap=None, sinks=None, dropout_p=0.0, seed=None, num_threads=None):
     """Gradients of :func:`attention_varlen`: ``(dq, dk, dv)`` shaped like the packed q, k, v.
 
     ``dout`` and ``out`` are ``(total_q, Hq, Dv)``, ``lse`` ``(Hq, total_q)`` from
     ``attention_varlen(..., return_lse=True)``; the other arguments exactly as passed to it (with dropout,
-    the same ``seed``). Deterministic at any thread count.
+    the same ``seed``). Deterministic at any thread count. With ``sinks`` the result gains ``dsinks`` ``(Hq,)``.
 
     Example:
         >>> import numpy as np, fusedattn as fa
@@ -68,6 +68,6 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """
     spec = prepare_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                                    max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, window=window,
-                                   alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
-                                   num_threads=num_threads)
+                                   alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                                   seed=seed, num_threads=num_threads)
     return dispatch(spec).run(spec)
