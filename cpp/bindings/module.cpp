@@ -95,9 +95,124 @@ void require_shape(const py::array& a, const char* name, std::vector<py::ssize_t
 struct Call {
   AttnParams p;
   std::vector<py::ssize_t> lead;
-  Converted q, k, v, out, mask, lse, weights, dout, dq, dk, dv;
+  Converted q, k, v, out, mask, lse, weights, dout, dq, dk, dv, k_scale, v_scale;
   std::vector<int64_t> seq_len_q, seq_len_k, seq_diagonal_offset;
+  std::vector<py::array> kept;  // arrays the params point into (converted copies of the serving inputs)
 };
+
+template <class T>
+T field(const py::handle& spec, const char* name) {
+  return spec.attr(name).cast<T>();
+}
+
+std::optional<py::array> optional_array(const py::handle& spec, const char* name) {
+  const py::object value = spec.attr(name);
+  if (value.is_none()) return std::nullopt;
+  return value.cast<py::array>();
+}
+
+bool has(const py::handle& spec, const char* name) { return !spec.attr(name).is_none(); }
+
+// Serving inputs (issue #15), from the spec's fields:
+//   sinks:       (Hq,) contiguous, q's compute dtype: AttnParams::sinks.
+//   k_scale, v_scale: float32 per-key scales of int8 k / v, shaped like k / v without their last axis
+//                  ((*lead, Hkv, Lk), or (num_blocks, block_size, Hkv) when paged).
+//   block_table: (B, max_blocks) int32: k / v are then caches (num_blocks, block_size, Hkv, D / Dv).
+//   seq_lens:    (B,) int64 key lengths per sequence (required when paged; for contiguous k / v each
+//                  <= Lk). Query i of sequence b sits at key position seq_lens[b] - Lq + i: the diagonal
+//                  offset is seq_lens[b] - Lq (diagonal_offset is not read then).
+bool is_paged(const py::handle& spec) { return has(spec, "block_table"); }
+
+bool is_int8(const py::array& a) { return same_dtype(py::dtype::of<int8_t>(), a.dtype()); }
+
+// A pool (num_blocks, block_size, Hkv[, width]) as a paged StridedTensor over `table`.
+StridedTensor paged_tensor(const py::array& a, const char* name, const py::array_t<int32_t>& table, int64_t block_size,
+                           int64_t heads, int64_t width) {
+  const int inner = width ? 4 : 3;
+  if (a.ndim() != inner || a.shape(1) != block_size || a.shape(2) != heads || (width && a.shape(3) != width))
+    throw std::invalid_argument(std::string(name) + ": expected a (num_blocks, block_size, Hkv" + (width ? ", D)" : ")") +
+                                " cache, got shape " + shape_str(a));
+  StridedTensor t;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d)
+    if (a.strides(d) % a.itemsize() != 0)
+      throw std::invalid_argument(std::string(name) + ": strides must be multiples of the item size");
+  t.data = const_cast<void*>(a.data());
+  t.row_stride = a.strides(1) / a.itemsize();
+  t.head_stride = a.strides(2) / a.itemsize();
+  t.col_stride = width ? a.strides(3) / a.itemsize() : 0;
+  t.pages.blocks = table.data();
+  t.pages.blocks_per_seq = table.shape(1);
+  t.pages.block_size = block_size;
+  t.pages.block_stride = a.strides(0) / a.itemsize();
+  t.pages.pool_blocks = a.shape(0);
+  return t;
+}
+
+void convert_sinks(Call& call, const py::handle& spec, const py::array& q) {
+  if (!has(spec, "sinks")) return;
+  const py::array sinks = field<py::array>(spec, "sinks");
+  if (!same_dtype(sinks.dtype(), compute_dtype(q)) || sinks.ndim() != 1 || sinks.shape(0) != call.p.heads_q ||
+      !(sinks.flags() & py::array::c_style))
+    throw std::invalid_argument("sinks: expected a contiguous (Hq,) array of q's compute dtype");
+  call.kept.push_back(sinks);
+  call.p.sinks = sinks.data();
+}
+
+void convert_serving(Call& call, const py::handle& spec, const py::array& q, const py::array& k, const py::array& v) {
+  AttnParams& p = call.p;
+  convert_sinks(call, spec, q);
+  p.kv_int8 = is_int8(k);
+  if (p.kv_int8 != is_int8(v) || p.kv_int8 != (has(spec, "k_scale") && has(spec, "v_scale")))
+    throw py::type_error("int8 k and v come together, with k_scale and v_scale");
+  const bool paged = is_paged(spec);
+  if (has(spec, "seq_lens")) {
+    const auto lens = spec.attr("seq_lens").cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+    if (lens.ndim() != 1 || lens.shape(0) != p.batch)
+      throw std::invalid_argument("seq_lens: expected (B,) for a batch of " + std::to_string(p.batch));
+    call.seq_len_k.assign(lens.data(), lens.data() + p.batch);
+    call.seq_diagonal_offset.resize(p.batch);
+    int64_t longest = 0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      if (call.seq_len_k[b] < 0 || (!paged && call.seq_len_k[b] > p.len_k))
+        throw std::invalid_argument("seq_lens: lengths must be in [0, Lk]");
+      longest = std::max(longest, call.seq_len_k[b]);
+      call.seq_diagonal_offset[b] = call.seq_len_k[b] - p.len_q;
+    }
+    p.len_k = longest;
+    p.seq_len_k = call.seq_len_k.data();
+    p.seq_diagonal_offset = call.seq_diagonal_offset.data();
+  } else if (paged) {
+    throw std::invalid_argument("block_table: a paged call needs seq_lens");
+  }
+  if (paged) {
+    const auto table = spec.attr("block_table").cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
+    if (table.ndim() != 2 || table.shape(0) != p.batch)
+      throw std::invalid_argument("block_table: expected (B, max_blocks) for a batch of " + std::to_string(p.batch));
+    call.kept.push_back(table);
+    const int64_t block_size = k.ndim() == 4 ? k.shape(1) : 0;
+    if (call.lead.size() != 1 || p.mask_kind != fusedattn::MaskKind::kNone)
+      throw std::invalid_argument("paged k / v: q must be (B, Hq, Lq, D), without a mask");
+    p.k = paged_tensor(k, "k", table, block_size, p.heads_kv, p.head_dim);
+    p.v = paged_tensor(v, "v", table, block_size, p.heads_kv, p.value_dim);
+    if (p.kv_int8) {
+      for (const char* name : {"k_scale", "v_scale"}) {
+        const py::array scales = field<py::array>(spec, name);
+        if (!same_dtype(scales.dtype(), py::dtype::of<float>())) throw py::type_error(std::string(name) + ": must be float32");
+        call.kept.push_back(scales);
+        (name[0] == 'k' ? p.k_scale : p.v_scale) = paged_tensor(scales, name, table, block_size, p.heads_kv, 0);
+      }
+    }
+  } else if (p.kv_int8) {
+    for (const char* name : {"k_scale", "v_scale"}) {
+      const py::array scales = field<py::array>(spec, name);
+      if (!same_dtype(scales.dtype(), py::dtype::of<float>())) throw py::type_error(std::string(name) + ": must be float32");
+      require_shape(scales, name, {p.heads_kv, name[0] == 'k' ? k.shape(k.ndim() - 2) : v.shape(v.ndim() - 2)});
+      Converted& c = name[0] == 'k' ? call.k_scale : call.v_scale;
+      c = convert(scales, name, 2, call.lead);
+      (name[0] == 'k' ? p.k_scale : p.v_scale) = c.tensor;
+    }
+  }
+}
 
 // Packed variable-length batches arrive as (1, H, total, D) views (lse (1, H, total)) plus
 // cu_seqlens_q, cu_seqlens_k and diagonal offsets, int64 and validated in Python. Sequence b is
@@ -155,17 +270,6 @@ void apply_packing(Call& call, const py::handle& cu_seqlens_q, const py::handle&
   p.seq_diagonal_offset = call.seq_diagonal_offset.data();
 }
 
-template <class T>
-T field(const py::handle& spec, const char* name) {
-  return spec.attr(name).cast<T>();
-}
-
-std::optional<py::array> optional_array(const py::handle& spec, const char* name) {
-  const py::object value = spec.attr(name);
-  if (value.is_none()) return std::nullopt;
-  return value.cast<py::array>();
-}
-
 fusedattn::Precision precision_from_name(const std::string& precision) {
   if (precision == "highest") return fusedattn::Precision::kHighest;
   if (precision == "high") return fusedattn::Precision::kHigh;
@@ -212,8 +316,10 @@ void convert_common(Call& call, const py::handle& spec) {
   const std::optional<py::array> score_weight = optional_array(spec, "score_weight");
   AttnParams& p = call.p;
   p.dtype = storage_dtype(q);
-  if (!same_dtype(k.dtype(), q.dtype())) throw py::type_error("q and k must share one dtype");
-  if (q.ndim() < 3 || k.ndim() != q.ndim())
+  const bool paged = is_paged(spec);
+  if (!same_dtype(k.dtype(), q.dtype()) && !(is_int8(k) && has(spec, "k_scale")))
+    throw py::type_error("q and k must share one dtype (or k int8, with k_scale)");
+  if (q.ndim() < 3 || (paged ? k.ndim() != 4 : k.ndim() != q.ndim()))
     throw std::invalid_argument("q, k: expected (..., H, L, D) arrays of one rank, got " + shape_str(q) + " and " +
                                 shape_str(k));
   call.lead.assign(q.shape(), q.shape() + q.ndim() - 3);
@@ -222,14 +328,18 @@ void convert_common(Call& call, const py::handle& spec) {
   p.heads_q = q.shape(q.ndim() - 3);
   p.len_q = q.shape(q.ndim() - 2);
   p.head_dim = q.shape(q.ndim() - 1);
-  p.heads_kv = k.shape(k.ndim() - 3);
-  p.len_k = k.shape(k.ndim() - 2);
   p.value_dim = p.head_dim;
-  require_shape(k, "k", {p.heads_kv, p.len_k, p.head_dim});
   call.q = convert(q, "q", 3, call.lead);
-  call.k = convert(k, "k", 3, call.lead);
   p.q = call.q.tensor;
-  p.k = call.k.tensor;
+  if (paged) {  // a (num_blocks, block_size, Hkv, D) cache: convert_serving reads it and the lengths
+    p.heads_kv = k.shape(2);
+  } else {
+    p.heads_kv = k.shape(k.ndim() - 3);
+    p.len_k = k.shape(k.ndim() - 2);
+    require_shape(k, "k", {p.heads_kv, p.len_k, p.head_dim});
+    call.k = convert(k, "k", 3, call.lead);
+    p.k = call.k.tensor;
+  }
   if (mask) {
     require_shape(*mask, "mask", {p.heads_q, p.len_q, p.len_k});
     if (same_dtype(py::dtype::of<bool>(), mask->dtype()))
@@ -265,20 +375,23 @@ void apply_spec_packing(Call& call, const py::handle& spec) {
 void attention_forward(const py::object& spec, py::array out, std::optional<py::array> lse) {
   Call call;
   convert_common(call, spec);
-  const py::array q = field<py::array>(spec, "q"), v = field<py::array>(spec, "v");
+  const py::array q = field<py::array>(spec, "q"), k = field<py::array>(spec, "k"), v = field<py::array>(spec, "v");
   AttnParams& p = call.p;
-  if (!same_dtype(v.dtype(), q.dtype())) throw py::type_error("q, k and v must share one dtype");
+  if (!same_dtype(v.dtype(), k.dtype())) throw py::type_error("q, k and v must share one dtype (k and v may be int8)");
+  const bool paged = is_paged(spec);
   p.out_float32 = !same_dtype(out.dtype(), q.dtype()) && same_dtype(out.dtype(), compute_dtype(q));
   if (!same_dtype(out.dtype(), q.dtype()) && !p.out_float32)
     throw py::type_error("out: dtype must be q's (or float32 for 16-bit inputs)");
-  if (v.ndim() != q.ndim()) throw std::invalid_argument("v: must have as many dimensions as q");
+  if (paged ? v.ndim() != 4 : v.ndim() != q.ndim()) throw std::invalid_argument("v: must have as many dimensions as q");
   if (!out.writeable()) throw std::invalid_argument("out: array is read-only");
   p.value_dim = v.shape(v.ndim() - 1);
-  require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
+  if (!paged) {
+    require_shape(v, "v", {p.heads_kv, p.len_k, p.value_dim});
+    call.v = convert(v, "v", 3, call.lead);
+    p.v = call.v.tensor;
+  }
   require_shape(out, "out", {p.heads_q, p.len_q, p.value_dim});
-  call.v = convert(v, "v", 3, call.lead);
   call.out = convert(out, "out", 3, call.lead);
-  p.v = call.v.tensor;
   p.out = call.out.tensor;
   if (lse) {
     if (!same_dtype(lse->dtype(), compute_dtype(q))) throw py::type_error("lse: dtype must be the compute dtype of q");
@@ -287,6 +400,9 @@ void attention_forward(const py::object& spec, py::array out, std::optional<py::
     call.lse = convert(*lse, "lse", 2, call.lead);
     p.lse = call.lse.tensor;
   }
+  convert_serving(call, spec, q, k, v);
+  if (has(spec, "packing") && (p.seq_len_k || p.kv_int8))
+    throw std::invalid_argument("packed batch: seq_lens / block_table / int8 k, v do not combine with packing");
   apply_spec_packing(call, spec);
   check_alibi_rows(p);
   py::gil_scoped_release release;
@@ -302,6 +418,7 @@ void attention_weights(const py::object& spec, py::array weights) {
   require_shape(weights, "weights", {call.p.heads_q, call.p.len_q, call.p.len_k});
   call.weights = convert(weights, "weights", 3, call.lead);
   call.p.weights = call.weights.tensor;
+  convert_sinks(call, spec, q);
   check_alibi_rows(call.p);
   py::gil_scoped_release release;
   fusedattn::attention_weights(call.p);

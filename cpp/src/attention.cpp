@@ -34,9 +34,34 @@ bool validate_common(const AttnParams& p) {
   require(p.num_threads >= 1, "attention: num_threads must be >= 1");
   require(p.score_kind == ScoreKind::kDot || p.score_weight, "attention: additive scores need score_weight");
   if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return false;  // nothing to write
-  require(p.q.data && p.k.data && p.q.batch_offsets && p.k.batch_offsets, "attention: missing tensor");
+  require(p.q.data && p.k.data && p.q.batch_offsets && (p.k.batch_offsets || p.k.paged()), "attention: missing tensor");
   require(p.mask_kind == MaskKind::kNone || (p.mask.data && p.mask.batch_offsets), "attention: missing mask");
   return true;
+}
+
+// A paged tensor's block ids, for every row the kernels may read (keys [0, len_k_of(b))): inside the pool
+// and the table. The Python layer gives the clear messages; this keeps a bad id from ever reading
+// outside the pool. O(batch x blocks per sequence): nothing next to the call.
+void validate_pages(const AttnParams& p, const StridedTensor& t, const char* name) {
+  if (!t.paged()) {
+    require(t.batch_offsets != nullptr, std::string("attention: missing ") + name);
+    return;
+  }
+  const PageTable& pages = t.pages;
+  require(pages.block_size >= 1 && pages.blocks_per_seq >= 0 && pages.pool_blocks >= 0,
+          std::string("attention: ") + name + ": bad page table");
+  require(p.seq_len_k || p.len_k <= pages.blocks_per_seq * pages.block_size,
+          std::string("attention: ") + name + ": keys beyond the block table");
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t len = p.len_k_of(b);
+    require(len >= 0 && len <= pages.blocks_per_seq * pages.block_size,
+            std::string("attention: ") + name + ": sequence " + std::to_string(b) + " is longer than its block table");
+    for (int64_t i = 0; i < (len + pages.block_size - 1) / pages.block_size; ++i) {
+      const int64_t id = pages.blocks[b * pages.blocks_per_seq + i];
+      require(id >= 0 && id < pages.pool_blocks, std::string("attention: ") + name + ": block id " + std::to_string(id) +
+                                                     " outside the pool of " + std::to_string(pages.pool_blocks));
+    }
+  }
 }
 
 // Below ~2^20 multiply-adds (tens of microseconds on one core) waking a second thread costs more than it
@@ -50,16 +75,30 @@ AttnParams with_useful_threads(const AttnParams& p) {
   return adjusted;
 }
 
+// The forward pass alone reads int8 or paged K / V (inference caches).
+void require_plain_kv(const AttnParams& p, const char* entry) {
+  require(!p.kv_int8 && !p.k.paged() && !p.v.paged(),
+          std::string(entry) + ": int8 or paged K / V are supported by the forward pass only");
+}
+
 }  // namespace
 
 void attention_forward(const AttnParams& p) {
   if (!validate_common(p)) return;
-  require(p.v.data && p.out.data && p.v.batch_offsets && p.out.batch_offsets, "attention: missing tensor");
+  require(p.v.data && p.out.data && p.out.batch_offsets, "attention: missing tensor");
   require(!p.lse.data || p.lse.batch_offsets, "attention: lse without batch offsets");
+  validate_pages(p, p.k, "k");
+  validate_pages(p, p.v, "v");
+  if (p.kv_int8) {
+    require(p.k_scale.data && p.v_scale.data, "attention: int8 K / V need k_scale and v_scale");
+    validate_pages(p, p.k_scale, "k_scale");
+    validate_pages(p, p.v_scale, "v_scale");
+  }
   detail::run_forward_kernel(with_useful_threads(p));
 }
 
 void attention_backward(const AttnParams& p) {
+  require_plain_kv(p, "attention_backward");
   require(p.score_kind == ScoreKind::kDot || p.dscore_weight, "attention_backward: additive scores need dscore_weight");
   if (!validate_common(p)) return;
   require(p.v.data && p.out.data && p.lse.data && p.dout.data && p.dq.data && p.dk.data && p.dv.data,
@@ -68,6 +107,7 @@ void attention_backward(const AttnParams& p) {
 }
 
 void attention_weights(const AttnParams& p) {
+  require_plain_kv(p, "attention_weights");
   if (!validate_common(p)) return;
   require(p.weights.data && p.weights.batch_offsets, "attention_weights: missing output");
   detail::run_weights_kernel(with_useful_threads(p));

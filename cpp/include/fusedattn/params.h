@@ -27,18 +27,38 @@ enum class ScoreKind { kDot, kAdditive };
 // the amx level read it; everywhere else every mode is kHighest.
 enum class Precision { kHighest, kHigh, kMedium };
 
+// A paged tensor's rows (vLLM's block tables): row r of batch entry b lives in row r % block_size of
+// pool block blocks[b * blocks_per_seq + r / block_size]. Null `blocks`: not paged.
+struct PageTable {
+  const int32_t* blocks = nullptr;
+  int64_t blocks_per_seq = 0;
+  int64_t block_size = 0;
+  int64_t block_stride = 0;  // elements between consecutive blocks of the pool
+  int64_t pool_blocks = 0;   // valid ids are [0, pool_blocks): for attention.cpp's checks
+};
+
 // A (batch, head, row, column) view of a tensor. Strides are in elements and may be zero
 // (broadcast), negative or anything else numpy allows. The leading "batch" axes of an array of any
 // rank are flattened into one index through `batch_offsets`, so merging them never needs a copy.
+// With `pages`, rows are found through the page table instead (batch_offsets unused): rows r and r + 1
+// are then `row_stride` apart only within one block, so kernels that stride across rows ask row() for
+// each row (or each block) of a paged tensor.
 struct StridedTensor {
   void* data = nullptr;
   const int64_t* batch_offsets = nullptr;  // element offset of flattened batch index b
   int64_t head_stride = 0;
   int64_t row_stride = 0;
   int64_t col_stride = 0;
+  PageTable pages;
+
+  bool paged() const { return pages.blocks != nullptr; }
 
   template <class T>
   T* row(int64_t batch, int64_t head, int64_t r) const {
+    if (pages.blocks) {
+      const int64_t block = pages.blocks[batch * pages.blocks_per_seq + r / pages.block_size];
+      return static_cast<T*>(data) + block * pages.block_stride + head * head_stride + (r % pages.block_size) * row_stride;
+    }
     return static_cast<T*>(data) + batch_offsets[batch] + head * head_stride + r * row_stride;
   }
 };
@@ -54,6 +74,11 @@ struct AttnParams {
   int64_t value_dim = 0;  // Dv
 
   StridedTensor q, k, v;          // (batch, heads, len, dim)
+  // int8 K and V (q and out stay `dtype`): K = k_scale * k8 and V = v_scale * v8 with one float32 scale per
+  // (batch, kv head, key), read as k_scale.row<float>(batch, kv_head, key). The kernels dequantise in
+  // their fused loops: score = scale * k_scale_j * (q . k8_j), and v_scale_j multiplies p_j before P.V.
+  bool kv_int8 = false;
+  StridedTensor k_scale, v_scale;  // (batch, heads_kv, len_k), float32; paged exactly as k and v
   StridedTensor mask;             // (batch, heads_q, len_q, len_k); uint8 for kBool, dtype for kAdditive
   MaskKind mask_kind = MaskKind::kNone;
   StridedTensor out;              // (batch, heads_q, len_q, value_dim)
@@ -91,6 +116,11 @@ struct AttnParams {
   uint64_t dropout_seed = 0;
   int64_t q_start = 0, k_start = 0;
   double scale = 1.0;
+  // Attention sinks (gpt-oss): one logit per query head that joins every row's softmax denominator and
+  // has no value: out_i = sum_j e^s_ij v_j / (e^sink_h + sum_j e^s_ij), lse_i = log(e^sink_h + sum_j e^s_ij)
+  // (a row that sees no key: out 0, lse sink_h). Dropout acts on the keys' probabilities only. (heads_q,)
+  // contiguous in the compute dtype; null: no sinks.
+  const void* sinks = nullptr;
   Precision precision = Precision::kHighest;
   int num_threads = 1;
 

@@ -391,11 +391,11 @@ void run_forward_tiles(const AttnParams& p) {
 }
 
 // The tile mode for this call, or nothing (false) when the tiles do not serve it: additive scores,
-// the decode layout (memory-bound, it stays on vectors), float64, float32 "highest", bfloat16 with a
+// the decode layout (memory-bound, it stays on vectors), int8 K / V (dequantised on vectors), float64, float32 "highest", bfloat16 with a
 // float32 output (that keeps P in fp32, as the vector path does).
 template <class Tiles, class Run>
 bool with_tile_mode(const AttnParams& p, Run run) {
-  if (p.score_kind != ScoreKind::kDot || use_decode_layout<VecAvx512<float>>(p)) return false;
+  if (p.score_kind != ScoreKind::kDot || p.kv_int8 || use_decode_layout<VecAvx512<float>>(p)) return false;
   switch (p.dtype) {
     case DType::kBFloat16:
       if (p.out_float32) return false;

@@ -2,7 +2,7 @@
 // AVX512-BF16 too. Only bfloat16 forward calls with bfloat16 output differ from the AVX-512 path: native
 // vdpbf16ps products (bf16_pairs.h), which round the probabilities to bf16 for P.V as torch does. A
 // float32 output asks for more than that, so it keeps P in fp32 on the AVX-512 path, as do every other
-// dtype and the weights / backward passes.
+// dtype, int8 K / V and the weights / backward passes.
 #include <cmath>
 #include <cstring>
 #include <cstddef>
@@ -25,7 +25,7 @@ namespace fusedattn::kernels {
 
 void attention_forward_avx512bf16(const AttnParams& params) {
   using Bf16Vec = isa_avx512bf16::WithStorage<isa_avx512bf16::VecAvx512<float>, BFloat16>;
-  if (params.dtype == DType::kBFloat16 && !params.out_float32)
+  if (params.dtype == DType::kBFloat16 && !params.out_float32 && !params.kv_int8)
     isa_avx512bf16::run_pass<isa_avx512bf16::ForwardPass, Bf16Vec>(params);
   else
     attention_forward_avx512(params);

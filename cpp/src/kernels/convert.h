@@ -14,6 +14,8 @@ inline float widen(BFloat16 x) {
   return value;
 }
 
+inline float widen(int8_t x) { return static_cast<float>(x); }  // quantised K / V, before its scale
+
 inline void narrow(float* dst, float x) { *dst = x; }
 inline void narrow(double* dst, double x) { *dst = x; }
 inline void narrow(BFloat16* dst, float x) {
@@ -88,6 +90,12 @@ inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
     _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
   for (; i < count; ++i) dst[i] = widen(src[i]);
 }
+inline void widen_contiguous(const int8_t* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)  // vpmovsxbd + vcvtdq2ps: exact, int8 fits float's mantissa
+    _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)))));
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
 #elif defined(__AVX2__) && defined(__F16C__)
 inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) {
   int64_t i = 0;
@@ -103,6 +111,12 @@ inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   for (; i < count; ++i) dst[i] = widen(src[i]);
 }
+inline void widen_contiguous(const int8_t* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)))));
+  for (; i < count; ++i) dst[i] = widen(src[i]);
+}
 #endif
 
 // The compute type and the vector policy of a storage type: 16-bit storage computes in float.
@@ -110,5 +124,25 @@ template <class Base, class Storage>
 struct WithStorage : Base {
   using S = Storage;
 };
+
+// K and V stored as int8 with per-key scales (AttnParams::kv_int8), q and out as Base says.
+template <class Base>
+struct WithInt8Kv : Base {
+  using KvS = int8_t;
+};
+
+// The storage type of K and V: Vec::KvS where a policy sets it (WithInt8Kv), else q's storage Vec::S.
+template <class Vec, class = void>
+struct KvStorageOf {
+  using type = typename Vec::S;
+};
+template <class Vec>
+struct KvStorageOf<Vec, std::void_t<typename Vec::KvS>> {
+  using type = typename Vec::KvS;
+};
+template <class Vec>
+using KvStorage = typename KvStorageOf<Vec>::type;
+template <class Vec>
+constexpr bool kInt8Kv = std::is_same_v<KvStorage<Vec>, int8_t>;
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

@@ -24,36 +24,43 @@ struct DimLanes {
     return rows * dim_pad + rows * kBlockK + kBlockK * dim_pad + kBlockK * value_dim_pad;
   }
 
-  // Makes a block of K or V readable with aligned-width vector loads: used in place when rows are
-  // contiguous, a whole number of vectors and in the compute type, else copied into zero-padded scratch.
+  // Makes keys [k0, k0 + nk) of K or V readable with aligned-width vector loads: rows[j] is key k0 + j,
+  // in place when rows are contiguous, a whole number of vectors and in the compute type, else widened
+  // (16-bit, int8) into zero-padded scratch. One pointer per key, so a paged tensor's block edges fall
+  // anywhere in a key block.
   template <class Vec>
-  static const typename Vec::T* rows_for_vectors(const StridedTensor& t, const RowBlock& block, int64_t kv_head,
-                                                 int64_t k0, int64_t nk, int64_t width, int64_t width_pad,
-                                                 typename Vec::T* pack, int64_t* stride) {
+  static void rows_for_vectors(const StridedTensor& t, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk,
+                               int64_t width, int64_t width_pad, typename Vec::T* pack, const typename Vec::T** rows) {
     using T = typename Vec::T;
-    using S = typename Vec::S;
-    const S* first = t.row<const S>(block.batch, kv_head, k0);
+    using S = KvStorage<Vec>;
     if constexpr (std::is_same_v<S, T>) {
       if (t.col_stride == 1 && width == width_pad) {
-        *stride = t.row_stride;
-        return first;
+        for (int64_t j = 0; j < nk; ++j) rows[j] = t.row<const T>(batch, kv_head, k0 + j);
+        return;
       }
     }
-    for (int64_t j = 0; j < nk; ++j) {  // 16-bit storage is widened here, once per element
+    for (int64_t j = 0; j < nk; ++j) {  // 16-bit and int8 storage is widened here, once per element
+      const S* source = t.row<const S>(batch, kv_head, k0 + j);
+      T* row = pack + j * width_pad;
       if (t.col_stride == 1) {
-        widen_contiguous(first + j * t.row_stride, width, pack + j * width_pad);
+        widen_contiguous(source, width, row);
       } else {
-        for (int64_t e = 0; e < width; ++e) pack[j * width_pad + e] = widen(first[j * t.row_stride + e * t.col_stride]);
+        for (int64_t e = 0; e < width; ++e) row[e] = widen(source[e * t.col_stride]);
       }
-      for (int64_t e = width; e < width_pad; ++e) pack[j * width_pad + e] = T(0);
+      for (int64_t e = width; e < width_pad; ++e) row[e] = T(0);
+      rows[j] = row;
     }
-    *stride = width_pad;
-    return pack;
+  }
+
+  // The per-key scales of int8 K or V for keys [k0, k0 + nk).
+  template <class T>
+  static void key_scales(const StridedTensor& scales, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, T* out) {
+    for (int64_t j = 0; j < nk; ++j) out[j] = static_cast<T>(*scales.row<const float>(batch, kv_head, k0 + j));
   }
 
   template <class Vec, int kKeys>
-  static void dot_keys(const typename Vec::T* q_row, const typename Vec::T* keys, int64_t key_stride,
-                       int64_t vecs, typename Vec::T* scores) {
+  static void dot_keys(const typename Vec::T* q_row, const typename Vec::T* const* keys, int64_t vecs,
+                       typename Vec::T* scores) {
     using V = typename Vec::V;
     V acc[kKeys];
     for (int t = 0; t < kKeys; ++t) acc[t] = Vec::zero();
@@ -61,30 +68,30 @@ struct DimLanes {
     // four rows chunk by chunk measured 2x slower on Zen 4). The chains still overlap out of order.
     for (int t = 0; t < kKeys; ++t)
       for (int64_t c = 0; c < vecs; ++c)
-        acc[t] = Vec::fmadd(Vec::load(q_row + c * Vec::W), Vec::loadu(keys + t * key_stride + c * Vec::W), acc[t]);
+        acc[t] = Vec::fmadd(Vec::load(q_row + c * Vec::W), Vec::loadu(keys[t] + c * Vec::W), acc[t]);
     for (int t = 0; t < kKeys; ++t) scores[t] = Vec::reduce_add(acc[t]);
   }
 
   template <class Vec, int kVecs>
-  static void accumulate_values(const typename Vec::T* probs, int64_t nk, const typename Vec::T* values,
-                                int64_t value_stride, typename Vec::T* out) {
+  static void accumulate_values(const typename Vec::T* probs, int64_t nk, const typename Vec::T* const* values,
+                                int64_t offset, typename Vec::T* out) {
     using V = typename Vec::V;
     V acc[kVecs];
     for (int c = 0; c < kVecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
     for (int64_t j = 0; j < nk; ++j) {
       const V prob = Vec::set1(probs[j]);
-      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, Vec::loadu(values + j * value_stride + c * Vec::W), acc[c]);
+      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, Vec::loadu(values[j] + offset + c * Vec::W), acc[c]);
     }
     for (int c = 0; c < kVecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
   }
 
   template <class Vec, int kVecs = kOutVecs>
   static void accumulate_values_any(int64_t vecs, const typename Vec::T* probs, int64_t nk,
-                                    const typename Vec::T* values, int64_t value_stride, typename Vec::T* out) {
+                                    const typename Vec::T* const* values, int64_t offset, typename Vec::T* out) {
     if constexpr (kVecs > 1) {
-      if (vecs < kVecs) return accumulate_values_any<Vec, kVecs - 1>(vecs, probs, nk, values, value_stride, out);
+      if (vecs < kVecs) return accumulate_values_any<Vec, kVecs - 1>(vecs, probs, nk, values, offset, out);
     }
-    accumulate_values<Vec, kVecs>(probs, nk, values, value_stride, out);
+    accumulate_values<Vec, kVecs>(probs, nk, values, offset, out);
   }
 
   template <class Vec, class Mask, class Score>
@@ -110,18 +117,27 @@ struct DimLanes {
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
+    const T* keys[kBlockK];
+    const T* values[kBlockK];
+    T k_scales[kBlockK], v_scales[kBlockK];
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0), nk_pad = round_up(nk, W);
-      int64_t k_stride, v_stride;
-      const T* keys = rows_for_vectors<Vec>(p.k, block, kv_head, k0, nk, dim, dim_pad, k_pack, &k_stride);
-      const T* values = rows_for_vectors<Vec>(p.v, block, kv_head, k0, nk, p.value_dim, value_dim_pad, v_pack, &v_stride);
+      rows_for_vectors<Vec>(p.k, block.batch, kv_head, k0, nk, dim, dim_pad, k_pack, keys);
+      rows_for_vectors<Vec>(p.v, block.batch, kv_head, k0, nk, p.value_dim, value_dim_pad, v_pack, values);
+      if constexpr (kInt8Kv<Vec>) {
+        key_scales(p.k_scale, block.batch, kv_head, k0, nk, k_scales);
+        key_scales(p.v_scale, block.batch, kv_head, k0, nk, v_scales);
+      }
 
       for (int64_t r = 0; r < rows; ++r) {
         T* row_scores = scores + r * kBlockK;
         int64_t j = 0;
         for (; j + kDotKeys <= nk; j += kDotKeys)
-          dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
-        for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j * k_stride, k_stride, dim_pad / W, row_scores + j);
+          dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
+        for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
+        if constexpr (kInt8Kv<Vec>) {  // before soft-capping: the cap acts on the dequantised score
+          for (int64_t i = 0; i < nk; ++i) row_scores[i] *= k_scales[i];
+        }
         if (p.softcap > 0) apply_softcap<Vec>(row_scores, nk, static_cast<T>(p.softcap));
         for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp(-inf) = 0
       }
@@ -152,9 +168,12 @@ struct DimLanes {
         acc.l[r] = sum + Vec::reduce_add(block_sum);
         acc.m[r] = new_max;
         if (p.dropout_p > 0) apply_dropout(p, RowBlock{block.batch, block.head(r), 1, block.query(r), 1}, k0, nk, row_scores, 0, 1);
+        if constexpr (kInt8Kv<Vec>) {  // after the row's sum: v's scale weighs the value, not the probability
+          for (int64_t i = 0; i < nk; ++i) row_scores[i] *= v_scales[i];
+        }
         for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
-          accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), row_scores, nk, values + c * W,
-                                     v_stride, acc.o + r * value_dim_pad + c * W);
+          accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), row_scores, nk, values, c * W,
+                                     acc.o + r * value_dim_pad + c * W);
       }
     }
   }

@@ -49,7 +49,8 @@ void merge_splits(const ForwardPlan<Vec>& plan, int64_t block_index) {
       total += part.l[r] * weight;
       for (int64_t e = 0; e < plan.p->value_dim; ++e) merged[e] += part.o[r * plan.o_row + e * plan.o_col] * weight;
     }
-    emit_row<Vec>(*plan.p, block, r, merged, 1, reference, total);
+    // global_max, not reference: a row no split saw has m = -inf, and then its lse is the sink itself.
+    emit_row<Vec>(*plan.p, block, r, merged, 1, global_max, total);
   }
 }
 
@@ -78,13 +79,16 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
     plan.o_col = plan.rows;
   }
 
-  // Too few row blocks to occupy every thread (decoding): split the keys too, several chunks per
-  // thread so that uneven chunk costs even out, and merge the partial results by their logsumexp.
+  // Too few row blocks to occupy many threads (decoding): split the keys too, several chunks per thread
+  // so that uneven chunk costs even out, and merge the partial results by their logsumexp. The split is
+  // a function of the shape alone, never of num_threads, so any thread count gives the same bits:
+  // kSplitItems items (4 per thread up to 16 threads), none shorter than kMinSplitKeys keys (a split
+  // costs a partial output row and its merge, noise against that many keys).
+  constexpr int64_t kSplitItems = 64, kMinSplitKeys = 512;
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
-  const int threads = p.num_threads;
-  if (may_split_keys && threads > 1 && plan.row_blocks < 2 * threads && p.len_k > kBlockK) {
-    const int64_t wanted = min_i64(ceil_div(4 * threads, plan.row_blocks), ceil_div(p.len_k, kBlockK));
+  if (may_split_keys && plan.row_blocks < kSplitItems && p.len_k >= 2 * kMinSplitKeys) {
+    const int64_t wanted = min_i64(ceil_div(kSplitItems, plan.row_blocks), p.len_k / kMinSplitKeys);
     plan.keys_per_split = round_up(ceil_div(p.len_k, wanted), kBlockK);
     plan.k_splits = ceil_div(p.len_k, plan.keys_per_split);
   }
@@ -165,6 +169,7 @@ struct ForwardPass {
 
 template <template <class> class VecFor>
 void forward(const AttnParams& p) {
+  if (p.kv_int8) return run_pass_for_dtype<VecFor, ForwardPass, WithInt8Kv>(p);
   run_pass_for_dtype<VecFor, ForwardPass>(p);
 }
 

@@ -35,11 +35,22 @@ struct QueryLanes {
   }
 
 
+  // Paged K / V are read a key row at a time (PackedKvProducts); the other products stride across rows.
   template <class Vec, class Mask, class Score>
   static void run(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
                   const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
-    using T = typename Vec::T;
     using Products = typename QueryProducts<Vec, Score>::type;
+    if constexpr (!std::is_same_v<Products, PackedKvProducts>) {
+      if (plan.p->k.paged() || plan.p->v.paged())
+        return run_products<Vec, Mask, Score, PackedKvProducts>(plan, block, k_begin, k_end, acc, scratch);
+    }
+    run_products<Vec, Mask, Score, Products>(plan, block, k_begin, k_end, acc, scratch);
+  }
+
+  template <class Vec, class Mask, class Score, class Products>
+  static void run_products(const ForwardPlan<Vec>& plan, const RowBlock& block, int64_t k_begin, int64_t k_end,
+                           const Accumulators<typename Vec::T>& acc, typename Vec::T* scratch) {
+    using T = typename Vec::T;
     const AttnParams& p = *plan.p;
     const int64_t lanes = plan.rows;
     T* s_t = scratch;
@@ -65,8 +76,9 @@ struct QueryLanes {
     const AttnParams& p = *plan.p;
     const int64_t lanes = plan.rows;
     for (int64_t i = 0; i < lanes; ++i) {
-      if (p.lse.data && i < block.nq) *p.lse.row<T>(block.batch, block.head0, block.q0 + i) = row_lse(acc.m[i], acc.l[i]);
-      acc.l[i] = acc.l[i] == T(0) ? T(0) : T(1) / acc.l[i];  // l == 0: attends nothing, o is 0, output 0
+      T lse;
+      finish_row(p, block.head0, acc.m[i], acc.l[i], &acc.l[i], &lse);
+      if (p.lse.data && i < block.nq) *p.lse.row<T>(block.batch, block.head0, block.q0 + i) = lse;
     }
     for (int64_t e = 0; e < p.value_dim; ++e)
       for (int64_t lane = 0; lane < lanes; lane += W)
@@ -83,7 +95,9 @@ int64_t QueryLanes::scratch_size(const AttnParams& p, int64_t lanes) {
   // S^T | the products' packed operands (the widest of the policies this Vec may use)
   const int64_t widened = WidenedProducts::scratch_size<Vec>(p, lanes);
   const int64_t dot = QueryProducts<Vec, DotScore>::type::template scratch_size<Vec>(p, lanes);
-  return lanes * kBlockK + (dot > widened ? dot : widened);
+  const int64_t packed = PackedKvProducts::scratch_size<Vec>(p, lanes);
+  const int64_t widest = dot > widened ? dot : widened;
+  return lanes * kBlockK + (packed > widest ? packed : widest);
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

@@ -63,6 +63,30 @@ T row_lse(T m, T l) {
   return l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
 }
 
+// How a row leaves its accumulators (m, l): out = o * factor, and its lse. The one place a row is
+// finalised (emit_row, QueryLanes::emit, the weights pass; merge_splits through emit_row), so the sink
+// joins each denominator exactly once, whatever the layout or the key splits. With a sink,
+// top = max(m, sink) keeps both exponentials <= 1: factor = e^(m - top) / (l e^(m - top) + e^(sink - top)).
+template <class T>
+void finish_row(const AttnParams& p, int64_t head, T m, T l, T* factor, T* lse) {
+  if (!p.sinks) {
+    *factor = l == T(0) ? T(0) : T(1) / l;  // l == 0: the row may attend nothing; its o is 0, output 0
+    *lse = row_lse(m, l);
+    return;
+  }
+  const T sink = static_cast<const T*>(p.sinks)[head];
+  const T top = sink > m ? sink : m;  // m is -inf when no key was visible, NaN when a score was
+  if (top == -std::numeric_limits<T>::infinity()) {
+    *factor = T(0);
+    *lse = top;
+    return;
+  }
+  const T weight = l == T(0) ? T(0) : std::exp(m - top);
+  const T denominator = l * weight + std::exp(sink - top);
+  *factor = weight / denominator;
+  *lse = top + std::log(denominator);
+}
+
 // Calls write(pointer) with the output's first element typed as the caller's storage: the input dtype,
 // or float32 when 16-bit inputs asked for float32 output.
 template <class Vec, class Write>
@@ -79,12 +103,12 @@ template <class Vec>
 void emit_row(const AttnParams& p, const RowBlock& block, int64_t r, const typename Vec::T* o, int64_t o_col,
               typename Vec::T m, typename Vec::T l) {
   using T = typename Vec::T;
-  // l == 0: the row may attend nothing; its o is 0, so a factor of 0 gives the output 0.
-  const T inv_sum = l == T(0) ? T(0) : T(1) / l;
+  T inv_sum, lse;
+  finish_row(p, block.head(r), m, l, &inv_sum, &lse);
   with_output<Vec>(p, block, r, [&](auto* out_row) {
     for (int64_t e = 0; e < p.value_dim; ++e) narrow(out_row + e * p.out.col_stride, o[e * o_col] * inv_sum);
   });
-  if (p.lse.data) *p.lse.row<T>(block.batch, block.head(r), block.query(r)) = row_lse(m, l);
+  if (p.lse.data) *p.lse.row<T>(block.batch, block.head(r), block.query(r)) = lse;
 }
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS

@@ -30,15 +30,18 @@ void run_pass(const AttnParams& p) {
   });
 }
 
+template <class Vec>
+using SameKv = Vec;
+
 // DType -> the vector policy VecFor<compute type>, with the storage type for 16-bit inputs (computed in
-// float); then run_pass.
-template <template <class> class VecFor, template <class, class, class> class Pass>
+// float), wrapped by Kv (WithInt8Kv for int8 K / V); then run_pass.
+template <template <class> class VecFor, template <class, class, class> class Pass, template <class> class Kv = SameKv>
 void run_pass_for_dtype(const AttnParams& p) {
   switch (p.dtype) {
-    case DType::kFloat32: return run_pass<Pass, VecFor<float>>(p);
-    case DType::kFloat64: return run_pass<Pass, VecFor<double>>(p);
-    case DType::kBFloat16: return run_pass<Pass, WithStorage<VecFor<float>, BFloat16>>(p);
-    case DType::kFloat16: return run_pass<Pass, WithStorage<VecFor<float>, Float16>>(p);
+    case DType::kFloat32: return run_pass<Pass, Kv<VecFor<float>>>(p);
+    case DType::kFloat64: return run_pass<Pass, Kv<VecFor<double>>>(p);
+    case DType::kBFloat16: return run_pass<Pass, Kv<WithStorage<VecFor<float>, BFloat16>>>(p);
+    case DType::kFloat16: return run_pass<Pass, Kv<WithStorage<VecFor<float>, Float16>>>(p);
   }
 }
 

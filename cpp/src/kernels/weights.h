@@ -28,8 +28,9 @@ void weights_item(const ForwardPlan<Vec>& plan, int64_t item, int thread_id) {
     QueryLanes::score_tile<Vec, Mask, Score>(p, block, lanes, k0, nk, q_t, s_t);
     softmax_update<Vec>(lanes, nk, s_t, acc, /*value_dim=*/0);
   }
-  for (int64_t i = 0; i < lanes; ++i) {
-    acc.l[i] = acc.l[i] == T(0) ? T(0) : T(1) / acc.l[i];  // rows attending nothing stay all 0
+  for (int64_t i = 0; i < lanes; ++i) {  // rows attending nothing stay all 0; a sink only lowers the rest
+    T lse;
+    finish_row(p, block.head0, acc.m[i], acc.l[i], &acc.l[i], &lse);
     acc.m[i] = acc.m[i] == -std::numeric_limits<T>::infinity() ? T(0) : acc.m[i];
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
