@@ -475,21 +475,3 @@ def subprocess_env(**overrides):
 
 PYTHON = sys.executable
 
-
-# ---------------------------------------------------------------------------------------------
-# Issue #15's API (sinks=, k_scale=, v_scale=) before the fused kernels are wired
-# ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def provisional_api(monkeypatch):
-    """Lets a test call fusedattn.attention / attention_backward with ``sinks=``, ``k_scale=``, ``v_scale=``.
-
-    Until the kernels are wired, fusedattn._provisional patches them with an exact NumPy post-processing;
-    once the public API takes these arguments (or the shim is deleted) this fixture does nothing and the
-    tests run against the real kernels, unchanged.
-    """
-    try:
-        from fusedattn import _provisional
-    except ImportError:
-        return
-    _provisional.install(monkeypatch)

@@ -274,24 +274,8 @@ def test_gallery_long_context(tmp_path):
 # examples/paged_decoding.py (issue #15)
 # ---------------------------------------------------------------------------------------------
 
-# Until the int8 kernels are wired, fusedattn._provisional stands in for attention(k_scale=, v_scale=);
-# its install() does nothing once the public API has them, and this prelude nothing once it is deleted.
-_PAGED_PRELUDE = """
-import runpy, sys
-try:
-    from fusedattn import _provisional
-except ImportError:
-    pass
-else:
-    _provisional.install()
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def test_paged_decoding(tmp_path):
-    proc = subprocess.run([PYTHON, "-W", "error", "-c", _PAGED_PRELUDE, str(EXAMPLES / "paged_decoding.py"),
-                           "--steps", "120"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+    proc = subprocess.run([PYTHON, "-W", "error", str(EXAMPLES / "paged_decoding.py"), "--steps", "120"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0 and proc.stderr == "", f"{proc.stdout}\n{proc.stderr}"
     out = proc.stdout

@@ -208,7 +208,6 @@ def _dequantised_attention(q, codes_k, scale_k, codes_v, scale_v, sinks=None):
     return p[..., :lk] @ v
 
 
-@pytest.mark.usefixtures("provisional_api")
 @pytest.mark.parametrize("append_dtype", [np.float32, np.float64])
 def test_int8_cache_decoding(rng, append_dtype):
     from fusedattn import quantize_kv
@@ -271,7 +270,6 @@ def test_int8_cache_errors(rng):
     assert repr(cache) == "KVCache(batch=1, num_kv_heads=1, max_len=4, head_dim=2, dtype=int8, length=1)"
 
 
-@pytest.mark.usefixtures("provisional_api")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_attend_with_sinks(rng, dtype):
     b, hq, hkv, d = 2, 4, 2, 8

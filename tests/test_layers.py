@@ -494,7 +494,6 @@ def test_additive_errors(make, call, exc, pattern):
 # Learned attention sinks (issue #15)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.usefixtures("provisional_api")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_mha_sinks_forward_and_weights(rng, dtype):
     e, heads, b, lq = 32, 8, 2, 6

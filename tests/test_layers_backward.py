@@ -494,7 +494,6 @@ def test_backward_dout_errors(make, name):
 # Learned attention sinks (issue #15): dsinks with the other gradients, by finite differences
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.usefixtures("provisional_api")
 @pytest.mark.parametrize("case", ["self_gqa_causal", "self_seq_first_dead_row", "unbatched_mqa_causal"])
 def test_mha_sinks_backward_matches_finite_differences(rng, case):
     layer_kwargs, make_inputs, call, to_inputs = MHA_FD_CASES[case]

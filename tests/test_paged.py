@@ -17,7 +17,6 @@ from fusedattn import reference
 from fusedattn.paged import PagedKVCache, check_paged_args
 from fusedattn.quant import quantize_kv
 
-pytestmark = pytest.mark.usefixtures("provisional_api")
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]
