@@ -660,3 +660,20 @@ def test_torch_tensors_are_read_through_dlpack(rng):
         assert parsed.kind == "torch" and parsed.dtype == name and not parsed.on_cuda
         assert parsed.ptr == tensor.data_ptr()
         assert parsed.shape == tuple(tensor.shape) and parsed.strides == tuple(tensor.stride())
+
+
+@pytest.mark.parametrize("entry", ["attention_backward", "attention_weights", "attention_varlen", "additive_attention"])
+def test_cpu_only_entry_points_refuse_cuda_arrays_by_the_backend_table(rng, entry):
+    """Only attention() forward has a GPU path: CUDA arrays elsewhere get every backend's reason."""
+    q, k, v = qkv(rng)
+    fq, fk, fv = (FakeCudaArray(x) for x in (q, k, v))
+    calls = {
+        "attention_backward": lambda: fa.attention_backward(fq, fq, fk, fv, fq, FakeCudaArray(q[..., 0])),
+        "attention_weights": lambda: fa.attention_weights(fq, fk),
+        "attention_varlen": lambda: fa.attention_varlen(FakeCudaArray(q[0]), FakeCudaArray(k[0]), FakeCudaArray(v[0]),
+                                                        np.array([0, 4]), np.array([0, 4])),
+        "additive_attention": lambda: fa.additive_attention(fq, fk, fv),
+    }
+    with pytest.raises(NotImplementedError, match=rf"{entry}\(\) runs on the CPU only") as error:
+        calls[entry]()
+    assert "cpu:" in str(error.value) and "reference:" in str(error.value)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
@@ -374,6 +374,7 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
 def prepare_weights(q, k, *, mask=None, causal=False, scale=None, kind="dot", score_weight=None, window=None,
                     alibi_slopes=None, softcap=None, q_start=0, k_start=0, sinks=None, num_threads=None):
     """The spec of :func:`fusedattn.attention_weights`."""
+    refuse_device_arrays("attention_weights", q, k)
     threads = resolve_threads(num_threads)
     kind = check_kind(kind)
     if kind == "dot" and score_weight is not None:
@@ -396,6 +397,7 @@ def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=
                      softcap=None, q_start=0, k_start=0, dropout_p=0.0, seed=None, num_threads=None,
                      score_weight=None, additive=False, sinks=None):
     """The spec of :func:`fusedattn.attention_backward` (``additive=True``: the additive one)."""
+    refuse_device_arrays("additive_attention_backward" if additive else "attention_backward", dout, q, k, v, out, lse)
     threads = resolve_threads(num_threads)
     shapes = tuple(np.shape(x) for x in (q, k, v))
     if _is_block_diagonal(mask):
@@ -524,6 +526,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, ma
                    scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None, dropout_p=0.0, seed=None,
                    return_lse=False, out=None, precision="highest", num_threads=None):
     """The spec of :func:`fusedattn.attention_varlen`."""
+    refuse_device_arrays("attention_varlen", q, k, v)
     threads = resolve_threads(num_threads)
     check_precision(precision)
     fields, packing = _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
@@ -546,6 +549,7 @@ def prepare_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_k=None, causal=False, scale=None, window=None, alibi_slopes=None,
                             softcap=None, sinks=None, dropout_p=0.0, seed=None, num_threads=None):
     """The spec of :func:`fusedattn.attention_varlen_backward`."""
+    refuse_device_arrays("attention_varlen_backward", dout, q, k, v, out, lse)
     threads = resolve_threads(num_threads)
     fields, packing = _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                            scale, window, alibi_slopes, softcap, sinks)
@@ -574,6 +578,18 @@ def _on_device(device, *arrays) -> bool:
     return cuda.wants_cuda(device, *arrays)
 
 
+def refuse_device_arrays(entry: str, *arrays) -> None:
+    """Entry points the GPU does not have: CUDA arrays get the backend table's answer (every backend's
+    reason, NotImplementedError) instead of a failed conversion to NumPy."""
+    if all(isinstance(x, np.ndarray) or x is None for x in arrays):
+        return
+    from . import cuda
+    from ._dispatch import dispatch
+
+    if any(cuda.is_device_array(x) for x in arrays):
+        dispatch(SimpleNamespace(entry=entry, device_arrays={"cuda arrays": True}, device=None))
+
+
 def _device_stand_ins(q, k, v, mask):
     """CUDA arrays are validated through zero-stride NumPy stand-ins of their shapes and dtypes; the
     originals travel in ``device_arrays`` to the CUDA backend. NumPy arrays bound for the GPU stay as they are."""
@@ -593,6 +609,7 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
     """The spec of :func:`fusedattn.attention_paged`: k and v are the block pools, read through the table."""
     from .paged import check_paged_args
 
+    refuse_device_arrays("attention_paged", q, key_cache, value_cache)
     threads = resolve_threads(num_threads)
     table, lens = check_paged_args(q, key_cache, value_cache, block_table, seq_lens, causal=causal, sinks=sinks,
                                    k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, out=out)
