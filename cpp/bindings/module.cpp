@@ -11,6 +11,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "fusedattn/batch_offsets.h"
@@ -100,18 +101,27 @@ struct Call {
   std::vector<py::array> kept;  // arrays the params point into (converted copies of the serving inputs)
 };
 
+// A field name as an interned Python str, made once per name (keyed by the literal's address; the GIL is
+// held): looking ~30 fields up by C string would build ~30 temporary str objects on every call.
+py::handle interned(const char* name) {
+  static std::unordered_map<const char*, PyObject*> names;
+  auto it = names.find(name);
+  if (it == names.end()) it = names.emplace(name, PyUnicode_InternFromString(name)).first;
+  return it->second;
+}
+
 template <class T>
 T field(const py::handle& spec, const char* name) {
-  return spec.attr(name).cast<T>();
+  return spec.attr(interned(name)).cast<T>();
 }
 
 std::optional<py::array> optional_array(const py::handle& spec, const char* name) {
-  const py::object value = spec.attr(name);
+  const py::object value = spec.attr(interned(name));
   if (value.is_none()) return std::nullopt;
   return value.cast<py::array>();
 }
 
-bool has(const py::handle& spec, const char* name) { return !spec.attr(name).is_none(); }
+bool has(const py::handle& spec, const char* name) { return !spec.attr(interned(name)).is_none(); }
 
 // Serving inputs (issue #15), from the spec's fields:
 //   sinks:       (Hq,) contiguous, q's compute dtype: AttnParams::sinks.
@@ -166,7 +176,7 @@ void convert_serving(Call& call, const py::handle& spec, const py::array& q, con
     throw py::type_error("int8 k and v come together, with k_scale and v_scale");
   const bool paged = is_paged(spec);
   if (has(spec, "seq_lens")) {
-    const auto lens = spec.attr("seq_lens").cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+    const auto lens = spec.attr(interned("seq_lens")).cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
     if (lens.ndim() != 1 || lens.shape(0) != p.batch)
       throw std::invalid_argument("seq_lens: expected (B,) for a batch of " + std::to_string(p.batch));
     call.seq_len_k.assign(lens.data(), lens.data() + p.batch);
@@ -185,7 +195,7 @@ void convert_serving(Call& call, const py::handle& spec, const py::array& q, con
     throw std::invalid_argument("block_table: a paged call needs seq_lens");
   }
   if (paged) {
-    const auto table = spec.attr("block_table").cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
+    const auto table = spec.attr(interned("block_table")).cast<py::array_t<int32_t, py::array::c_style | py::array::forcecast>>();
     if (table.ndim() != 2 || table.shape(0) != p.batch)
       throw std::invalid_argument("block_table: expected (B, max_blocks) for a batch of " + std::to_string(p.batch));
     call.kept.push_back(table);
@@ -367,7 +377,7 @@ void convert_common(Call& call, const py::handle& spec) {
 // Packed variable-length sequences (spec.packing: cu_seqlens_q, cu_seqlens_k, diagonal_offset), once
 // every tensor of the call is converted.
 void apply_spec_packing(Call& call, const py::handle& spec) {
-  const py::object packing = spec.attr("packing");
+  const py::object packing = spec.attr(interned("packing"));
   if (!packing.is_none())
     apply_packing(call, packing.attr("cu_seqlens_q"), packing.attr("cu_seqlens_k"), packing.attr("diagonal_offset"));
 }

@@ -87,7 +87,7 @@ def check_storage_dtype(dtype, name: str = "dtype") -> np.dtype:
 def check_num_threads(num_threads) -> Optional[int]:
     if num_threads is None:
         return None
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+    if type(num_threads) is not int and (isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral)):
         raise TypeError(f"num_threads must be a positive int or None, got {type(num_threads).__name__}")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
@@ -104,7 +104,8 @@ def check_alignment(causal) -> bool:
 
 
 def check_int(value, name: str, *, minimum=None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    # type() is int first: the common case, without numbers.Integral's (slow) ABC check on every call
+    if type(value) is not int and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType, SimpleNamespace
 from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
+from . import _backend
+from .masks import BlockDiagonal
 from ._checks import (MAX_HEAD_DIM, UNBOUNDED, _is_float, _is_real, as_float_array, check_alignment, check_dropout,
                       is_half_dtype, check_int, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
                       check_precision, check_score_weight, check_window, compute_dtype, is_causal)
@@ -94,6 +96,10 @@ class AttentionSpec:
         return view
 
 
+_SPEC_FIELDS = frozenset(f.name for f in fields(AttentionSpec))
+_SPEC_DEFAULTS = {f.name: f.default for f in fields(AttentionSpec) if f.default is not MISSING}
+
+
 def head_axis(user_rank: int) -> Optional[int]:
     """Where the implicit head axis goes when the user's q has ``user_rank`` axes: ``(L, D)`` -> 0,
     ``(B, L, D)`` -> 1, else None (the head axis is explicit). The one statement of the rule: it holds for
@@ -107,8 +113,12 @@ def head_view(x, user_rank: int):
     return x if axis is None else np.expand_dims(x, axis)
 
 
+_INT8 = np.dtype(np.int8)
+
+
 def _is_int8(x) -> bool:
-    return np.dtype(getattr(x, "dtype", np.float32)) == np.int8
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and np.dtype(dtype) == _INT8
 
 
 def check_kv_scales(k, v, k_scale, v_scale, q_dtype, *, scale_shapes=None):
@@ -253,8 +263,7 @@ def positions(causal, window, softcap, q_start, k_start, lq, lk) -> dict:
 
 def check_softcap(softcap) -> float:
     """``softcap``: None or 0 (off), else a positive finite number."""
-    if softcap is None or (not isinstance(softcap, (bool, np.bool_)) and isinstance(softcap, numbers.Real)
-                           and softcap == 0):
+    if softcap is None or (type(softcap) in (int, float) and softcap == 0):
         return 0.0
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
@@ -309,13 +318,22 @@ def _given(**options) -> dict:
 
 def _finish(fields, *, op, entry, layout, precision, num_threads, out_dtype, return_lse=False, out=None,
             device=None, device_arrays=None, user_args=None, score_weight=None, packing=None, **backward):
-    fields = dict(fields)
-    fields.update(op=op, entry=entry, layout=layout, precision=check_precision(precision),
+    values = dict(_SPEC_DEFAULTS)
+    values.update(fields)
+    values.update(op=op, entry=entry, layout=layout, precision=precision,
                   num_threads=num_threads, out_dtype=out_dtype, return_lse=bool(return_lse), out=out,
-                  device=device, device_arrays=MappingProxyType(dict(device_arrays or {})),
-                  user_args=MappingProxyType(dict(user_args or {})), score_weight=score_weight, packing=packing,
+                  device=device, device_arrays=MappingProxyType(device_arrays or {}),
+                  user_args=MappingProxyType(user_args or {}), score_weight=score_weight, packing=packing,
                   **backward)
-    return AttentionSpec(**fields)
+    if len(values) != len(_SPEC_FIELDS):  # a misspelt or missing field: fail here, not in the kernel
+        raise TypeError(f"AttentionSpec: unexpected {sorted(set(values) - _SPEC_FIELDS)}, "
+                        f"missing {sorted(_SPEC_FIELDS - set(values))}")
+    # The generated __init__ of a frozen dataclass sets its 40 fields one object.__setattr__ at a time
+    # (~6 us, more than the kernel of a small decode step); filling the instance dict at once is the same
+    # object (frozen afterwards, as always) in ~0.5 us.
+    spec = object.__new__(AttentionSpec)
+    spec.__dict__.update(values)
+    return spec
 
 
 def _check_result_out(out, fields, out_dtype):
@@ -326,8 +344,6 @@ def _check_result_out(out, fields, out_dtype):
 
 
 def resolve_threads(num_threads) -> int:
-    from . import _backend
-
     return check_num_threads(num_threads) or _backend.default_num_threads()
 
 
@@ -337,16 +353,17 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
                       sinks=None, k_scale=None, v_scale=None):
     """The spec of :func:`fusedattn.attention` (``additive=True``: :func:`fusedattn.additive_attention`)."""
     threads = resolve_threads(num_threads)
-    check_precision(precision)
+    precision = check_precision(precision)
     device_arrays = {}
     if _on_device(device, q, k, v):
         q, k, v, mask, device_arrays = _device_stand_ins(q, k, v, mask)
-    if _is_block_diagonal(mask) and not device_arrays:
+    block_diagonal = _is_block_diagonal(mask)
+    if block_diagonal and not device_arrays:
         fields, packing = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start,
                                           k_start, sinks=sinks)
         layout = "block_diagonal"
     else:  # a BlockDiagonal bound for the GPU is refused by name there (fusedattn.cuda.refusal), not judged here
-        layout = "block_diagonal" if _is_block_diagonal(mask) else "dense"
+        layout = "block_diagonal" if block_diagonal else "dense"
         fields = _prepare_core(q, k, v, mask=None if layout == "block_diagonal" else mask, causal=causal,
                                scale=1.0 if additive else scale, window=window, alibi_slopes=alibi_slopes,
                                softcap=softcap, q_start=q_start, k_start=k_start, k_scale=k_scale, v_scale=v_scale,
@@ -431,8 +448,6 @@ def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=
 # --- packed sequences ----------------------------------------------------------------------------------
 
 def _is_block_diagonal(mask) -> bool:
-    from .masks import BlockDiagonal
-
     return isinstance(mask, BlockDiagonal)
 
 
@@ -528,7 +543,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, ma
     """The spec of :func:`fusedattn.attention_varlen`."""
     refuse_device_arrays("attention_varlen", q, k, v)
     threads = resolve_threads(num_threads)
-    check_precision(precision)
+    precision = check_precision(precision)
     fields, packing = _prepare_varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                            scale, window, alibi_slopes, softcap, sinks)
     fields.update(_resolve_dropout(dropout_p, seed, False))
