@@ -105,28 +105,32 @@ def test_decode_speed(benchmark, layout, storage, group, threads, torch_module, 
     info = {"ms": best * 1e3, "gbs": gbs, "bandwidth_gbs": machine.read_bandwidth_gbs,
             "pct_of_bandwidth": 100 * gbs / machine.read_bandwidth_gbs if machine.read_bandwidth_gbs else None}
     torch, reason = torch_module
-    if torch is not None and layout != "ragged16":
-        info["speedup_vs_torch"] = _torch_time(torch, storage, group, threads) / best
+    if torch is not None:
+        info["speedup_vs_torch"] = _torch_time(torch, storage, group, lengths) / best
     benchmark.extra_info.update(info)
 
 
 _TORCH_TIMES = {}
 
 
-def _torch_time(torch, storage, group, threads):
-    """torch SDPA's best time on the contiguous equivalent (float32 for int8: torch has no int8 cache)."""
-    key = (storage, group)
+def _torch_time(torch, storage, group, lengths):
+    """torch SDPA's best time on the contiguous equivalent (float32 for int8: torch has no int8 cache); ragged
+    batches as a torch user runs them, one SDPA call per sequence."""
+    key = (storage, group, tuple(lengths))
     if key not in _TORCH_TIMES:
         rng = np.random.default_rng(0)
         dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
-        k, v = (torch.from_numpy(rng.standard_normal((1, HKV, LK, D), dtype=np.float32)).to(dtype) for _ in "kv")
-        q = torch.from_numpy(rng.standard_normal((1, HKV * group, 1, D), dtype=np.float32)).to(dtype)
+        seqs = []
+        for n in lengths:
+            k, v = (torch.from_numpy(rng.standard_normal((1, HKV, n, D), dtype=np.float32)).to(dtype) for _ in "kv")
+            q = torch.from_numpy(rng.standard_normal((1, HKV * group, 1, D), dtype=np.float32)).to(dtype)
+            seqs.append((q, k, v))
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def run():
             with torch.inference_mode():
-                return sdpa(q, k, v, enable_gqa=group > 1)
+                return [sdpa(q, k, v, enable_gqa=group > 1) for q, k, v in seqs]
 
         _TORCH_TIMES[key] = _bench.time_best(run, target_s=1.0, min_reps=5).best_s
-        del k, v
+        del seqs
     return _TORCH_TIMES[key]
