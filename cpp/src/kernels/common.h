@@ -17,15 +17,6 @@ void fill_zero(T* data, int64_t count) {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
 
-// A hint to fetch the cache line at `address`; never faults, so an address past a tensor is harmless.
-inline void prefetch_line(const void* address) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address);
-#else
-  (void)address;  // MSVC spells it per target (_mm_prefetch, __prefetch): only a hint, so none here
-#endif
-}
-
 // Calls f(j, pointer to row r0 + j) for rows [r0, r0 + n) of (batch, head): one page-table lookup per
 // block crossed, not a division per row.
 template <class T, class F>
