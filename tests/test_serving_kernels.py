@@ -241,7 +241,7 @@ def test_int8_noncontiguous(isa, rng):
 
 # --------------------------------------------------------------------------------------------- paged
 @pytest.mark.parametrize("block_size", [1, 5, 16])
-@pytest.mark.parametrize("lq,group,d", [(1, 1, 128), (1, 8, 40), (7, 4, 8), (70, 1, 40)])
+@pytest.mark.parametrize("lq,group,d", [(1, 1, 128), (1, 8, 40), (3, 4, 40), (7, 4, 8), (70, 1, 40)])
 @pytest.mark.parametrize("int8", [False, True])
 def test_paged(isa, rng, block_size, lq, group, d, int8):
     hkv = 2
@@ -270,15 +270,27 @@ def test_paged(isa, rng, block_size, lq, group, d, int8):
         assert_close(lse, want_lse, 2e-5)
 
 
-def test_paged_equals_contiguous_decode(isa, rng):
-    """Decode reads the same elements in the same order from a pool as from contiguous K / V: same bits."""
-    seq_lens = np.array([3000, 1, 700])
+@pytest.mark.parametrize("int8", [False, True])
+def test_paged_equals_contiguous_decode(isa, rng, int8):
+    """Decode reads the same elements in the same order from a pool as from contiguous K / V, and splits
+    the keys alike (the split counts batch x kv heads either way): the same bits, with every bias on."""
+    seq_lens = np.array([9000, 1, 700])
     q = randn(rng, (3, 8, 1, 64))
-    k, v = randn(rng, (3, 2, 3000, 64)), randn(rng, (3, 2, 3000, 64))
-    kc, vc, table = make_paged(rng, k, v, seq_lens, 16)
-    paged = _serving_call(q, kc, vc, block_table=table, seq_lens=seq_lens)
-    dense = _serving_call(q, k, v, seq_lens=seq_lens)
-    np.testing.assert_array_equal(paged, dense)
+    k, v = randn(rng, (3, 2, 9000, 64)), randn(rng, (3, 2, 9000, 64))
+    kw = dict(seq_lens=seq_lens, sinks=rng.standard_normal(8).astype(np.float32), softcap=5.0, window=(3000, 0),
+              alibi_slopes=np.linspace(0.001, 0.01, 8), return_lse=True)
+    if int8:
+        (k, ks), (v, vs) = quantize(k), quantize(v)
+        kc, vc, table = make_paged(np.random.default_rng(2), k, v, seq_lens, 16)
+        ksc, vsc, _ = make_paged(np.random.default_rng(2), ks[..., None], vs[..., None], seq_lens, 16)
+        paged = _serving_call(q, kc, vc, block_table=table, k_scale=ksc[..., 0], v_scale=vsc[..., 0], **kw)
+        dense = _serving_call(q, k, v, k_scale=ks, v_scale=vs, **kw)
+    else:
+        kc, vc, table = make_paged(rng, k, v, seq_lens, 16)
+        paged = _serving_call(q, kc, vc, block_table=table, **kw)
+        dense = _serving_call(q, k, v, **kw)
+    np.testing.assert_array_equal(paged[0], dense[0])
+    np.testing.assert_array_equal(paged[1], dense[1])
 
 
 def test_paged_bad_block_id_is_refused(rng):

@@ -17,6 +17,18 @@ void fill_zero(T* data, int64_t count) {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
 
+// Calls f(j, pointer to row r0 + j) for rows [r0, r0 + n) of (batch, head): one page-table lookup per
+// block crossed, not a division per row.
+template <class T, class F>
+inline void for_rows(const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n, F f) {
+  for (int64_t j = 0; j < n;) {
+    T* first = t.row<T>(batch, head, r0 + j);
+    const int64_t run = t.paged() ? min_i64(n - j, t.pages.block_size - (r0 + j) % t.pages.block_size) : n - j;
+    for (int64_t i = 0; i < run; ++i) f(j + i, first + i * t.row_stride);
+    j += run;
+  }
+}
+
 // Owns an aligned buffer through the portable allocator (no std:: template instantiated here).
 struct AlignedBuffer {
   void* data = nullptr;

@@ -16,46 +16,71 @@ namespace fusedattn::FUSEDATTN_KERNEL_NS {
 struct DimLanes {
   static constexpr int kDotKeys = 4;
   static constexpr int kOutVecs = 8;
+  static constexpr int64_t kPackKeys = 16;  // keys widened at a time: 8 KiB of fp32 rows at D = 128
 
   template <class Vec>
   static int64_t scratch_size(const AttnParams& p, int64_t rows) {
     const int64_t dim_pad = round_up(p.head_dim, Vec::W), value_dim_pad = round_up(p.value_dim, Vec::W);
-    // scaled Q rows | scores | packed K block | packed V block
-    return rows * dim_pad + rows * kBlockK + kBlockK * dim_pad + kBlockK * value_dim_pad;
+    // row pointers of a chunk | scaled Q rows | scores | widened K chunk | widened V chunk (each kv head of
+    // the item) | int8 scales
+    const int64_t kv_count = heads_per_item(p) / (p.heads_q / p.heads_kv);
+    return pointer_slots<typename Vec::T>(kv_count) + rows * dim_pad + rows * kBlockK + kv_count * kPackKeys * (dim_pad + value_dim_pad) + 2 * p.heads_kv * kBlockK;
   }
 
-  // Makes keys [k0, k0 + nk) of K or V readable with aligned-width vector loads: rows[j] is key k0 + j,
-  // in place when rows are contiguous, a whole number of vectors and in the compute type, else widened
-  // (16-bit, int8) into zero-padded scratch. One pointer per key, so a paged tensor's block edges fall
-  // anywhere in a key block.
+  // Scratch elements (T) that hold a chunk's row pointers, a whole number of 64-byte lines so that the
+  // scaled Q rows after them stay aligned.
+  template <class T>
+  static int64_t pointer_slots(int64_t kv_count) {
+    const int64_t bytes = kv_count * kPackKeys * static_cast<int64_t>(sizeof(const T*));
+    return round_up(ceil_div(bytes, static_cast<int64_t>(sizeof(T))), 64 / static_cast<int64_t>(sizeof(T)));
+  }
+
+  // Query heads per work item: one kv group, or every kv head of a batch entry when K / V are paged
+  // (a pool block holds all kv heads of its tokens: reading them together reads the block in order).
+  static int64_t heads_per_item(const AttnParams& p) { return p.k.paged() || p.v.paged() ? p.heads_q : p.heads_q / p.heads_kv; }
+
+  // Makes keys [k0, k0 + nk) of kv heads [kv_first, kv_first + kv_count) of K or V readable with
+  // aligned-width vector loads: rows[g * kPackKeys + j] is key k0 + j of kv head kv_first + g, in place
+  // when rows are contiguous, a whole number of vectors and in the compute type, else widened (16-bit,
+  // int8) into zero-padded scratch. One pointer per key, so a paged tensor's block edges fall anywhere.
+  // Widening runs token by token, every head of a token in turn: in a paged pool that is address order
+  // (a block holds all heads of its tokens), which the hardware prefetchers follow; head by head, the
+  // 128-byte int8 rows a block stride apart stalled the loads (77% of int8 paged decode, Zen 4).
   template <class Vec>
-  static void rows_for_vectors(const StridedTensor& t, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk,
-                               int64_t width, int64_t width_pad, typename Vec::T* pack, const typename Vec::T** rows) {
+  static void rows_for_vectors(const StridedTensor& t, int64_t batch, int64_t kv_first, int64_t kv_count, int64_t k0,
+                               int64_t nk, int64_t width, int64_t width_pad, typename Vec::T* pack,
+                               const typename Vec::T** rows) {
     using T = typename Vec::T;
     using S = KvStorage<Vec>;
     if constexpr (std::is_same_v<S, T>) {
       if (t.col_stride == 1 && width == width_pad) {
-        for (int64_t j = 0; j < nk; ++j) rows[j] = t.row<const T>(batch, kv_head, k0 + j);
+        for (int64_t g = 0; g < kv_count; ++g)
+          for_rows<const T>(t, batch, kv_first + g, k0, nk, [&](int64_t j, const T* row) { rows[g * kPackKeys + j] = row; });
         return;
       }
     }
-    for (int64_t j = 0; j < nk; ++j) {  // 16-bit and int8 storage is widened here, once per element
-      const S* source = t.row<const S>(batch, kv_head, k0 + j);
-      T* row = pack + j * width_pad;
-      if (t.col_stride == 1) {
-        widen_contiguous(source, width, row);
-      } else {
-        for (int64_t e = 0; e < width; ++e) row[e] = widen(source[e * t.col_stride]);
+    for (int64_t g = 0; g < kv_count; ++g)
+      for_rows<const S>(t, batch, kv_first + g, k0, nk, [&](int64_t j, const S* source) {
+        rows[g * kPackKeys + j] = reinterpret_cast<const T*>(source);  // widened below, in token order
+      });
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const S* source = reinterpret_cast<const S*>(rows[g * kPackKeys + j]);
+        T* row = pack + (g * kPackKeys + j) * width_pad;
+        if (t.col_stride == 1) {
+          widen_contiguous(source, width, row);
+        } else {
+          for (int64_t e = 0; e < width; ++e) row[e] = widen(source[e * t.col_stride]);
+        }
+        for (int64_t e = width; e < width_pad; ++e) row[e] = T(0);
+        rows[g * kPackKeys + j] = row;
       }
-      for (int64_t e = width; e < width_pad; ++e) row[e] = T(0);
-      rows[j] = row;
-    }
   }
 
   // The per-key scales of int8 K or V for keys [k0, k0 + nk).
   template <class T>
   static void key_scales(const StridedTensor& scales, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, T* out) {
-    for (int64_t j = 0; j < nk; ++j) out[j] = static_cast<T>(*scales.row<const float>(batch, kv_head, k0 + j));
+    for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
   }
 
   template <class Vec, int kKeys>
@@ -103,12 +128,16 @@ struct DimLanes {
     constexpr int W = Vec::W;
     const AttnParams& p = *plan.p;
     const int64_t rows = block.rows(), dim = p.head_dim, dim_pad = plan.dim_pad, value_dim_pad = plan.value_dim_pad;
-    const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
+    const int64_t group = p.heads_q / p.heads_kv, group_rows = group * block.nq;
+    const int64_t kv_first = block.head0 / group, kv_count = block.heads / group;
     const T scale = static_cast<T>(p.scale);
-    T* q_rows = scratch;
+    const T** rows_of_chunk = reinterpret_cast<const T**>(scratch);  // [kv head of the item][key of the chunk]
+    T* q_rows = scratch + pointer_slots<T>(kv_count);
     T* scores = q_rows + rows * dim_pad;
     T* k_pack = scores + rows * kBlockK;
-    T* v_pack = k_pack + kBlockK * dim_pad;
+    T* v_pack = k_pack + kv_count * kPackKeys * dim_pad;
+    T* k_scales = v_pack + kv_count * kPackKeys * value_dim_pad;  // [kv head of the item][key of the block]
+    T* v_scales = k_scales + p.heads_kv * kBlockK;
     const T neg_inf = -std::numeric_limits<T>::infinity();
 
     for (int64_t r = 0; r < rows; ++r) {
@@ -117,29 +146,39 @@ struct DimLanes {
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
-    const T* keys[kBlockK];
-    const T* values[kBlockK];
-    T k_scales[kBlockK], v_scales[kBlockK];
+    // Keys in chunks of kPackKeys, every kv head of the item inside a chunk: a widened chunk stays in L1
+    // for all rows of its group, and a paged item sweeps each pool block (all kv heads of a few
+    // tokens, contiguous) once, instead of one head's rows a block stride apart.
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0), nk_pad = round_up(nk, W);
-      rows_for_vectors<Vec>(p.k, block.batch, kv_head, k0, nk, dim, dim_pad, k_pack, keys);
-      rows_for_vectors<Vec>(p.v, block.batch, kv_head, k0, nk, p.value_dim, value_dim_pad, v_pack, values);
-      if constexpr (kInt8Kv<Vec>) {
-        key_scales(p.k_scale, block.batch, kv_head, k0, nk, k_scales);
-        key_scales(p.v_scale, block.batch, kv_head, k0, nk, v_scales);
+      for (int64_t j0 = 0; j0 < nk; j0 += kPackKeys) {
+        const int64_t nj = min_i64(kPackKeys, nk - j0);
+        rows_for_vectors<Vec>(p.k, block.batch, kv_first, kv_count, k0 + j0, nj, dim, dim_pad, k_pack, rows_of_chunk);
+        for (int64_t g = 0; g < kv_count; ++g) {
+          const T* const* keys = rows_of_chunk + g * kPackKeys;
+          for (int64_t r = g * group_rows; r < (g + 1) * group_rows; ++r) {
+            T* row_scores = scores + r * kBlockK + j0;
+            int64_t j = 0;
+            for (; j + kDotKeys <= nj; j += kDotKeys)
+              dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
+            for (; j < nj; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
+          }
+        }
       }
-
+      if constexpr (kInt8Kv<Vec>) {
+        for (int64_t g = 0; g < kv_count; ++g) {
+          key_scales(p.k_scale, block.batch, kv_first + g, k0, nk, k_scales + g * kBlockK);
+          key_scales(p.v_scale, block.batch, kv_first + g, k0, nk, v_scales + g * kBlockK);
+        }
+      }
       for (int64_t r = 0; r < rows; ++r) {
         T* row_scores = scores + r * kBlockK;
-        int64_t j = 0;
-        for (; j + kDotKeys <= nk; j += kDotKeys)
-          dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
-        for (; j < nk; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
         if constexpr (kInt8Kv<Vec>) {  // before soft-capping: the cap acts on the dequantised score
-          for (int64_t i = 0; i < nk; ++i) row_scores[i] *= k_scales[i];
+          const T* row_scales = k_scales + r / group_rows * kBlockK;
+          for (int64_t j = 0; j < nk; ++j) row_scores[j] *= row_scales[j];
         }
         if (p.softcap > 0) apply_softcap<Vec>(row_scores, nk, static_cast<T>(p.softcap));
-        for (; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; padding weighs exp(-inf) = 0
+        for (int64_t j = nk; j < nk_pad; ++j) row_scores[j] = neg_inf;  // whole vectors below; exp(-inf) = 0
       }
       restrict_scores<Mask>(p, block, k0, nk, scores, /*row_stride=*/kBlockK, /*key_stride=*/1);
 
@@ -169,11 +208,22 @@ struct DimLanes {
         acc.m[r] = new_max;
         if (p.dropout_p > 0) apply_dropout(p, RowBlock{block.batch, block.head(r), 1, block.query(r), 1}, k0, nk, row_scores, 0, 1);
         if constexpr (kInt8Kv<Vec>) {  // after the row's sum: v's scale weighs the value, not the probability
-          for (int64_t i = 0; i < nk; ++i) row_scores[i] *= v_scales[i];
+          const T* row_scales = v_scales + r / group_rows * kBlockK;
+          for (int64_t j = 0; j < nk; ++j) row_scores[j] *= row_scales[j];
         }
-        for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
-          accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), row_scores, nk, values, c * W,
-                                     acc.o + r * value_dim_pad + c * W);
+      }
+
+      for (int64_t j0 = 0; j0 < nk; j0 += kPackKeys) {
+        const int64_t nj = min_i64(kPackKeys, nk - j0);
+        rows_for_vectors<Vec>(p.v, block.batch, kv_first, kv_count, k0 + j0, nj, p.value_dim, value_dim_pad, v_pack,
+                              rows_of_chunk);
+        for (int64_t g = 0; g < kv_count; ++g) {
+          const T* const* values = rows_of_chunk + g * kPackKeys;
+          for (int64_t r = g * group_rows; r < (g + 1) * group_rows; ++r)
+            for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
+              accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), scores + r * kBlockK + j0, nj, values,
+                                         c * W, acc.o + r * value_dim_pad + c * W);
+        }
       }
     }
   }

@@ -66,8 +66,9 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   plan.q_blocks = ceil_div(p.len_q, kBlockQ);
   plan.dim_pad = round_up(p.head_dim, W);
   if constexpr (kDecode) {
-    plan.row_blocks = p.batch * p.heads_kv;
-    plan.rows = (p.heads_q / p.heads_kv) * p.len_q;
+    plan.decode_heads = DimLanes::heads_per_item(p);
+    plan.row_blocks = p.batch * (p.heads_q / plan.decode_heads);
+    plan.rows = plan.decode_heads * p.len_q;
     plan.value_dim_pad = round_up(p.value_dim, W);
     plan.o_row = plan.value_dim_pad;
     plan.o_col = 1;
@@ -84,11 +85,14 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   // a function of the shape alone, never of num_threads, so any thread count gives the same bits:
   // kSplitItems items (4 per thread up to 16 threads), none shorter than kMinSplitKeys keys (a split
   // costs a partial output row and its merge, noise against that many keys).
+  // Decode counts batch x kv heads whatever the row blocks, so that paged and contiguous K / V (paged
+  // items hold every kv head) split alike and give the same bits.
   constexpr int64_t kSplitItems = 64, kMinSplitKeys = 512;
+  const int64_t units = kDecode ? p.batch * p.heads_kv : plan.row_blocks;
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
-  if (may_split_keys && plan.row_blocks < kSplitItems && p.len_k >= 2 * kMinSplitKeys) {
-    const int64_t wanted = min_i64(ceil_div(kSplitItems, plan.row_blocks), p.len_k / kMinSplitKeys);
+  if (may_split_keys && units < kSplitItems && p.len_k >= 2 * kMinSplitKeys) {
+    const int64_t wanted = min_i64(ceil_div(kSplitItems, units), p.len_k / kMinSplitKeys);
     plan.keys_per_split = round_up(ceil_div(p.len_k, wanted), kBlockK);
     plan.k_splits = ceil_div(p.len_k, plan.keys_per_split);
   }

@@ -14,7 +14,8 @@ struct ForwardPlan {
   const AttnParams* p;
   bool decode;             // layout: DimLanes (decode) or QueryLanes (prefill)
   int64_t q_blocks;        // prefill: ceil(Lq / kBlockQ)
-  int64_t row_blocks;      // prefill: batch * Hq * q_blocks; decode: batch * Hkv
+  int64_t row_blocks;      // prefill: batch * Hq * q_blocks; decode: batch * Hq / decode_heads
+  int64_t decode_heads;    // decode: query heads per row block
   int64_t rows;            // rows of the accumulators: lanes (prefill) or group * Lq (decode)
   int64_t o_row, o_col;    // accumulator layout
   int64_t dim_pad, value_dim_pad;
@@ -27,9 +28,9 @@ struct ForwardPlan {
   const void* shared = nullptr;  // operands a layout packs once per call for every item (amx: K, V panels)
 
   RowBlock row_block(int64_t index) const {
-    if (decode) {
-      const int64_t group = p->heads_q / p->heads_kv;
-      return {index / p->heads_kv, (index % p->heads_kv) * group, group, 0, p->len_q};
+    if (decode) {  // decode_heads query heads: whole kv groups (see DimLanes::heads_per_item)
+      const int64_t items_per_batch = p->heads_q / decode_heads;
+      return {index / items_per_batch, (index % items_per_batch) * decode_heads, decode_heads, 0, p->len_q};
     }
     const int64_t q_block = index % q_blocks;
     const int64_t q0 = q_block * kBlockQ;

@@ -92,8 +92,7 @@ struct PackedKvProducts {
     using T = typename Vec::T;
     using S = KvStorage<Vec>;
     const int64_t kv_head = block.head0 / (p.heads_q / p.heads_kv);
-    for (int64_t j = 0; j < nk; ++j) {
-      const S* source = t.row<const S>(block.batch, kv_head, k0 + j);
+    for_rows<const S>(t, block.batch, kv_head, k0, nk, [&](int64_t j, const S* source) {
       T* row = tile + j * width;
       if (t.col_stride == 1) {
         widen_contiguous(source, width, row);
@@ -104,7 +103,7 @@ struct PackedKvProducts {
         const T scale = static_cast<T>(*scales.row<const float>(block.batch, kv_head, k0 + j));
         for (int64_t e = 0; e < width; ++e) row[e] *= scale;
       }
-    }
+    });
   }
 };
 
