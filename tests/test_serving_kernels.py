@@ -1,5 +1,5 @@
 """The serving kernels of issue #15 (attention sinks, int8 K / V with per-token scales, paged K / V,
-thread-count-independent key splits), through the private wiring in fusedattn._serving_kernels, against
+thread-count-independent key splits), through the C++ core on hand-built call specs (no Python validation), against
 a float64 NumPy computation written here: pages gathered, int8 dequantised and the sink added in NumPy.
 
 Tolerances (q / out dtype vs the float64 truth on standard-normal data, scaled scores O(1)):
