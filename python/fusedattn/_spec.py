@@ -14,7 +14,7 @@ import math
 import numbers
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType, SimpleNamespace
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -80,7 +80,13 @@ class AttentionSpec:
     seq_lens: Optional[np.ndarray] = None     # paged: (B,) int64 key lengths; diagonal b is seq_lens[b] - Lq
     device: Any = None                   # None / "cpu" / "cuda" / "cuda:N", as the user gave it
     device_arrays: Mapping[str, Any] = field(default_factory=dict)  # CUDA inputs (q, k, v, mask, out)
-    user_args: Mapping[str, Any] = field(default_factory=dict)       # the call in the user's terms
+    # The call in the user's terms, built on demand (only the reference and CUDA backends read it: building
+    # it on every call would cost a small call ~1 us for nothing).
+    user_call: Callable[[], Mapping[str, Any]] = dict
+
+    @property
+    def user_args(self) -> Mapping[str, Any]:
+        return MappingProxyType(self.user_call())
 
     @property
     def compute_dtype(self) -> np.dtype:
@@ -323,7 +329,8 @@ def _finish(fields, *, op, entry, layout, precision, num_threads, out_dtype, ret
     values.update(op=op, entry=entry, layout=layout, precision=precision,
                   num_threads=num_threads, out_dtype=out_dtype, return_lse=bool(return_lse), out=out,
                   device=device, device_arrays=MappingProxyType(device_arrays or {}),
-                  user_args=MappingProxyType(user_args or {}), score_weight=score_weight, packing=packing,
+                  user_call=user_args if callable(user_args) else (lambda: user_args or {}),
+                  score_weight=score_weight, packing=packing,
                   **backward)
     if len(values) != len(_SPEC_FIELDS):  # a misspelt or missing field: fail here, not in the kernel
         raise TypeError(f"AttentionSpec: unexpected {sorted(set(values) - _SPEC_FIELDS)}, "
@@ -374,14 +381,15 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
     resolved_out = check_out_dtype(out_dtype, fields["q"].dtype)
     if not device_arrays:
         _check_result_out(out, fields, resolved_out)
-    user_args = dict(q=q, k=k, v=v, mask=mask, causal=causal, window=window, alibi_slopes=alibi_slopes,
-                     softcap=softcap, q_start=q_start, k_start=k_start, return_lse=return_lse, out=out,
-                     out_dtype=out_dtype, **_user_dropout(fields))
-    if additive:
-        user_args["score_weight"] = score_weight
-    else:
-        user_args["scale"] = scale
-    user_args.update(_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
+    dropout = _user_dropout(fields)
+
+    def user_args():
+        args = dict(q=q, k=k, v=v, mask=mask, causal=causal, window=window, alibi_slopes=alibi_slopes,
+                    softcap=softcap, q_start=q_start, k_start=k_start, return_lse=return_lse, out=out,
+                    out_dtype=out_dtype, **dropout)
+        args.update({"score_weight": score_weight} if additive else {"scale": scale})
+        args.update(_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
+        return args
     return _finish(fields, op="forward", entry="additive_attention" if additive else "attention", layout=layout,
                    precision=precision, num_threads=threads, out_dtype=resolved_out, return_lse=return_lse, out=out,
                    device=device, device_arrays=device_arrays, user_args=user_args, score_weight=weight,
