@@ -75,48 +75,70 @@ inline void widen_contiguous(const S* src, int64_t count, T* dst) {
   for (int64_t i = 0; i < count; ++i) dst[i] = widen(src[i]);
 }
 
+// One vector of floats from contiguous 16-bit or int8 storage: bfloat16 is the high half of a float
+// (widen the words, shift them up), float16 converts (F16C), int8 sign-extends and converts (exact: it
+// fits float's mantissa).
 #if defined(__AVX512F__)
-inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {  // bfloat16 is the high half of a float: widen the words, shift them up
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+constexpr int kWidenLanes = 16;
+inline __m512 widen_vector(const BFloat16* src) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+}
+inline __m512 widen_vector(const Float16* src) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+}
+inline __m512 widen_vector(const int8_t* src) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+constexpr int kWidenLanes = 8;
+inline __m256 widen_vector(const BFloat16* src) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16));
+}
+inline __m256 widen_vector(const Float16* src) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+inline __m256 widen_vector(const int8_t* src) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+}
+#else
+constexpr int kWidenLanes = 0;  // no vector widening on this ISA
+#endif
+
+// Vec::W contiguous elements of storage S as one vector of the compute type: a plain load when S is
+// the compute type, else widened in registers (a scalar loop where the ISA has no vector widening).
+template <class Vec, class S>
+inline typename Vec::V load_widened(const S* src) {
+  using T = typename Vec::T;
+  if constexpr (std::is_same_v<S, T>) {
+    return Vec::loadu(src);
+  } else if constexpr (std::is_same_v<T, float> && Vec::W == kWidenLanes) {
+    return widen_vector(src);
+  } else {  // float64 compute, or the scalar path
+    alignas(64) T lanes[Vec::W];
+    for (int i = 0; i < Vec::W; ++i) lanes[i] = static_cast<T>(widen(src[i]));
+    return Vec::load(lanes);
   }
-  for (; i < count; ++i) dst[i] = widen(src[i]);
 }
-inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
+
+#if defined(__AVX512F__)
+template <class S>
+inline void widen_contiguous_vectors(const S* src, int64_t count, float* dst) {
   int64_t i = 0;
-  for (; i + 16 <= count; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  for (; i < count; ++i) dst[i] = widen(src[i]);
-}
-inline void widen_contiguous(const int8_t* src, int64_t count, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16)  // vpmovsxbd + vcvtdq2ps: exact, int8 fits float's mantissa
-    _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)))));
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(dst + i, widen_vector(src + i));
   for (; i < count; ++i) dst[i] = widen(src[i]);
 }
 #elif defined(__AVX2__) && defined(__F16C__)
-inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) {
+template <class S>
+inline void widen_contiguous_vectors(const S* src, int64_t count, float* dst) {
   int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
-  }
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, widen_vector(src + i));
   for (; i < count; ++i) dst[i] = widen(src[i]);
 }
-inline void widen_contiguous(const Float16* src, int64_t count, float* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < count; ++i) dst[i] = widen(src[i]);
-}
-inline void widen_contiguous(const int8_t* src, int64_t count, float* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)))));
-  for (; i < count; ++i) dst[i] = widen(src[i]);
-}
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+inline void widen_contiguous(const BFloat16* src, int64_t count, float* dst) { widen_contiguous_vectors(src, count, dst); }
+inline void widen_contiguous(const Float16* src, int64_t count, float* dst) { widen_contiguous_vectors(src, count, dst); }
+inline void widen_contiguous(const int8_t* src, int64_t count, float* dst) { widen_contiguous_vectors(src, count, dst); }
 #endif
 
 // The compute type and the vector policy of a storage type: 16-bit storage computes in float.

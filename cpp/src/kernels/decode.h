@@ -10,71 +10,89 @@
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // Decode layout: few queries, so the head dimension is in lanes. Each score is a dot product over D
-// (four keys at a time, for four independent FMA chains), the softmax runs along a row of keys, and
+// (one FMA chain per key, W keys reduced together), the softmax runs along a row of keys, and
 // o(r, :) += p(r, j) * v(j, :) keeps up to kOutVecs vectors of the output row in registers. Every K/V
 // element is loaded once per group of query rows, which is what a memory-bound decode step needs.
+//
+// Where a K / V row is read: in place, a plain load (compute type) or widened in registers (16-bit,
+// int8) when one query row reads it; widened once into scratch when a GQA group's rows all read it,
+// or when its columns are strided or not a whole number of vectors. Rows are addressed by a stride,
+// or key by key through the page table when K / V are paged (a pool block may end anywhere).
 struct DimLanes {
-  static constexpr int kDotKeys = 4;
   static constexpr int kOutVecs = 8;
-  static constexpr int64_t kPackKeys = 16;  // keys widened at a time: 8 KiB of fp32 rows at D = 128
+  // Largest head dimension, in vectors, with a compiled score loop; beyond it the dimension is a
+  // run-time count (D > 256 in float32 on AVX-512, D > 128 on AVX2).
+  static constexpr int kMaxScoreVecs = 16;
+
+  // Keys [k0, k0 + nk) of one kv head: key j at first + j * stride, or at pointers[j] (paged).
+  template <class R>
+  struct RowRun {
+    const R* first;
+    int64_t stride;
+    const R* const* pointers;
+  };
+  struct Strided {
+    template <class R>
+    static const R* row(const RowRun<R>& rows, int64_t j) { return rows.first + j * rows.stride; }
+  };
+  struct Listed {
+    template <class R>
+    static const R* row(const RowRun<R>& rows, int64_t j) { return rows.pointers[j]; }
+  };
+
+  // Query heads per work item: one kv group, or every kv head of a batch entry when K / V are paged
+  // (a pool block holds all kv heads of its tokens: its heads are read while the block is in cache).
+  static int64_t heads_per_item(const AttnParams& p) { return p.k.paged() || p.v.paged() ? p.heads_q : p.heads_q / p.heads_kv; }
 
   template <class Vec>
   static int64_t scratch_size(const AttnParams& p, int64_t rows) {
     const int64_t dim_pad = round_up(p.head_dim, Vec::W), value_dim_pad = round_up(p.value_dim, Vec::W);
-    // row pointers of a chunk | scaled Q rows | scores | widened K chunk | widened V chunk (each kv head of
-    // the item) | int8 scales
     const int64_t kv_count = heads_per_item(p) / (p.heads_q / p.heads_kv);
-    return pointer_slots<typename Vec::T>(kv_count) + rows * dim_pad + rows * kBlockK + kv_count * kPackKeys * (dim_pad + value_dim_pad) + 2 * p.heads_kv * kBlockK;
+    // row pointers (paged) | scaled Q rows | scores | widened K block | widened V block | int8 scales
+    return pointer_slots<typename Vec::T>() + rows * dim_pad + rows * kBlockK + kBlockK * (dim_pad + value_dim_pad) +
+           2 * kv_count * kBlockK;
   }
 
-  // Scratch elements (T) that hold a chunk's row pointers, a whole number of 64-byte lines so that the
-  // scaled Q rows after them stay aligned.
+  // Scratch elements (T) that hold a block's row pointers, whole 64-byte lines so that what follows
+  // stays aligned.
   template <class T>
-  static int64_t pointer_slots(int64_t kv_count) {
-    const int64_t bytes = kv_count * kPackKeys * static_cast<int64_t>(sizeof(const T*));
+  static int64_t pointer_slots() {
+    const int64_t bytes = kBlockK * static_cast<int64_t>(sizeof(const void*));
     return round_up(ceil_div(bytes, static_cast<int64_t>(sizeof(T))), 64 / static_cast<int64_t>(sizeof(T)));
   }
 
-  // Query heads per work item: one kv group, or every kv head of a batch entry when K / V are paged
-  // (a pool block holds all kv heads of its tokens: reading them together reads the block in order).
-  static int64_t heads_per_item(const AttnParams& p) { return p.k.paged() || p.v.paged() ? p.heads_q : p.heads_q / p.heads_kv; }
-
-  // Makes keys [k0, k0 + nk) of kv heads [kv_first, kv_first + kv_count) of K or V readable with
-  // aligned-width vector loads: rows[g * kPackKeys + j] is key k0 + j of kv head kv_first + g, in place
-  // when rows are contiguous, a whole number of vectors and in the compute type, else widened (16-bit,
-  // int8) into zero-padded scratch. One pointer per key, so a paged tensor's block edges fall anywhere.
-  // Widening runs token by token, every head of a token in turn: in a paged pool that is address order
-  // (a block holds all heads of its tokens), which the hardware prefetchers follow; head by head, the
-  // 128-byte int8 rows a block stride apart stalled the loads (77% of int8 paged decode, Zen 4).
+  // Whether rows of t are read where they are: contiguous whole vectors, and in the compute type or
+  // read by one query row only (a group of rows would widen each element once per row).
   template <class Vec>
-  static void rows_for_vectors(const StridedTensor& t, int64_t batch, int64_t kv_first, int64_t kv_count, int64_t k0,
-                               int64_t nk, int64_t width, int64_t width_pad, typename Vec::T* pack,
-                               const typename Vec::T** rows) {
+  static bool read_in_place(const StridedTensor& t, int64_t width, int64_t readers) {
+    if (t.col_stride != 1 || width % Vec::W != 0) return false;
+    return std::is_same_v<KvStorage<Vec>, typename Vec::T> || readers == 1;
+  }
+
+  template <class R>
+  static RowRun<R> rows_in_place(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, int64_t nk,
+                                 const R** pointers) {
+    if (!t.paged()) return {t.row<const R>(batch, head, k0), t.row_stride, nullptr};
+    for_rows<const R>(t, batch, head, k0, nk, [&](int64_t j, const R* row) { pointers[j] = row; });
+    return {nullptr, 0, pointers};
+  }
+
+  // The same keys widened (or gathered, for strided columns) into zero-padded rows of width_pad.
+  template <class Vec>
+  static RowRun<typename Vec::T> rows_widened(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, int64_t nk,
+                                              int64_t width, int64_t width_pad, typename Vec::T* pack) {
     using T = typename Vec::T;
     using S = KvStorage<Vec>;
-    if constexpr (std::is_same_v<S, T>) {
-      if (t.col_stride == 1 && width == width_pad) {
-        for (int64_t g = 0; g < kv_count; ++g)
-          for_rows<const T>(t, batch, kv_first + g, k0, nk, [&](int64_t j, const T* row) { rows[g * kPackKeys + j] = row; });
-        return;
+    for_rows<const S>(t, batch, head, k0, nk, [&](int64_t j, const S* source) {
+      T* row = pack + j * width_pad;
+      if (t.col_stride == 1) {
+        widen_contiguous(source, width, row);
+      } else {
+        for (int64_t e = 0; e < width; ++e) row[e] = widen(source[e * t.col_stride]);
       }
-    }
-    for (int64_t g = 0; g < kv_count; ++g)
-      for_rows<const S>(t, batch, kv_first + g, k0, nk, [&](int64_t j, const S* source) {
-        rows[g * kPackKeys + j] = reinterpret_cast<const T*>(source);  // widened below, in token order
-      });
-    for (int64_t j = 0; j < nk; ++j)
-      for (int64_t g = 0; g < kv_count; ++g) {
-        const S* source = reinterpret_cast<const S*>(rows[g * kPackKeys + j]);
-        T* row = pack + (g * kPackKeys + j) * width_pad;
-        if (t.col_stride == 1) {
-          widen_contiguous(source, width, row);
-        } else {
-          for (int64_t e = 0; e < width; ++e) row[e] = widen(source[e * t.col_stride]);
-        }
-        for (int64_t e = width; e < width_pad; ++e) row[e] = T(0);
-        rows[g * kPackKeys + j] = row;
-      }
+      for (int64_t e = width; e < width_pad; ++e) row[e] = T(0);
+    });
+    return {pack, width_pad, nullptr};
   }
 
   // The per-key scales of int8 K or V for keys [k0, k0 + nk).
@@ -83,40 +101,108 @@ struct DimLanes {
     for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
   }
 
-  template <class Vec, int kKeys>
-  static void dot_keys(const typename Vec::T* q_row, const typename Vec::T* const* keys, int64_t vecs,
-                       typename Vec::T* scores) {
+  // scores[j] = q_row . key j for nk keys, the head dimension kVecs vectors (0: `vecs`, known at run
+  // time only). With kVecs a constant the Q row stays in registers and every key gets its own FMA chain,
+  // and W keys' sums are reduced together (Vec::sum_each). With a run-time dimension and four keys per
+  // call the accumulators lived in memory, one dependent FMA chain at a time: latency-bound (Zen 4).
+  template <class Vec, int kVecs, class R, class Addressing>
+  static void score_keys(const typename Vec::T* q_row, const RowRun<R>& keys, int64_t nk, int64_t vecs,
+                         typename Vec::T* scores) {
     using V = typename Vec::V;
-    V acc[kKeys];
-    for (int t = 0; t < kKeys; ++t) acc[t] = Vec::zero();
-    // Key by key, each row front to back: the order the hardware prefetcher follows (interleaving the
-    // four rows chunk by chunk measured 2x slower on Zen 4). The chains still overlap out of order.
-    for (int t = 0; t < kKeys; ++t)
-      for (int64_t c = 0; c < vecs; ++c)
-        acc[t] = Vec::fmadd(Vec::load(q_row + c * Vec::W), Vec::loadu(keys[t] + c * Vec::W), acc[t]);
-    for (int t = 0; t < kKeys; ++t) scores[t] = Vec::reduce_add(acc[t]);
+    constexpr int W = Vec::W;
+    const int64_t n = kVecs > 0 ? kVecs : vecs;
+    auto dot = [&](const R* key) {
+      V acc = Vec::mul(Vec::load(q_row), load_widened<Vec>(key));
+      for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q_row + c * W), load_widened<Vec>(key + c * W), acc);
+      return acc;
+    };
+    int64_t j = 0;
+    for (; j + W <= nk; j += W) {
+      V acc[W];
+      for (int t = 0; t < W; ++t) acc[t] = dot(Addressing::row(keys, j + t));
+      Vec::storeu(scores + j, Vec::sum_each(acc));
+    }
+    for (; j < nk; ++j) scores[j] = Vec::reduce_add(dot(Addressing::row(keys, j)));
   }
 
-  template <class Vec, int kVecs>
-  static void accumulate_values(const typename Vec::T* probs, int64_t nk, const typename Vec::T* const* values,
-                                int64_t offset, typename Vec::T* out) {
+  template <class Vec, class R>
+  using ScoreKeys = void (*)(const typename Vec::T*, const RowRun<R>&, int64_t, int64_t, typename Vec::T*);
+
+  template <class Vec, class R, class Addressing, int kVecs = kMaxScoreVecs>
+  static ScoreKeys<Vec, R> score_keys_for(int64_t vecs) {
+    if (vecs > kMaxScoreVecs) return &score_keys<Vec, 0, R, Addressing>;
+    if constexpr (kVecs > 1) {
+      if (vecs < kVecs) return score_keys_for<Vec, R, Addressing, kVecs - 1>(vecs);
+    }
+    return &score_keys<Vec, kVecs, R, Addressing>;
+  }
+
+  // out[:kVecs vectors] += sum_j probs[j] * value j [offset:], the output slice in registers.
+  template <class Vec, int kVecs, class R, class Addressing>
+  static void accumulate_values(const typename Vec::T* probs, int64_t nk, const RowRun<R>& values, int64_t offset,
+                                typename Vec::T* out) {
     using V = typename Vec::V;
     V acc[kVecs];
     for (int c = 0; c < kVecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
     for (int64_t j = 0; j < nk; ++j) {
       const V prob = Vec::set1(probs[j]);
-      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, Vec::loadu(values[j] + offset + c * Vec::W), acc[c]);
+      const R* value = Addressing::row(values, j) + offset;
+      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, load_widened<Vec>(value + c * Vec::W), acc[c]);
     }
     for (int c = 0; c < kVecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
   }
 
-  template <class Vec, int kVecs = kOutVecs>
-  static void accumulate_values_any(int64_t vecs, const typename Vec::T* probs, int64_t nk,
-                                    const typename Vec::T* const* values, int64_t offset, typename Vec::T* out) {
+  template <class Vec, class R, class Addressing, int kVecs = kOutVecs>
+  static void accumulate_values_any(int64_t vecs, const typename Vec::T* probs, int64_t nk, const RowRun<R>& values,
+                                    int64_t offset, typename Vec::T* out) {
     if constexpr (kVecs > 1) {
-      if (vecs < kVecs) return accumulate_values_any<Vec, kVecs - 1>(vecs, probs, nk, values, offset, out);
+      if (vecs < kVecs) return accumulate_values_any<Vec, R, Addressing, kVecs - 1>(vecs, probs, nk, values, offset, out);
     }
-    accumulate_values<Vec, kVecs>(probs, nk, values, offset, out);
+    accumulate_values<Vec, kVecs, R, Addressing>(probs, nk, values, offset, out);
+  }
+
+  // The scores of `readers` query rows (q_rows, dim_pad apart) against keys [k0, k0 + nk) of one kv head.
+  template <class Vec>
+  static void score_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, int64_t dim_pad,
+                         bool in_place, const typename Vec::T* q_rows, int64_t readers, typename Vec::T* scores,
+                         typename Vec::T* pack, const void** pointers) {
+    using S = KvStorage<Vec>;
+    const int64_t vecs = dim_pad / Vec::W;
+    if (in_place) {
+      const RowRun<S> keys = rows_in_place<S>(p.k, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
+      const ScoreKeys<Vec, S> score =
+          p.k.paged() ? score_keys_for<Vec, S, Listed>(vecs) : score_keys_for<Vec, S, Strided>(vecs);
+      for (int64_t r = 0; r < readers; ++r) score(q_rows + r * dim_pad, keys, nk, vecs, scores + r * kBlockK);
+      return;
+    }
+    const auto keys = rows_widened<Vec>(p.k, batch, kv_head, k0, nk, p.head_dim, dim_pad, pack);
+    const auto score = score_keys_for<Vec, typename Vec::T, Strided>(vecs);
+    for (int64_t r = 0; r < readers; ++r) score(q_rows + r * dim_pad, keys, nk, vecs, scores + r * kBlockK);
+  }
+
+  template <class Vec, class R, class Addressing>
+  static void accumulate_rows(const RowRun<R>& values, int64_t nk, int64_t value_dim_pad, const typename Vec::T* probs,
+                              int64_t readers, typename Vec::T* out) {
+    constexpr int W = Vec::W;
+    for (int64_t r = 0; r < readers; ++r)
+      for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
+        accumulate_values_any<Vec, R, Addressing>(min_i64(kOutVecs, value_dim_pad / W - c), probs + r * kBlockK, nk,
+                                                  values, c * W, out + r * value_dim_pad + c * W);
+  }
+
+  // out(r, :) += sum_j probs(r, j) v_j for `readers` rows (probs kBlockK apart, out value_dim_pad apart).
+  template <class Vec>
+  static void accumulate_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk,
+                              int64_t value_dim_pad, bool in_place, const typename Vec::T* probs, int64_t readers,
+                              typename Vec::T* out, typename Vec::T* pack, const void** pointers) {
+    using S = KvStorage<Vec>;
+    if (in_place) {
+      const RowRun<S> values = rows_in_place<S>(p.v, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
+      if (p.v.paged()) return accumulate_rows<Vec, S, Listed>(values, nk, value_dim_pad, probs, readers, out);
+      return accumulate_rows<Vec, S, Strided>(values, nk, value_dim_pad, probs, readers, out);
+    }
+    const auto values = rows_widened<Vec>(p.v, batch, kv_head, k0, nk, p.value_dim, value_dim_pad, pack);
+    accumulate_rows<Vec, typename Vec::T, Strided>(values, nk, value_dim_pad, probs, readers, out);
   }
 
   template <class Vec, class Mask, class Score>
@@ -131,14 +217,16 @@ struct DimLanes {
     const int64_t group = p.heads_q / p.heads_kv, group_rows = group * block.nq;
     const int64_t kv_first = block.head0 / group, kv_count = block.heads / group;
     const T scale = static_cast<T>(p.scale);
-    const T** rows_of_chunk = reinterpret_cast<const T**>(scratch);  // [kv head of the item][key of the chunk]
-    T* q_rows = scratch + pointer_slots<T>(kv_count);
+    const void** pointers = reinterpret_cast<const void**>(scratch);
+    T* q_rows = scratch + pointer_slots<T>();
     T* scores = q_rows + rows * dim_pad;
     T* k_pack = scores + rows * kBlockK;
-    T* v_pack = k_pack + kv_count * kPackKeys * dim_pad;
-    T* k_scales = v_pack + kv_count * kPackKeys * value_dim_pad;  // [kv head of the item][key of the block]
-    T* v_scales = k_scales + p.heads_kv * kBlockK;
+    T* v_pack = k_pack + kBlockK * dim_pad;
+    T* k_scales = v_pack + kBlockK * value_dim_pad;  // [kv head of the item][key of the block]
+    T* v_scales = k_scales + kv_count * kBlockK;
     const T neg_inf = -std::numeric_limits<T>::infinity();
+    const bool k_in_place = read_in_place<Vec>(p.k, dim, group_rows);
+    const bool v_in_place = read_in_place<Vec>(p.v, p.value_dim, group_rows);
 
     for (int64_t r = 0; r < rows; ++r) {
       const typename Vec::S* q_row = p.q.row<const typename Vec::S>(block.batch, block.head(r), block.query(r));
@@ -146,27 +234,13 @@ struct DimLanes {
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
-    // Keys in chunks of kPackKeys, every kv head of the item inside a chunk: a widened chunk stays in L1
-    // for all rows of its group, and a paged item sweeps each pool block (all kv heads of a few
-    // tokens, contiguous) once, instead of one head's rows a block stride apart.
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0), nk_pad = round_up(nk, W);
-      for (int64_t j0 = 0; j0 < nk; j0 += kPackKeys) {
-        const int64_t nj = min_i64(kPackKeys, nk - j0);
-        rows_for_vectors<Vec>(p.k, block.batch, kv_first, kv_count, k0 + j0, nj, dim, dim_pad, k_pack, rows_of_chunk);
-        for (int64_t g = 0; g < kv_count; ++g) {
-          const T* const* keys = rows_of_chunk + g * kPackKeys;
-          for (int64_t r = g * group_rows; r < (g + 1) * group_rows; ++r) {
-            T* row_scores = scores + r * kBlockK + j0;
-            int64_t j = 0;
-            for (; j + kDotKeys <= nj; j += kDotKeys)
-              dot_keys<Vec, kDotKeys>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
-            for (; j < nj; ++j) dot_keys<Vec, 1>(q_rows + r * dim_pad, keys + j, dim_pad / W, row_scores + j);
-          }
-        }
-      }
-      if constexpr (kInt8Kv<Vec>) {
-        for (int64_t g = 0; g < kv_count; ++g) {
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const int64_t r0 = g * group_rows;
+        score_head<Vec>(p, block.batch, kv_first + g, k0, nk, dim_pad, k_in_place, q_rows + r0 * dim_pad, group_rows,
+                        scores + r0 * kBlockK, k_pack, pointers);
+        if constexpr (kInt8Kv<Vec>) {
           key_scales(p.k_scale, block.batch, kv_first + g, k0, nk, k_scales + g * kBlockK);
           key_scales(p.v_scale, block.batch, kv_first + g, k0, nk, v_scales + g * kBlockK);
         }
@@ -213,17 +287,10 @@ struct DimLanes {
         }
       }
 
-      for (int64_t j0 = 0; j0 < nk; j0 += kPackKeys) {
-        const int64_t nj = min_i64(kPackKeys, nk - j0);
-        rows_for_vectors<Vec>(p.v, block.batch, kv_first, kv_count, k0 + j0, nj, p.value_dim, value_dim_pad, v_pack,
-                              rows_of_chunk);
-        for (int64_t g = 0; g < kv_count; ++g) {
-          const T* const* values = rows_of_chunk + g * kPackKeys;
-          for (int64_t r = g * group_rows; r < (g + 1) * group_rows; ++r)
-            for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
-              accumulate_values_any<Vec>(min_i64(kOutVecs, value_dim_pad / W - c), scores + r * kBlockK + j0, nj, values,
-                                         c * W, acc.o + r * value_dim_pad + c * W);
-        }
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const int64_t r0 = g * group_rows;
+        accumulate_head<Vec>(p, block.batch, kv_first + g, k0, nk, value_dim_pad, v_in_place, scores + r0 * kBlockK,
+                             group_rows, acc.o + r0 * value_dim_pad, v_pack, pointers);
       }
     }
   }

@@ -48,6 +48,22 @@ struct VecAvx2<float> {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
   }
 
+  // Lane t = the sum of acc[t]'s lanes, for W accumulators at once: a tree of 7 adds (see VecAvx512).
+  static V sum_each(const V* acc) {
+    V halves[4];
+    for (int i = 0; i < 4; ++i)  // 128-bit lane 0: key 2i, lane 1: key 2i + 1
+      halves[i] = _mm256_add_ps(_mm256_permute2f128_ps(acc[2 * i], acc[2 * i + 1], 0x20),
+                                _mm256_permute2f128_ps(acc[2 * i], acc[2 * i + 1], 0x31));
+    V pairs[2];
+    for (int i = 0; i < 2; ++i) {  // lane L, elements 0-1: key 4i + L, elements 2-3: key 4i + 2 + L
+      const __m256d a = _mm256_castps_pd(halves[2 * i]), b = _mm256_castps_pd(halves[2 * i + 1]);
+      pairs[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    // lane L, element m: key 2m + L; the permute puts key t in lane t
+    const V sums = _mm256_add_ps(_mm256_shuffle_ps(pairs[0], pairs[1], 0x88), _mm256_shuffle_ps(pairs[0], pairs[1], 0xdd));
+    return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+
   // dst[c * dst_stride + r] = src[r * src_stride + c] for an 8 x 8 block.
   static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
     V r[8], t[8];
@@ -115,6 +131,11 @@ struct VecAvx2<double> {
   static T reduce_add(V x) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+  static V sum_each(const V* acc) {  // lane t = the sum of acc[t]'s lanes (rare in decode: float64)
+    alignas(32) T sums[W];
+    for (int t = 0; t < W; ++t) sums[t] = reduce_add(acc[t]);
+    return load(sums);
   }
 
   // dst[c * dst_stride + r] = src[r * src_stride + c] for a 4 x 4 block.

@@ -39,6 +39,27 @@ struct VecAvx512<float> {
   static T reduce_max(V x) { return _mm512_reduce_max_ps(x); }
   static T reduce_add(V x) { return _mm512_reduce_add_ps(x); }
 
+  // Lane t = the sum of acc[t]'s lanes, for W accumulators at once: a tree of 15 adds (halves of pairs,
+  // then quarters, then within 128-bit lanes) where 16 reduce_adds take 64 dependent shuffle-adds. The
+  // decode layout's scores are such sums, one per key.
+  static V sum_each(const V* acc) {
+    V halves[8], quarters[4];
+    for (int i = 0; i < 8; ++i)  // 128-bit lanes 0-1: key 2i, 2-3: key 2i + 1
+      halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0x44),
+                                _mm512_shuffle_f32x4(acc[2 * i], acc[2 * i + 1], 0xee));
+    for (int i = 0; i < 4; ++i)  // 128-bit lane L: key 4i + L
+      quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                  _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xdd));
+    V pairs[2];
+    for (int i = 0; i < 2; ++i) {  // lane L, elements 0-1: key 8i + L, elements 2-3: key 8i + 4 + L
+      const __m512d a = _mm512_castps_pd(quarters[2 * i]), b = _mm512_castps_pd(quarters[2 * i + 1]);
+      pairs[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // lane L, element m: key 4m + L; the permute puts key t in lane t
+    const V sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88), _mm512_shuffle_ps(pairs[0], pairs[1], 0xdd));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+  }
+
   // dst[c * dst_stride + r] = src[r * src_stride + c] for a 16 x 16 block: pairs of rows interleaved, then
   // pairs of pairs, then 128-bit lanes gathered across the four row groups.
   static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
@@ -103,6 +124,11 @@ struct VecAvx512<double> {
   static bool all_equal(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ) == 0xff; }
   static T reduce_max(V x) { return _mm512_reduce_max_pd(x); }
   static T reduce_add(V x) { return _mm512_reduce_add_pd(x); }
+  static V sum_each(const V* acc) {  // lane t = the sum of acc[t]'s lanes (rare in decode: float64)
+    alignas(64) T sums[W];
+    for (int t = 0; t < W; ++t) sums[t] = reduce_add(acc[t]);
+    return load(sums);
+  }
 
   // dst[c * dst_stride + r] = src[r * src_stride + c] for an 8 x 8 block.
   static void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {

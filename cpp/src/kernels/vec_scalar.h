@@ -33,6 +33,7 @@ struct VecScalar {
   static T reduce_max(V x) { return x; }
   static void transpose(const T* src, int64_t, T* dst, int64_t) { *dst = *src; }
   static T reduce_add(V x) { return x; }
+  static V sum_each(const V* acc) { return acc[0]; }
 };
 
 }  // namespace fusedattn::FUSEDATTN_KERNEL_NS
