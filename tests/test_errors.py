@@ -170,3 +170,17 @@ def test_set_num_threads_errors():
     with pytest.raises(TypeError, match=r"\bnum_threads\b"):
         fusedattn.set_num_threads(1.5)
     assert fusedattn.get_num_threads() == before
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_additive_refuses_block_diagonal(backward):
+    """The packed kernels score by dot products: additive scores over a BlockDiagonal mask are refused by
+    name (they used to return a result computed with no mask)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((n, 8)).astype(np.float32) for n in (5, 7, 7))
+    mask = fusedattn.masks.BlockDiagonal([2, 3], [3, 4])
+    with pytest.raises(ValueError, match="BlockDiagonal.*dot-product attention only"):
+        if backward:
+            fusedattn.additive_attention_backward(q, q, k, v, q, np.zeros(5, np.float32), mask=mask)
+        else:
+            fusedattn.additive_attention(q, k, v, mask=mask)

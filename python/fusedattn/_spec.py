@@ -365,6 +365,8 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
     if _on_device(device, q, k, v):
         q, k, v, mask, device_arrays = _device_stand_ins(q, k, v, mask)
     block_diagonal = _is_block_diagonal(mask)
+    if block_diagonal and additive:
+        _refuse_additive_packing("additive_attention")
     if block_diagonal and not device_arrays:
         fields, packing = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start,
                                           k_start, sinks=sinks)
@@ -426,6 +428,8 @@ def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=
     threads = resolve_threads(num_threads)
     shapes = tuple(np.shape(x) for x in (q, k, v))
     if _is_block_diagonal(mask):
+        if additive:
+            _refuse_additive_packing("additive_attention_backward")
         fields, packing = _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start,
                                           k_start, sinks=sinks)
         layout = "block_diagonal"
@@ -457,6 +461,13 @@ def prepare_backward(dout, q, k, v, out, lse, *, mask=None, causal=False, scale=
 
 def _is_block_diagonal(mask) -> bool:
     return isinstance(mask, BlockDiagonal)
+
+
+def _refuse_additive_packing(entry: str):
+    # The packed (varlen) kernels compute dot-product scores only: additive scores over a BlockDiagonal
+    # mask came back wrong, not refused.
+    raise ValueError(f"{entry}: mask=BlockDiagonal(...) packs sequences for dot-product attention only; for "
+                     f"additive scores pass a boolean mask (BlockDiagonal(...).materialize() or per-sequence calls)")
 
 
 def _block_diagonal(q, k, v, mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, sinks=None):
