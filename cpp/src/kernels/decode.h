@@ -192,14 +192,48 @@ struct DimLanes {
     }
   }
 
+  // kSharedRows rows of a GQA group at once, kSharedVecs vectors of each: one load of a value vector
+  // feeds kSharedRows FMAs instead of one (groups of 8 measured 5-10% faster, Zen 4; groups of 4 equal).
+  static constexpr int kSharedRows = 4, kSharedVecs = 4;
+
+  // out(r, :kSharedVecs vectors) += sum_j probs(r, j) * value j [offset:] for kSharedRows rows.
+  template <class Vec, class R, class Addressing>
+  static void accumulate_shared_rows(const typename Vec::T* probs, int64_t nk, const RowRun<R>& values, int64_t offset,
+                                     typename Vec::T* out, int64_t value_dim_pad) {
+    using V = typename Vec::V;
+    constexpr int W = Vec::W;
+    V acc[kSharedRows][kSharedVecs];
+    for (int r = 0; r < kSharedRows; ++r)
+      for (int c = 0; c < kSharedVecs; ++c) acc[r][c] = Vec::load(out + r * value_dim_pad + c * W);
+    for (int64_t j = 0; j < nk; ++j) {
+      const R* value = Addressing::row(values, j) + offset;
+      V v[kSharedVecs];
+      for (int c = 0; c < kSharedVecs; ++c) v[c] = load_widened<Vec>(value + c * W);
+      for (int r = 0; r < kSharedRows; ++r) {
+        const V prob = Vec::set1(probs[r * kBlockK + j]);
+        for (int c = 0; c < kSharedVecs; ++c) acc[r][c] = Vec::fmadd(prob, v[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < kSharedRows; ++r)
+      for (int c = 0; c < kSharedVecs; ++c) Vec::store(out + r * value_dim_pad + c * W, acc[r][c]);
+  }
+
   template <class Vec, class R, class Addressing>
   static void accumulate_rows(const RowRun<R>& values, int64_t nk, int64_t value_dim_pad, const typename Vec::T* probs,
                               int64_t readers, typename Vec::T* out) {
     constexpr int W = Vec::W;
-    for (int64_t r = 0; r < readers; ++r)
-      for (int64_t c = 0; c < value_dim_pad / W; c += kOutVecs)
-        accumulate_values_any<Vec, R, Addressing>(min_i64(kOutVecs, value_dim_pad / W - c), probs + r * kBlockK, nk,
-                                                  values, c * W, out + r * value_dim_pad + c * W);
+    const int64_t vecs = value_dim_pad / W;
+    int64_t r = 0;
+    if (W > 1 && vecs % kSharedVecs == 0) {
+      for (; r + kSharedRows <= readers; r += kSharedRows)
+        for (int64_t c = 0; c < vecs; c += kSharedVecs)
+          accumulate_shared_rows<Vec, R, Addressing>(probs + r * kBlockK, nk, values, c * W,
+                                                     out + r * value_dim_pad + c * W, value_dim_pad);
+    }
+    for (; r < readers; ++r)
+      for (int64_t c = 0; c < vecs; c += kOutVecs)
+        accumulate_values_any<Vec, R, Addressing>(min_i64(kOutVecs, vecs - c), probs + r * kBlockK, nk, values, c * W,
+                                                  out + r * value_dim_pad + c * W);
   }
 
   // out(r, :) += sum_j probs(r, j) v_j for `readers` rows (probs kBlockK apart, out value_dim_pad apart).
