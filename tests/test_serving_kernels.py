@@ -225,6 +225,32 @@ def test_int8_dense(isa, rng, dtype, lq, d):
     assert_close(lse, want_lse, 1e-12 if dtype is np.float64 else 2e-5)
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("d,dv", [(8, 8), (80, 96), (128, 128), (256, 40)])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_decode_groups_and_dims(isa, rng, group, d, dv, storage):
+    """One query per head (the decode layout) for every way it reads K / V: in place or widened into
+    scratch, rows one at a time or four at a time (groups of 4 and 8, with leftover rows for 5), head dims
+    with and without a compiled score loop, value dims that are not a multiple of the four-vector tiles."""
+    if storage == "bfloat16" and BF16 is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    b, hkv, lk = 2, 2, int(rng.integers(60, 200))
+    dtype = BF16 if storage == "bfloat16" else np.float32
+    q = randn(rng, (b, hkv * group, 1, d), dtype)
+    k, v = randn(rng, (b, hkv, lk, d), dtype), randn(rng, (b, hkv, lk, dv), dtype)
+    options = {}
+    if storage == "int8":
+        k, ks = quantize(k)
+        v, vs = quantize(v)
+        options = dict(k_scale=ks, v_scale=vs)
+        kd, vd = k.astype(np.float64) * ks[..., None], v.astype(np.float64) * vs[..., None]
+    else:
+        kd, vd = k, v
+    out = _serving_call(q, k, v, **options)
+    want, _ = reference(q, kd, vd, [lk] * b)
+    assert_close(out, want, tol_of(dtype))
+
+
 def test_int8_noncontiguous(isa, rng):
     """Strided q, int8 k with a column stride, scales with a row stride: every layout through row()."""
     q = randn(rng, (1, 4, 3, 32))[..., ::2]  # D = 16, column stride 2

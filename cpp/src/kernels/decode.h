@@ -10,14 +10,15 @@
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // Decode layout: few queries, so the head dimension is in lanes. Each score is a dot product over D
-// (one FMA chain per key, W keys reduced together), the softmax runs along a row of keys, and
+// (one FMA chain per key and row, W chains reduced together), the softmax runs along a row of keys, and
 // o(r, :) += p(r, j) * v(j, :) keeps up to kOutVecs vectors of the output row in registers. Every K/V
 // element is loaded once per group of query rows, which is what a memory-bound decode step needs.
 //
 // Where a K / V row is read: in place, a plain load (compute type) or widened in registers (16-bit,
-// int8) when one query row reads it; widened once into scratch when a GQA group's rows all read it,
-// or when its columns are strided or not a whole number of vectors. Rows are addressed by a stride,
-// or key by key through the page table when K / V are paged (a pool block may end anywhere).
+// int8) when one query row or groups of four rows read it (one widened load, four FMAs); widened once
+// into scratch for other GQA groups, or when its columns are strided or not a whole number of vectors.
+// Rows are addressed by a stride, or key by key through the page table when K / V are paged (a pool
+// block may end anywhere).
 struct DimLanes {
   static constexpr int kOutVecs = 8;
   // Largest head dimension, in vectors, with a compiled score loop; beyond it the dimension is a
@@ -61,12 +62,15 @@ struct DimLanes {
     return round_up(ceil_div(bytes, static_cast<int64_t>(sizeof(T))), 64 / static_cast<int64_t>(sizeof(T)));
   }
 
-  // Whether rows of t are read where they are: contiguous whole vectors, and in the compute type or
-  // read by one query row only (a group of rows would widen each element once per row).
+  // Whether rows of t are read where they are: contiguous whole vectors, and in the compute type, or
+  // read by one query row, or by whole groups of kScoreRows rows, where one widened load feeds
+  // kScoreRows FMAs (int8 g4 / g8 1.4x faster than widening into scratch first; bfloat16 1.1x, Zen 4).
+  // Other groups (2, 3, 5, ...) would widen each element once per row: they widen into scratch.
   template <class Vec>
   static bool read_in_place(const StridedTensor& t, int64_t width, int64_t readers) {
     if (t.col_stride != 1 || width % Vec::W != 0) return false;
-    return std::is_same_v<KvStorage<Vec>, typename Vec::T> || readers == 1;
+    return std::is_same_v<KvStorage<Vec>, typename Vec::T> || readers == 1 ||
+           (Vec::W >= kScoreRows && readers % kScoreRows == 0);
   }
 
   template <class R>
@@ -127,16 +131,91 @@ struct DimLanes {
     for (; j < nk; ++j) scores[j] = Vec::reduce_add(dot(Addressing::row(keys, j)));
   }
 
+  // Rows of a GQA group scored kScoreRows at a time, W / kScoreRows keys at once: one load of a key
+  // vector feeds kScoreRows FMAs and a query vector kKeys (the single-row loop's Q in registers leaves one
+  // FMA per key load), and the kScoreRows x kKeys sums are one Vec::sum_each.
+  static constexpr int kScoreRows = 4;
+
+  // scores(r, j) = q_rows(r) . key j for row_groups * kScoreRows rows (dim_pad and kBlockK apart).
+  template <class Vec, int kVecs, class R, class Addressing>
+  static void score_row_groups(const typename Vec::T* q_rows, int64_t dim_pad, int64_t row_groups,
+                               const RowRun<R>& keys, int64_t nk, int64_t vecs, typename Vec::T* scores) {
+    using T = typename Vec::T;
+    using V = typename Vec::V;
+    constexpr int W = Vec::W, kKeys = W / kScoreRows;
+    static_assert(kKeys * kScoreRows == W, "a row group's sums fill one vector");
+    const int64_t n = kVecs > 0 ? kVecs : vecs;
+    int64_t j = 0;
+    for (; j + kKeys <= nk; j += kKeys) {
+      const R* key[kKeys];
+      for (int t = 0; t < kKeys; ++t) key[t] = Addressing::row(keys, j + t);
+      for (int64_t g = 0; g < row_groups; ++g) {
+        const T* q = q_rows + g * kScoreRows * dim_pad;
+        V acc[W];  // acc[r * kKeys + t]: row r, key j + t
+        for (int t = 0; t < kKeys; ++t) {
+          const V k = load_widened<Vec>(key[t]);
+          for (int r = 0; r < kScoreRows; ++r) acc[r * kKeys + t] = Vec::mul(Vec::load(q + r * dim_pad), k);
+        }
+        for (int64_t c = 1; c < n; ++c) {
+          V k[kKeys];
+          for (int t = 0; t < kKeys; ++t) k[t] = load_widened<Vec>(key[t] + c * W);
+          for (int r = 0; r < kScoreRows; ++r) {
+            const V qv = Vec::load(q + r * dim_pad + c * W);
+            for (int t = 0; t < kKeys; ++t) acc[r * kKeys + t] = Vec::fmadd(qv, k[t], acc[r * kKeys + t]);
+          }
+        }
+        alignas(64) T sums[W];
+        Vec::store(sums, Vec::sum_each(acc));
+        for (int r = 0; r < kScoreRows; ++r)
+          for (int t = 0; t < kKeys; ++t) scores[(g * kScoreRows + r) * kBlockK + j + t] = sums[r * kKeys + t];
+      }
+    }
+    for (int64_t r = 0; r < row_groups * kScoreRows; ++r)
+      for (int64_t t = j; t < nk; ++t) {
+        const R* key = Addressing::row(keys, t);
+        const T* q = q_rows + r * dim_pad;
+        V acc = Vec::mul(Vec::load(q), load_widened<Vec>(key));
+        for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q + c * W), load_widened<Vec>(key + c * W), acc);
+        scores[r * kBlockK + t] = Vec::reduce_add(acc);
+      }
+  }
+
+  // The score loops compiled for one head dimension: a single row, and groups of kScoreRows rows (null
+  // where a vector holds fewer lanes than kScoreRows).
   template <class Vec, class R>
-  using ScoreKeys = void (*)(const typename Vec::T*, const RowRun<R>&, int64_t, int64_t, typename Vec::T*);
+  struct ScoreLoops {
+    void (*row)(const typename Vec::T*, const RowRun<R>&, int64_t, int64_t, typename Vec::T*);
+    void (*row_groups)(const typename Vec::T*, int64_t, int64_t, const RowRun<R>&, int64_t, int64_t, typename Vec::T*);
+  };
+
+  template <class Vec, class R, class Addressing, int kVecs>
+  static ScoreLoops<Vec, R> score_loops() {
+    if constexpr (Vec::W >= kScoreRows)
+      return {&score_keys<Vec, kVecs, R, Addressing>, &score_row_groups<Vec, kVecs, R, Addressing>};
+    else
+      return {&score_keys<Vec, kVecs, R, Addressing>, nullptr};
+  }
 
   template <class Vec, class R, class Addressing, int kVecs = kMaxScoreVecs>
-  static ScoreKeys<Vec, R> score_keys_for(int64_t vecs) {
-    if (vecs > kMaxScoreVecs) return &score_keys<Vec, 0, R, Addressing>;
+  static ScoreLoops<Vec, R> score_keys_for(int64_t vecs) {
+    if (vecs > kMaxScoreVecs) return score_loops<Vec, R, Addressing, 0>();
     if constexpr (kVecs > 1) {
       if (vecs < kVecs) return score_keys_for<Vec, R, Addressing, kVecs - 1>(vecs);
     }
-    return &score_keys<Vec, kVecs, R, Addressing>;
+    return score_loops<Vec, R, Addressing, kVecs>();
+  }
+
+  // The scores of `readers` query rows (q_rows, dim_pad apart; scores kBlockK apart) against nk keys.
+  template <class Vec, class R>
+  static void score_rows(const ScoreLoops<Vec, R>& loops, const typename Vec::T* q_rows, int64_t dim_pad, int64_t readers,
+                         const RowRun<R>& keys, int64_t nk, typename Vec::T* scores) {
+    const int64_t vecs = dim_pad / Vec::W;
+    int64_t r = 0;
+    if (loops.row_groups && readers >= kScoreRows) {
+      loops.row_groups(q_rows, dim_pad, readers / kScoreRows, keys, nk, vecs, scores);
+      r = readers / kScoreRows * kScoreRows;
+    }
+    for (; r < readers; ++r) loops.row(q_rows + r * dim_pad, keys, nk, vecs, scores + r * kBlockK);
   }
 
   // out[:kVecs vectors] += sum_j probs[j] * value j [offset:], the output slice in registers.
@@ -178,17 +257,16 @@ struct DimLanes {
     const int64_t vecs = dim_pad / Vec::W;
     if (in_place) {
       const RowRun<S> keys = rows_in_place<S>(p.k, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
-      const ScoreKeys<Vec, S> score =
+      const ScoreLoops<Vec, S> loops =
           p.k.paged() ? score_keys_for<Vec, S, Listed>(vecs) : score_keys_for<Vec, S, Strided>(vecs);
-      for (int64_t r = 0; r < readers; ++r) score(q_rows + r * dim_pad, keys, nk, vecs, scores + r * kBlockK);
-      return;
+      return score_rows<Vec, S>(loops, q_rows, dim_pad, readers, keys, nk, scores);
     }
-    const auto score = score_keys_for<Vec, typename Vec::T, Strided>(vecs);
+    const auto loops = score_keys_for<Vec, typename Vec::T, Strided>(vecs);
     const int64_t step = keys_widened_at_a_time(readers, nk);
     for (int64_t j0 = 0; j0 < nk; j0 += step) {
       const int64_t nj = min_i64(step, nk - j0);
       const auto keys = rows_widened<Vec>(p.k, batch, kv_head, k0 + j0, nj, p.head_dim, dim_pad, pack);
-      for (int64_t r = 0; r < readers; ++r) score(q_rows + r * dim_pad, keys, nj, vecs, scores + r * kBlockK + j0);
+      score_rows<Vec, typename Vec::T>(loops, q_rows, dim_pad, readers, keys, nj, scores + j0);
     }
   }
 
@@ -222,18 +300,20 @@ struct DimLanes {
   static void accumulate_rows(const RowRun<R>& values, int64_t nk, int64_t value_dim_pad, const typename Vec::T* probs,
                               int64_t readers, typename Vec::T* out) {
     constexpr int W = Vec::W;
-    const int64_t vecs = value_dim_pad / W;
-    int64_t r = 0;
-    if (W > 1 && vecs % kSharedVecs == 0) {
-      for (; r + kSharedRows <= readers; r += kSharedRows)
-        for (int64_t c = 0; c < vecs; c += kSharedVecs)
-          accumulate_shared_rows<Vec, R, Addressing>(probs + r * kBlockK, nk, values, c * W,
-                                                     out + r * value_dim_pad + c * W, value_dim_pad);
-    }
-    for (; r < readers; ++r)
-      for (int64_t c = 0; c < vecs; c += kOutVecs)
+    const int64_t vecs = value_dim_pad / W, shared_vecs = W > 1 ? vecs / kSharedVecs * kSharedVecs : 0;
+    auto one_row = [&](int64_t r, int64_t first_vec) {
+      for (int64_t c = first_vec; c < vecs; c += kOutVecs)
         accumulate_values_any<Vec, R, Addressing>(min_i64(kOutVecs, vecs - c), probs + r * kBlockK, nk, values, c * W,
                                                   out + r * value_dim_pad + c * W);
+    };
+    int64_t r = 0;
+    for (; shared_vecs > 0 && r + kSharedRows <= readers; r += kSharedRows) {
+      for (int64_t c = 0; c < shared_vecs; c += kSharedVecs)
+        accumulate_shared_rows<Vec, R, Addressing>(probs + r * kBlockK, nk, values, c * W, out + r * value_dim_pad + c * W,
+                                                   value_dim_pad);
+      for (int64_t i = 0; i < kSharedRows; ++i) one_row(r + i, shared_vecs);
+    }
+    for (; r < readers; ++r) one_row(r, 0);
   }
 
   // out(r, :) += sum_j probs(r, j) v_j for `readers` rows (probs kBlockK apart, out value_dim_pad apart).
