@@ -15,8 +15,10 @@ void run_backward_kernel(const AttnParams& params);
 
 namespace {
 
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
 void require(bool condition, const std::string& message) {
-  if (!condition) throw std::invalid_argument(message);
+  if (!condition) fail(message);
 }
 
 // Checks shared by every entry point; returns false when there is nothing to compute.
@@ -54,12 +56,15 @@ void validate_pages(const AttnParams& p, const StridedTensor& t, const char* nam
           std::string("attention: ") + name + ": keys beyond the block table");
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t len = p.len_k_of(b);
-    require(len >= 0 && len <= pages.blocks_per_seq * pages.block_size,
-            std::string("attention: ") + name + ": sequence " + std::to_string(b) + " is longer than its block table");
+    // Messages built on failure only: built for every block id, they took ~15% of a paged int8 decode
+    // step over 16384 blocks (Zen 4).
+    if (!(len >= 0 && len <= pages.blocks_per_seq * pages.block_size))
+      fail(std::string("attention: ") + name + ": sequence " + std::to_string(b) + " is longer than its block table");
     for (int64_t i = 0; i < (len + pages.block_size - 1) / pages.block_size; ++i) {
       const int64_t id = pages.blocks[b * pages.blocks_per_seq + i];
-      require(id >= 0 && id < pages.pool_blocks, std::string("attention: ") + name + ": block id " + std::to_string(id) +
-                                                     " outside the pool of " + std::to_string(pages.pool_blocks));
+      if (!(id >= 0 && id < pages.pool_blocks))
+        fail(std::string("attention: ") + name + ": block id " + std::to_string(id) + " outside the pool of " +
+             std::to_string(pages.pool_blocks));
     }
   }
 }
