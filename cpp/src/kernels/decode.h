@@ -105,6 +105,15 @@ struct DimLanes {
     for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
   }
 
+  // The lanes of q_row * key summed over n vectors (one FMA chain).
+  template <class Vec, class R>
+  static typename Vec::V dot_lanes(const typename Vec::T* q_row, const R* key, int64_t n) {
+    constexpr int W = Vec::W;
+    typename Vec::V acc = Vec::mul(Vec::load(q_row), load_widened<Vec>(key));
+    for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q_row + c * W), load_widened<Vec>(key + c * W), acc);
+    return acc;
+  }
+
   // scores[j] = q_row . key j for nk keys, the head dimension kVecs vectors (0: `vecs`, known at run
   // time only). With kVecs a constant the Q row stays in registers and every key gets its own FMA chain,
   // and W keys' sums are reduced together (Vec::sum_each). With a run-time dimension and four keys per
@@ -115,11 +124,7 @@ struct DimLanes {
     using V = typename Vec::V;
     constexpr int W = Vec::W;
     const int64_t n = kVecs > 0 ? kVecs : vecs;
-    auto dot = [&](const R* key) {
-      V acc = Vec::mul(Vec::load(q_row), load_widened<Vec>(key));
-      for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q_row + c * W), load_widened<Vec>(key + c * W), acc);
-      return acc;
-    };
+    auto dot = [&](const R* key) { return dot_lanes<Vec>(q_row, key, n); };
     int64_t j = 0;
     // Key after key, each row front to back: the order the hardware prefetchers follow. Interleaving the
     // W keys' chains vector by vector measured 10-20% slower (Zen 4, float32 and int8, groups 1-8).
@@ -171,13 +176,8 @@ struct DimLanes {
       }
     }
     for (int64_t r = 0; r < row_groups * kScoreRows; ++r)
-      for (int64_t t = j; t < nk; ++t) {
-        const R* key = Addressing::row(keys, t);
-        const T* q = q_rows + r * dim_pad;
-        V acc = Vec::mul(Vec::load(q), load_widened<Vec>(key));
-        for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q + c * W), load_widened<Vec>(key + c * W), acc);
-        scores[r * kBlockK + t] = Vec::reduce_add(acc);
-      }
+      for (int64_t t = j; t < nk; ++t)
+        scores[r * kBlockK + t] = Vec::reduce_add(dot_lanes<Vec>(q_rows + r * dim_pad, Addressing::row(keys, t), n));
   }
 
   // The score loops compiled for one head dimension: a single row, and groups of kScoreRows rows (null
@@ -197,10 +197,10 @@ struct DimLanes {
   }
 
   template <class Vec, class R, class Addressing, int kVecs = kMaxScoreVecs>
-  static ScoreLoops<Vec, R> score_keys_for(int64_t vecs) {
+  static ScoreLoops<Vec, R> score_loops_for(int64_t vecs) {
     if (vecs > kMaxScoreVecs) return score_loops<Vec, R, Addressing, 0>();
     if constexpr (kVecs > 1) {
-      if (vecs < kVecs) return score_keys_for<Vec, R, Addressing, kVecs - 1>(vecs);
+      if (vecs < kVecs) return score_loops_for<Vec, R, Addressing, kVecs - 1>(vecs);
     }
     return score_loops<Vec, R, Addressing, kVecs>();
   }
@@ -208,10 +208,10 @@ struct DimLanes {
   // The scores of `readers` query rows (q_rows, dim_pad apart; scores kBlockK apart) against nk keys.
   template <class Vec, class R>
   static void score_rows(const ScoreLoops<Vec, R>& loops, const typename Vec::T* q_rows, int64_t dim_pad, int64_t readers,
-                         const RowRun<R>& keys, int64_t nk, typename Vec::T* scores, bool row_groups) {
+                         const RowRun<R>& keys, int64_t nk, typename Vec::T* scores, bool by_groups) {
     const int64_t vecs = dim_pad / Vec::W;
     int64_t r = 0;
-    if (row_groups && loops.row_groups && readers >= kScoreRows) {
+    if (by_groups && loops.row_groups && readers >= kScoreRows) {
       loops.row_groups(q_rows, dim_pad, readers / kScoreRows, keys, nk, vecs, scores);
       r = readers / kScoreRows * kScoreRows;
     }
@@ -258,18 +258,18 @@ struct DimLanes {
     if (in_place) {
       const RowRun<S> keys = rows_in_place<S>(p.k, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
       const ScoreLoops<Vec, S> loops =
-          p.k.paged() ? score_keys_for<Vec, S, Listed>(vecs) : score_keys_for<Vec, S, Strided>(vecs);
+          p.k.paged() ? score_loops_for<Vec, S, Listed>(vecs) : score_loops_for<Vec, S, Strided>(vecs);
       // Float32 rows straight from DRAM: row after row, each key front to back (the first row brings the
       // block into cache in the prefetchers' order) measured faster than four keys interleaved (g4 / g8
       // 11-15 vs 14-17 ms, Zen 4); rows widened in registers gain more from one load per four FMAs.
       return score_rows<Vec, S>(loops, q_rows, dim_pad, readers, keys, nk, scores, !std::is_same_v<S, typename Vec::T>);
     }
-    const auto loops = score_keys_for<Vec, typename Vec::T, Strided>(vecs);
+    const auto loops = score_loops_for<Vec, typename Vec::T, Strided>(vecs);
     const int64_t step = keys_widened_at_a_time(readers, nk);
     for (int64_t j0 = 0; j0 < nk; j0 += step) {
       const int64_t nj = min_i64(step, nk - j0);
       const auto keys = rows_widened<Vec>(p.k, batch, kv_head, k0 + j0, nj, p.head_dim, dim_pad, pack);
-      score_rows<Vec, typename Vec::T>(loops, q_rows, dim_pad, readers, keys, nj, scores + j0, /*row_groups=*/true);
+      score_rows<Vec, typename Vec::T>(loops, q_rows, dim_pad, readers, keys, nj, scores + j0, /*by_groups=*/true);
     }
   }
 
