@@ -3,6 +3,14 @@
 // attn_fwd_impl.h).
 #pragma once
 
+#ifndef FUSEDATTN_ALWAYS_INLINE
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDATTN_ALWAYS_INLINE inline
+#endif
+#endif
+
 namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
