@@ -1,7 +1,7 @@
 // The decode layout (DimLanes): one or a few queries against a long K / V, the head dimension in lanes.
 #pragma once
 
-#include "kernels/block_prefetch.h"
+#include "kernels/read_ahead.h"
 #include "kernels/common.h"
 #include "kernels/forward_plan.h"
 #include "kernels/masks.h"
@@ -32,7 +32,7 @@ struct DimLanes {
     const R* first;
     int64_t stride;
     const R* const* pointers;
-    BlockPrefetch* ahead = nullptr;  // told of every key visited (null: no prefetch)
+    ReadAhead* ahead = nullptr;  // told of the keys visited (null: no prefetch)
     FUSEDATTN_ALWAYS_INLINE void visit() const {
       if (ahead) ahead->visit();
     }
@@ -214,7 +214,7 @@ struct DimLanes {
 
   // The scores of `readers` query rows (q_rows, dim_pad apart; scores kBlockK apart) against nk keys:
   // whole groups of kScoreRows rows together, the rest row by row. Float32 rows from DRAM too: with the
-  // next block prefetched (BlockPrefetch) the order of the loads no longer matters to the hardware
+  // next rows prefetched (ReadAhead) the order of the loads no longer matters to the hardware
   // prefetchers, and one key load per four FMAs made g4 / g8 1.1-1.3x faster (Zen 4, 2 threads).
   template <class Vec, class R>
   static void score_rows(const ScoreLoops<Vec, R>& loops, const typename Vec::T* q_rows, int64_t dim_pad, int64_t readers,
@@ -263,7 +263,7 @@ struct DimLanes {
   template <class Vec>
   static void score_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, int64_t dim_pad,
                          bool in_place, const typename Vec::T* q_rows, int64_t readers, typename Vec::T* scores,
-                         typename Vec::T* pack, const void** pointers, BlockPrefetch* ahead) {
+                         typename Vec::T* pack, const void** pointers, ReadAhead* ahead) {
     using S = KvStorage<Vec>;
     const int64_t vecs = dim_pad / Vec::W;
     if (in_place) {
@@ -334,7 +334,7 @@ struct DimLanes {
   template <class Vec>
   static void accumulate_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk,
                               int64_t value_dim_pad, bool in_place, const typename Vec::T* probs, int64_t readers,
-                              typename Vec::T* out, typename Vec::T* pack, const void** pointers, BlockPrefetch* ahead) {
+                              typename Vec::T* out, typename Vec::T* pack, const void** pointers, ReadAhead* ahead) {
     using S = KvStorage<Vec>;
     if (in_place) {
       RowRun<S> values = rows_in_place<S>(p.v, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
@@ -351,21 +351,16 @@ struct DimLanes {
     }
   }
 
-  // Whether a work item prefetches each next key block (BlockPrefetch), measured on Zen 4 (2 threads,
-  // 8 kv heads x 65536 keys, D = 128): contiguous rows read by one query row stream at memory speed with the
-  // hardware prefetchers alone (the requests cost int8 and bfloat16 10-20%), GQA groups gain 15-45%. A
-  // paged pool scatters its blocks where no hardware prefetcher follows: one query row gains 10-35%, and so
-  // do groups while the next block fits kPrefetchBytes; beyond it (float32 and bfloat16 items of 8 kv heads,
-  // 256-512 KiB a block) the prefetched lines are evicted before the group reaches them (5-12% slower).
-  static constexpr int64_t kPrefetchBytes = 160 * 1024;
-  static bool prefetches(bool paged, int64_t group_rows, int64_t block_bytes) {
-    if (!paged) return group_rows > 1;
-    return group_rows == 1 || block_bytes <= kPrefetchBytes;
-  }
+  // Whether a work item prefetches what it reads next (ReadAhead), measured on Zen 4 (2 threads, 8 kv heads
+  // x 65536 keys, D = 128): contiguous rows read by one query row stream at memory speed with the hardware
+  // prefetchers alone (the requests cost int8 and bfloat16 10-20%); GQA groups gained 10-45%, and a paged
+  // pool, whose shuffled blocks no hardware prefetcher follows, 10-35% for one query row and up to 1.5x
+  // for groups (float32 g4 23.4 -> 18.5 ms, as fast as contiguous rows).
+  static bool reads_ahead(bool paged, int64_t group_rows) { return paged || group_rows > 1; }
 
   // Queues rows [r0, r0 + n) of (batch, head) of t, `width` elements of S each, for prefetching.
   template <class S>
-  static void queue_rows(BlockPrefetch& ahead, const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n,
+  static void queue_rows(ReadAhead& ahead, const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n,
                          int64_t width) {
     const int64_t row_bytes = ((width - 1) * t.col_stride + 1) * static_cast<int64_t>(sizeof(S));
     const int64_t stride_bytes = t.row_stride * static_cast<int64_t>(sizeof(S));
@@ -410,23 +405,26 @@ struct DimLanes {
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
     }
 
-    BlockPrefetch prefetch;
-    const int64_t block_bytes =
-        kv_count * kBlockK * (dim + p.value_dim) * static_cast<int64_t>(sizeof(KvStorage<Vec>));
-    BlockPrefetch* ahead = prefetches(p.k.paged() || p.v.paged(), group_rows, block_bytes) ? &prefetch : nullptr;
+    // The loops read a sweep's K rows (every kv head of the item), then the next sweep's, ..., then the
+    // block's V rows sweep by sweep, then the next block's K: while one is read, the next is prefetched.
+    ReadAhead read_ahead;
+    ReadAhead* ahead = reads_ahead(p.k.paged() || p.v.paged(), group_rows) ? &read_ahead : nullptr;
+    auto prefetch_next = [&](ReadAhead::Phase phase, const StridedTensor& t, int64_t width, int64_t first, int64_t n,
+                             int64_t visits_hint) {
+      ahead->start(phase);
+      for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, width);
+      ahead->queued(visits_hint);
+    };
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
       const int64_t nk = min_i64(kBlockK, k_end - k0), nk_pad = round_up(nk, W);
-      if (ahead) {
-        ahead->start_block();
-        const int64_t next = k0 + kBlockK, next_nk = min_i64(kBlockK, k_end - next);
-        for (int64_t g = 0; g < kv_count; ++g) {
-          queue_rows<KvStorage<Vec>>(*ahead, p.k, block.batch, kv_first + g, next, next_nk, dim);
-          queue_rows<KvStorage<Vec>>(*ahead, p.v, block.batch, kv_first + g, next, next_nk, p.value_dim);
-        }
-        ahead->queued(/*visits_hint=*/nk * kv_count * (group_rows + 1));
-      }
       for (int64_t j0 = 0; j0 < nk; j0 += sweep) {
         const int64_t nj = min_i64(sweep, nk - j0);
+        if (ahead) {
+          if (j0 + sweep < nk)
+            prefetch_next(ReadAhead::kScores, p.k, dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count);
+          else
+            prefetch_next(ReadAhead::kScores, p.v, p.value_dim, k0, min_i64(sweep, nk), nj * kv_count);
+        }
         for (int64_t g = 0; g < kv_count; ++g) {
           const int64_t r0 = g * group_rows;
           score_head<Vec>(p, block.batch, kv_first + g, k0 + j0, nj, dim_pad, k_in_place, q_rows + r0 * dim_pad,
@@ -483,6 +481,12 @@ struct DimLanes {
 
       for (int64_t j0 = 0; j0 < nk; j0 += sweep) {
         const int64_t nj = min_i64(sweep, nk - j0);
+        if (ahead) {
+          if (j0 + sweep < nk)
+            prefetch_next(ReadAhead::kValues, p.v, p.value_dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count);
+          else
+            prefetch_next(ReadAhead::kValues, p.k, dim, k0 + kBlockK, min_i64(sweep, k_end - k0 - kBlockK), nj * kv_count);
+        }
         for (int64_t g = 0; g < kv_count; ++g) {
           const int64_t r0 = g * group_rows;
           accumulate_head<Vec>(p, block.batch, kv_first + g, k0 + j0, nj, value_dim_pad, v_in_place,
