@@ -1,10 +1,10 @@
 // The decode layout (DimLanes): one or a few queries against a long K / V, the head dimension in lanes.
 #pragma once
 
-#include "kernels/read_ahead.h"
 #include "kernels/common.h"
 #include "kernels/forward_plan.h"
 #include "kernels/masks.h"
+#include "kernels/read_ahead.h"
 #include "kernels/scores.h"
 #include "kernels/softmax.h"
 
