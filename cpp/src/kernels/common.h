@@ -25,13 +25,19 @@ void fill_zero(T* data, int64_t count) {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;  // keys per score tile: S^T is kBlockK x kBlockQ, 16 KiB in fp32
 
+// How many of the n rows from row r are row_stride apart in memory: all of them, or up to the end of r's
+// pool block when t is paged.
+inline int64_t rows_in_run(const StridedTensor& t, int64_t r, int64_t n) {
+  return t.paged() ? min_i64(n, t.pages.block_size - r % t.pages.block_size) : n;
+}
+
 // Calls f(j, pointer to row r0 + j) for rows [r0, r0 + n) of (batch, head): one page-table lookup per
 // block crossed, not a division per row.
 template <class T, class F>
 inline void for_rows(const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n, F f) {
   for (int64_t j = 0; j < n;) {
     T* first = t.row<T>(batch, head, r0 + j);
-    const int64_t run = t.paged() ? min_i64(n - j, t.pages.block_size - (r0 + j) % t.pages.block_size) : n - j;
+    const int64_t run = rows_in_run(t, r0 + j, n - j);
     for (int64_t i = 0; i < run; ++i) f(j + i, first + i * t.row_stride);
     j += run;
   }

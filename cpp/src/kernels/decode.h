@@ -365,7 +365,7 @@ struct DimLanes {
     const int64_t row_bytes = ((width - 1) * t.col_stride + 1) * static_cast<int64_t>(sizeof(S));
     const int64_t stride_bytes = t.row_stride * static_cast<int64_t>(sizeof(S));
     for (int64_t j = 0; j < n;) {
-      const int64_t run = t.paged() ? min_i64(n - j, t.pages.block_size - (r0 + j) % t.pages.block_size) : n - j;
+      const int64_t run = rows_in_run(t, r0 + j, n - j);
       ahead.add(t.row<const S>(batch, head, r0 + j), stride_bytes, row_bytes, run);
       j += run;
     }
