@@ -67,13 +67,13 @@ struct DimLanes {
     return round_up(ceil_div(bytes, static_cast<int64_t>(sizeof(T))), 64 / static_cast<int64_t>(sizeof(T)));
   }
 
-  // Whether rows of t are read where they are: contiguous whole vectors, and in the compute type, or
+  // Whether rows of t are read where they are: contiguous whole reads (RowReader), and in the compute type, or
   // read by one query row, or by whole groups of kScoreRows rows, where one widened load feeds
   // kScoreRows FMAs (int8 g4 / g8 1.4x faster than widening into scratch first; bfloat16 1.1x, Zen 4).
   // Other groups (2, 3, 5, ...) would widen each element once per row: they widen into scratch.
   template <class Vec>
   static bool read_in_place(const StridedTensor& t, int64_t width, int64_t readers) {
-    if (t.col_stride != 1 || width % Vec::W != 0) return false;
+    if (t.col_stride != 1 || width % RowReader<Vec, KvStorage<Vec>>::kElements != 0) return false;
     return std::is_same_v<KvStorage<Vec>, typename Vec::T> || readers == 1 ||
            (Vec::W >= kScoreRows && readers % kScoreRows == 0);
   }
@@ -110,13 +110,25 @@ struct DimLanes {
     for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
   }
 
-  // The lanes of q_row * key summed over n vectors (one FMA chain).
+  // The lanes of q_row * key summed over n vectors (q_row in the key reader's lane order): Vec::kDotChains
+  // FMA chains, vector c on chain c % kDotChains, the row read front to back.
   template <class Vec, class R>
   static typename Vec::V dot_lanes(const typename Vec::T* q_row, const R* key, int64_t n) {
-    constexpr int W = Vec::W;
-    typename Vec::V acc = Vec::mul(Vec::load(q_row), load_widened<Vec>(key));
-    for (int64_t c = 1; c < n; ++c) acc = Vec::fmadd(Vec::load(q_row + c * W), load_widened<Vec>(key + c * W), acc);
-    return acc;
+    using Reader = RowReader<Vec, R>;
+    using V = typename Vec::V;
+    constexpr int W = Vec::W, kElements = Reader::kElements, kChains = Vec::kDotChains;
+    V acc[kChains];
+    for (int a = 0; a < kChains; ++a) acc[a] = Vec::zero();
+    for (int64_t c = 0; c < n / Reader::kVecs; ++c) {
+      V k[Reader::kVecs];
+      Reader::load(key + c * kElements, k);
+      for (int i = 0; i < Reader::kVecs; ++i) {
+        V& chain = acc[(c * Reader::kVecs + i) % kChains];
+        chain = Vec::fmadd(Vec::load(q_row + c * kElements + i * W), k[i], chain);
+      }
+    }
+    for (int a = 1; a < kChains; ++a) acc[0] = Vec::add(acc[0], acc[a]);
+    return acc[0];
   }
 
   // scores[j] = q_row . key j for nk keys, the head dimension kVecs vectors (0: `vecs`, known at run
@@ -153,7 +165,8 @@ struct DimLanes {
                                const RowRun<R>& keys, int64_t nk, int64_t vecs, typename Vec::T* scores) {
     using T = typename Vec::T;
     using V = typename Vec::V;
-    constexpr int W = Vec::W, kKeys = W / kScoreRows;
+    using Reader = RowReader<Vec, R>;
+    constexpr int W = Vec::W, kKeys = W / kScoreRows, kElements = Reader::kElements;
     static_assert(kKeys * kScoreRows == W, "a row group's sums fill one vector");
     const int64_t n = kVecs > 0 ? kVecs : vecs;
     int64_t j = 0;
@@ -164,17 +177,15 @@ struct DimLanes {
         keys.visit();
         const T* q = q_rows + g * kScoreRows * dim_pad;
         V acc[W];  // acc[r * kKeys + t]: row r, key j + t
-        for (int t = 0; t < kKeys; ++t) {
-          const V k = load_widened<Vec>(key[t]);
-          for (int r = 0; r < kScoreRows; ++r) acc[r * kKeys + t] = Vec::mul(Vec::load(q + r * dim_pad), k);
-        }
-        for (int64_t c = 1; c < n; ++c) {
-          V k[kKeys];
-          for (int t = 0; t < kKeys; ++t) k[t] = load_widened<Vec>(key[t] + c * W);
-          for (int r = 0; r < kScoreRows; ++r) {
-            const V qv = Vec::load(q + r * dim_pad + c * W);
-            for (int t = 0; t < kKeys; ++t) acc[r * kKeys + t] = Vec::fmadd(qv, k[t], acc[r * kKeys + t]);
-          }
+        for (int a = 0; a < W; ++a) acc[a] = Vec::zero();
+        for (int64_t c = 0; c < n / Reader::kVecs; ++c) {
+          V k[kKeys][Reader::kVecs];
+          for (int t = 0; t < kKeys; ++t) Reader::load(key[t] + c * kElements, k[t]);
+          for (int i = 0; i < Reader::kVecs; ++i)
+            for (int r = 0; r < kScoreRows; ++r) {
+              const V qv = Vec::load(q + r * dim_pad + c * kElements + i * W);
+              for (int t = 0; t < kKeys; ++t) acc[r * kKeys + t] = Vec::fmadd(qv, k[t][i], acc[r * kKeys + t]);
+            }
         }
         alignas(64) T sums[W];
         Vec::store(sums, Vec::sum_each(acc));
@@ -233,22 +244,44 @@ struct DimLanes {
   static void accumulate_values(const typename Vec::T* probs, int64_t nk, const RowRun<R>& values, int64_t offset,
                                 typename Vec::T* out) {
     using V = typename Vec::V;
+    using Reader = RowReader<Vec, R>;
+    static_assert(kVecs % Reader::kVecs == 0, "whole reads of the row");
+    constexpr int kReads = kVecs / Reader::kVecs;
     V acc[kVecs];
-    for (int c = 0; c < kVecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
+    load_output<Vec, Reader>(out, kVecs, acc);
     for (int64_t j = 0; j < nk; ++j) {
       values.visit();
       const V prob = Vec::set1(probs[j]);
       const R* value = Addressing::row(values, j) + offset;
-      for (int c = 0; c < kVecs; ++c) acc[c] = Vec::fmadd(prob, load_widened<Vec>(value + c * Vec::W), acc[c]);
+      for (int c = 0; c < kReads; ++c) {
+        V v[Reader::kVecs];
+        Reader::load(value + c * Reader::kElements, v);
+        for (int i = 0; i < Reader::kVecs; ++i)
+          acc[c * Reader::kVecs + i] = Vec::fmadd(prob, v[i], acc[c * Reader::kVecs + i]);
+      }
     }
-    for (int c = 0; c < kVecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
+    store_output<Vec, Reader>(acc, kVecs, out);
   }
 
+  // `vecs` vectors of an output row into registers in the value reader's lane order, and back.
+  template <class Vec, class Reader>
+  static void load_output(const typename Vec::T* out, int vecs, typename Vec::V* acc) {
+    for (int c = 0; c < vecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
+    for (int c = 0; c < vecs; c += Reader::kVecs) Reader::natural_to_lanes(acc + c);
+  }
+  template <class Vec, class Reader>
+  static void store_output(typename Vec::V* acc, int vecs, typename Vec::T* out) {
+    for (int c = 0; c < vecs; c += Reader::kVecs) Reader::lanes_to_natural(acc + c);
+    for (int c = 0; c < vecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
+  }
+
+  // Rows whose length is a whole number of reads (RowReader<Vec, R>::kElements): vecs is a multiple of its kVecs.
   template <class Vec, class R, class Addressing, int kVecs = kOutVecs>
   static void accumulate_values_any(int64_t vecs, const typename Vec::T* probs, int64_t nk, const RowRun<R>& values,
                                     int64_t offset, typename Vec::T* out) {
-    if constexpr (kVecs > 1) {
-      if (vecs < kVecs) return accumulate_values_any<Vec, R, Addressing, kVecs - 1>(vecs, probs, nk, values, offset, out);
+    constexpr int kStep = RowReader<Vec, R>::kVecs;
+    if constexpr (kVecs > kStep) {
+      if (vecs < kVecs) return accumulate_values_any<Vec, R, Addressing, kVecs - kStep>(vecs, probs, nk, values, offset, out);
     }
     accumulate_values<Vec, kVecs, R, Addressing>(probs, nk, values, offset, out);
   }
@@ -292,22 +325,21 @@ struct DimLanes {
   static void accumulate_shared_rows(const typename Vec::T* probs, int64_t nk, const RowRun<R>& values, int64_t offset,
                                      typename Vec::T* out, int64_t value_dim_pad) {
     using V = typename Vec::V;
-    constexpr int W = Vec::W;
+    using Reader = RowReader<Vec, R>;
+    static_assert(kSharedVecs % Reader::kVecs == 0, "whole reads of the row");
     V acc[kSharedRows][kSharedVecs];
-    for (int r = 0; r < kSharedRows; ++r)
-      for (int c = 0; c < kSharedVecs; ++c) acc[r][c] = Vec::load(out + r * value_dim_pad + c * W);
+    for (int r = 0; r < kSharedRows; ++r) load_output<Vec, Reader>(out + r * value_dim_pad, kSharedVecs, acc[r]);
     for (int64_t j = 0; j < nk; ++j) {
       values.visit();
       const R* value = Addressing::row(values, j) + offset;
       V v[kSharedVecs];
-      for (int c = 0; c < kSharedVecs; ++c) v[c] = load_widened<Vec>(value + c * W);
+      for (int c = 0; c < kSharedVecs; c += Reader::kVecs) Reader::load(value + c * Vec::W, v + c);
       for (int r = 0; r < kSharedRows; ++r) {
         const V prob = Vec::set1(probs[r * kBlockK + j]);
         for (int c = 0; c < kSharedVecs; ++c) acc[r][c] = Vec::fmadd(prob, v[c], acc[r][c]);
       }
     }
-    for (int r = 0; r < kSharedRows; ++r)
-      for (int c = 0; c < kSharedVecs; ++c) Vec::store(out + r * value_dim_pad + c * W, acc[r][c]);
+    for (int r = 0; r < kSharedRows; ++r) store_output<Vec, Reader>(acc[r], kSharedVecs, out + r * value_dim_pad);
   }
 
   template <class Vec, class R, class Addressing>
@@ -399,10 +431,12 @@ struct DimLanes {
     // slower than contiguous, Zen 4).
     const int64_t sweep = kv_count > 1 ? kSharedKeys : kBlockK;
 
+    // Q rows scaled, each element in the lane where the score loops' K reads put its key element.
+    auto q_lane = [&](int64_t d) { return k_in_place ? RowReader<Vec, KvStorage<Vec>>::lane_of(d) : d; };
     for (int64_t r = 0; r < rows; ++r) {
       const typename Vec::S* q_row = p.q.row<const typename Vec::S>(block.batch, block.head(r), block.query(r));
-      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + d] = widen(q_row[d * p.q.col_stride]) * scale;
       for (int64_t d = dim; d < dim_pad; ++d) q_rows[r * dim_pad + d] = T(0);
+      for (int64_t d = 0; d < dim; ++d) q_rows[r * dim_pad + q_lane(d)] = widen(q_row[d * p.q.col_stride]) * scale;
     }
 
     // The loops read a sweep's K rows (every kv head of the item), then the next sweep's, ..., then the
