@@ -110,13 +110,22 @@ struct DimLanes {
     for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
   }
 
-  // The lanes of q_row * key summed over n vectors (q_row in the key reader's lane order): Vec::kDotChains
-  // FMA chains, vector c on chain c % kDotChains, the row read front to back.
+  // Register budgets. With 16 vector registers (AVX2) the Q row of a score does not stay in registers and a
+  // single FMA chain per key waited on its latency (two chains: float32 g1 ~1.1x, Zen 1), and 4 rows x 4
+  // vectors of shared-row accumulators spilled to the stack, each FMA a store-load round trip (2 vectors:
+  // below). With 32 (AVX-512) one chain and 4 vectors.
+  template <class Vec>
+  static constexpr bool kFewRegisters = Vec::kRegisters < 32;
+  template <class Vec>
+  static constexpr int kDotChains = kFewRegisters<Vec> ? 2 : 1;
+
+  // The lanes of q_row * key summed over n vectors (q_row in the key reader's lane order): kDotChains FMA
+  // chains, vector c on chain c % kDotChains, the row read front to back.
   template <class Vec, class R>
   static typename Vec::V dot_lanes(const typename Vec::T* q_row, const R* key, int64_t n) {
     using Reader = RowReader<Vec, R>;
     using V = typename Vec::V;
-    constexpr int W = Vec::W, kElements = Reader::kElements, kChains = Vec::kDotChains;
+    constexpr int W = Vec::W, kElements = Reader::kElements, kChains = kDotChains<Vec>;
     V acc[kChains];
     for (int a = 0; a < kChains; ++a) acc[a] = Vec::zero();
     for (int64_t c = 0; c < n / Reader::kVecs; ++c) {
@@ -318,7 +327,9 @@ struct DimLanes {
 
   // kSharedRows rows of a GQA group at once, kSharedVecs vectors of each: one load of a value vector
   // feeds kSharedRows FMAs instead of one (groups of 8 measured 5-10% faster, Zen 4; groups of 4 equal).
-  static constexpr int kSharedRows = 4, kSharedVecs = 4;
+  static constexpr int kSharedRows = 4;
+  template <class Vec>
+  static constexpr int kSharedVecs = kFewRegisters<Vec> ? 2 : 4;
 
   // out(r, :kSharedVecs vectors) += sum_j probs(r, j) * value j [offset:] for kSharedRows rows.
   template <class Vec, class R, class Addressing>
@@ -326,27 +337,27 @@ struct DimLanes {
                                      typename Vec::T* out, int64_t value_dim_pad) {
     using V = typename Vec::V;
     using Reader = RowReader<Vec, R>;
-    static_assert(kSharedVecs % Reader::kVecs == 0, "whole reads of the row");
-    V acc[kSharedRows][kSharedVecs];
-    for (int r = 0; r < kSharedRows; ++r) load_output<Vec, Reader>(out + r * value_dim_pad, kSharedVecs, acc[r]);
+    static_assert(kSharedVecs<Vec> % Reader::kVecs == 0, "whole reads of the row");
+    V acc[kSharedRows][kSharedVecs<Vec>];
+    for (int r = 0; r < kSharedRows; ++r) load_output<Vec, Reader>(out + r * value_dim_pad, kSharedVecs<Vec>, acc[r]);
     for (int64_t j = 0; j < nk; ++j) {
       values.visit();
       const R* value = Addressing::row(values, j) + offset;
-      V v[kSharedVecs];
-      for (int c = 0; c < kSharedVecs; c += Reader::kVecs) Reader::load(value + c * Vec::W, v + c);
+      V v[kSharedVecs<Vec>];
+      for (int c = 0; c < kSharedVecs<Vec>; c += Reader::kVecs) Reader::load(value + c * Vec::W, v + c);
       for (int r = 0; r < kSharedRows; ++r) {
         const V prob = Vec::set1(probs[r * kBlockK + j]);
-        for (int c = 0; c < kSharedVecs; ++c) acc[r][c] = Vec::fmadd(prob, v[c], acc[r][c]);
+        for (int c = 0; c < kSharedVecs<Vec>; ++c) acc[r][c] = Vec::fmadd(prob, v[c], acc[r][c]);
       }
     }
-    for (int r = 0; r < kSharedRows; ++r) store_output<Vec, Reader>(acc[r], kSharedVecs, out + r * value_dim_pad);
+    for (int r = 0; r < kSharedRows; ++r) store_output<Vec, Reader>(acc[r], kSharedVecs<Vec>, out + r * value_dim_pad);
   }
 
   template <class Vec, class R, class Addressing>
   static void accumulate_rows(const RowRun<R>& values, int64_t nk, int64_t value_dim_pad, const typename Vec::T* probs,
                               int64_t readers, typename Vec::T* out) {
     constexpr int W = Vec::W;
-    const int64_t vecs = value_dim_pad / W, shared_vecs = W > 1 ? vecs / kSharedVecs * kSharedVecs : 0;
+    const int64_t vecs = value_dim_pad / W, shared_vecs = W > 1 ? vecs / kSharedVecs<Vec> * kSharedVecs<Vec> : 0;
     auto one_row = [&](int64_t r, int64_t first_vec) {
       for (int64_t c = first_vec; c < vecs; c += kOutVecs)
         accumulate_values_any<Vec, R, Addressing>(min_i64(kOutVecs, vecs - c), probs + r * kBlockK, nk, values, c * W,
@@ -354,7 +365,7 @@ struct DimLanes {
     };
     int64_t r = 0;
     for (; shared_vecs > 0 && r + kSharedRows <= readers; r += kSharedRows) {
-      for (int64_t c = 0; c < shared_vecs; c += kSharedVecs)
+      for (int64_t c = 0; c < shared_vecs; c += kSharedVecs<Vec>)
         accumulate_shared_rows<Vec, R, Addressing>(probs + r * kBlockK, nk, values, c * W, out + r * value_dim_pad + c * W,
                                                    value_dim_pad);
       for (int64_t i = 0; i < kSharedRows; ++i) one_row(r + i, shared_vecs);

@@ -19,8 +19,7 @@ struct VecAvx2<float> {
   static constexpr int W = 8;
   static constexpr int kTileRows = 3;
   static constexpr int kTileVecs = 4;
-  static constexpr int kDotChains = 2;  // a decode score's FMA chains (DimLanes::dot_lanes): the Q row does not stay
-                                        // in 16 registers, one chain per key waited on FMA latency (Zen 1)
+  static constexpr int kRegisters = 16;  // vector registers (the decode loops' budget)
 
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(T x) { return _mm256_set1_ps(x); }
@@ -108,8 +107,7 @@ struct VecAvx2<double> {
   static constexpr int W = 4;
   static constexpr int kTileRows = 3;
   static constexpr int kTileVecs = 4;
-  static constexpr int kDotChains = 2;  // a decode score's FMA chains (DimLanes::dot_lanes): the Q row does not stay
-                                        // in 16 registers, one chain per key waited on FMA latency (Zen 1)
+  static constexpr int kRegisters = 16;  // vector registers (the decode loops' budget)
 
   static V zero() { return _mm256_setzero_pd(); }
   static V set1(T x) { return _mm256_set1_pd(x); }

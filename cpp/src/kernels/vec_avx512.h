@@ -18,7 +18,7 @@ struct VecAvx512<float> {
   static constexpr int W = 16;
   static constexpr int kTileRows = 4;
   static constexpr int kTileVecs = 4;
-  static constexpr int kDotChains = 1;  // a decode score's FMA chains (DimLanes::dot_lanes): Q stays in registers
+  static constexpr int kRegisters = 32;  // vector registers (the decode loops' budget)
 
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(T x) { return _mm512_set1_ps(x); }
@@ -105,7 +105,7 @@ struct VecAvx512<double> {
   static constexpr int W = 8;
   static constexpr int kTileRows = 4;
   static constexpr int kTileVecs = 4;
-  static constexpr int kDotChains = 1;  // a decode score's FMA chains (DimLanes::dot_lanes): Q stays in registers
+  static constexpr int kRegisters = 32;  // vector registers (the decode loops' budget)
 
   static V zero() { return _mm512_setzero_pd(); }
   static V set1(T x) { return _mm512_set1_pd(x); }

@@ -12,7 +12,7 @@ struct VecScalar {
   // 4 x 4 scalar accumulators fit the 16 registers every x86-64 / AArch64 core has.
   static constexpr int kTileRows = 4;
   static constexpr int kTileVecs = 4;
-  static constexpr int kDotChains = 1;  // FMA chains of a decode score (DimLanes::dot_lanes)
+  static constexpr int kRegisters = 16;  // vector registers (the decode loops' budget)
 
   static V zero() { return T(0); }
   static V set1(T x) { return x; }
