@@ -7,6 +7,9 @@ equivalent (float32 K/V for the int8 rows: what torch would read without a quant
   K/V, 0.54 GB bfloat16, 0.27 GB int8 + 8 MB of scales), GQA groups of 1, 4 and 8 query heads per kv head.
 * ``paged-…-g4``: the same data in a (num_blocks, 16, Hkv, D) pool, blocks shuffled, read through the table.
 * ``ragged16-…-g4``: 16 sequences of 4096..16383 keys (a shuffled paged pool), ``attention_paged``.
+* ``step-float32-g4-lk{64,1024}`` (``test_decode_step``): one decode step against a short cache in the caches
+  (32 query heads over 8 kv heads, D=128), where the time per call, not the bandwidth, is what a serving
+  loop sees: ``us`` and ``speedup_vs_torch`` (torch's tensors made beforehand, as for every row).
 
 ``extra_info``: ``ms`` (best round), ``gbs`` (K/V/scale bytes read over the time), ``pct_of_bandwidth``
 (of the machine's read bandwidth, measured by ``fusedattn bench``'s probe in the same session) and
@@ -134,3 +137,31 @@ def _torch_time(torch, storage, group, lengths):
         _TORCH_TIMES[key] = _bench.time_best(run, target_s=1.0, min_reps=5).best_s
         del seqs
     return _TORCH_TIMES[key]
+
+
+STEP_LENGTHS = (64, 1024)
+
+
+@pytest.mark.parametrize("length", STEP_LENGTHS, ids=lambda n: f"step-float32-g4-lk{n}")
+def test_decode_step(benchmark, length, threads, torch_module):
+    """One token's attention against a short cache, called as a decode loop calls it (same shapes and
+    options every step): the per-call cost of validation and dispatch shows here, not in the rows above."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, HKV * 4, 1, D), dtype=np.float32)
+    k, v = (rng.standard_normal((1, HKV, length, D), dtype=np.float32) for _ in "kv")
+    run = lambda: fusedattn.attention(q, k, v, causal="bottom_right", num_threads=threads)  # noqa: E731
+    best = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=200)
+    if best is None:
+        return
+    info = {"us": best * 1e6}
+    torch, reason = torch_module
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run_torch():
+            with torch.inference_mode():
+                return sdpa(tq, tk, tv, enable_gqa=True)
+
+        info["speedup_vs_torch"] = _bench.time_best(run_torch, target_s=0.5, min_reps=200).best_s / best
+    benchmark.extra_info.update(info)

@@ -1,0 +1,116 @@
+"""Repeated plain calls reuse their validation (_spec._REPEATS): the spec of a repeat must be the spec the
+full validation builds, results must not change, and every error must still be raised."""
+import numpy as np
+import pytest
+
+import fusedattn
+from fusedattn import _spec, reference
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+def _fresh_spec(*args, **kwargs):
+    _spec._REPEATS.clear()
+    return _spec.prepare_attention(*args, **kwargs)
+
+
+def _assert_same_spec(repeat, fresh):
+    assert set(repeat.__dict__) == set(fresh.__dict__)
+    for name, value in fresh.__dict__.items():
+        other = repeat.__dict__[name]
+        if name == "user_call":
+            assert set(other()) == set(value())
+            for arg, given in value().items():
+                assert other()[arg] is given or other()[arg] == given, arg
+        elif isinstance(value, np.ndarray):
+            assert other.shape == value.shape and other.dtype == value.dtype and other.strides == value.strides, name
+            assert np.shares_memory(other, value) or np.array_equal(other, value), name
+        else:
+            assert other == value, name
+
+
+CALLS = [
+    dict(q=(1, 8, 1, 64), kv=(1, 2, 37, 64), dtype=np.float32, options=dict(causal="bottom_right")),
+    dict(q=(2, 4, 3, 40), kv=(2, 4, 11, 40), dtype=np.float64, options=dict(causal=True, scale=0.3, q_start=2)),
+    dict(q=(5, 16), kv=(9, 16), dtype=np.float32, options=dict(softcap=30.0, return_lse=True)),
+    dict(q=(3, 2, 8), kv=(3, 7, 8), dtype=ml_dtypes.bfloat16, options=dict(causal="top_left", k_start=4)),
+    dict(q=(1, 4, 2, 24), kv=(1, 4, 5, 24), dtype=np.float16, options=dict(precision="high", num_threads=1)),
+]
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda c: f"{len(c['q'])}d-{np.dtype(c['dtype']).name}")
+def test_repeat_spec_equals_full_validation(call):
+    """Lk grows call after call (a decode loop): each repeat's spec is field for field the fresh one."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(call["q"]).astype(call["dtype"])
+    _spec._REPEATS.clear()
+    for extra in (0, 1, 5, 0):
+        shape = call["kv"][:-2] + (call["kv"][-2] + extra, call["kv"][-1])
+        k, v = (rng.standard_normal(shape).astype(call["dtype"]) for _ in range(2))
+        repeat = _spec.prepare_attention(q, k, v, **call["options"])
+        assert _spec._REPEATS, "a plain call is kept"
+        kept = dict(_spec._REPEATS)
+        fresh = _fresh_spec(q, k, v, **call["options"])
+        _spec._REPEATS.update(kept)
+        _assert_same_spec(repeat, fresh)
+
+
+def test_repeat_results_match_reference():
+    """A decode loop through the kept validation: every step against the float64 reference (fp32 kernel vs
+    float64, D = 64 and <= 40 keys: 2e-5 covers the rounding of the sums)."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+    k_all, v_all = (rng.standard_normal((1, 2, 40, 64)).astype(np.float32) for _ in range(2))
+    _spec._REPEATS.clear()
+    for length in range(1, 41, 3):
+        k, v = k_all[:, :, :length], v_all[:, :, :length]
+        got, lse = fusedattn.attention(q, k, v, causal="bottom_right", return_lse=True)
+        want, want_lse = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                                             causal="bottom_right", return_lse=True)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(q_start=True), TypeError, "q_start must be an int"),   # True == 1: the kept key holds the types too
+    (dict(causal=1), ValueError, "causal must be one of"),       # 1 == True
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(num_threads=0), ValueError, "num_threads must be >= 1"),
+    (dict(dropout_p=1.5), ValueError, "dropout_p must be in"),
+])
+def test_repeat_keeps_every_error(bad, error, match):
+    q = np.ones((1, 2, 1, 8), np.float32)
+    k = v = np.ones((1, 2, 4, 8), np.float32)
+    good = dict(q_start=1, causal=True, scale=0.5, num_threads=1, dropout_p=0.0)
+    _spec._REPEATS.clear()
+    fusedattn.attention(q, k, v, **good)
+    fusedattn.attention(q, k, v, **good)
+    with pytest.raises(error, match=match):
+        fusedattn.attention(q, k, v, **{**good, **bad})
+
+
+def test_repeat_refuses_mismatched_lengths_and_ranks():
+    q = np.ones((1, 2, 1, 8), np.float32)
+    k = v = np.ones((1, 2, 4, 8), np.float32)
+    _spec._REPEATS.clear()
+    fusedattn.attention(q, k, v)
+    with pytest.raises(ValueError, match="k and v must agree"):
+        fusedattn.attention(q, k, np.ones((1, 2, 5, 8), np.float32))
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        fusedattn.attention(q, k, np.ones((2, 8), np.float32))
+
+
+def test_repeat_does_not_keep_arrays_or_random_dropout():
+    """The kept fields hold no array of a call (no memory held), and dropout without a seed draws a new
+    mask every call (never kept)."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 1, 4, 8)).astype(np.float32) for _ in range(3))
+    _spec._REPEATS.clear()
+    fusedattn.attention(q, k, v)
+    ((template, _, _),) = _spec._REPEATS.values()
+    assert template["q"] is None and template["k"] is None and template["v"] is None
+    _spec._REPEATS.clear()
+    first = fusedattn.attention(q, k, v, dropout_p=0.5)
+    second = fusedattn.attention(q, k, v, dropout_p=0.5)
+    assert not _spec._REPEATS
+    assert not np.array_equal(first, second)
