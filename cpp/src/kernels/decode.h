@@ -401,6 +401,17 @@ struct DimLanes {
   // for groups (float32 g4 23.4 -> 18.5 ms, as fast as contiguous rows).
   static bool reads_ahead(bool paged, int64_t group_rows) { return paged || group_rows > 1; }
 
+  // Whether the rows an item reads next are whole pool tokens: the item holds every kv head (a paged item
+  // does) and a token's heads lie back to back, as in vLLM's (num_blocks, block_size, Hkv, D) pools. Then the
+  // next sweep is queued token by token, in address order. Queued head by head, the requests walked each
+  // block once per kv head at the token stride (4 KiB for float32, D = 128, 8 heads), and paged one-row decode
+  // ran 1.3-1.8x slower than contiguous; token by token 1.1-1.5x, bfloat16 g4 1.2x -> 1.0x (AMD EPYC Zen 1,
+  // 2 threads, contiguous and paged alternating in one process).
+  static bool whole_tokens(const AttnParams& p, const StridedTensor& t, int64_t width, int64_t kv_count) {
+    return t.paged() && kv_count == p.heads_kv && t.col_stride == 1 && t.head_stride == width &&
+           t.row_stride == p.heads_kv * width;
+  }
+
   // Queues rows [r0, r0 + n) of (batch, head) of t, `width` elements of S each, for prefetching.
   template <class S>
   static void queue_rows(ReadAhead& ahead, const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n,
@@ -457,7 +468,11 @@ struct DimLanes {
     auto prefetch_next = [&](ReadAhead::Phase phase, const StridedTensor& t, int64_t width, int64_t first, int64_t n,
                              int64_t visits_hint) {
       ahead->start(phase);
-      for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, width);
+      if (whole_tokens(p, t, width, kv_count)) {
+        queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, 0, first, n, t.row_stride);
+      } else {
+        for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, width);
+      }
       ahead->queued(visits_hint);
     };
     for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
