@@ -35,10 +35,12 @@ CALLS = [
     dict(q=(5, 16), kv=(9, 16), dtype=np.float32, options=dict(softcap=30.0, return_lse=True)),
     dict(q=(3, 2, 8), kv=(3, 7, 8), dtype=ml_dtypes.bfloat16, options=dict(causal="top_left", k_start=4)),
     dict(q=(1, 4, 2, 24), kv=(1, 4, 5, 24), dtype=np.float16, options=dict(precision="high", num_threads=1)),
+    dict(q=(1, 2, 1, 32), kv=(1, 2, 6, 32), dtype=np.float32,  # NumPy scalars, as 1 / np.sqrt(D) gives
+         options=dict(scale=1 / np.sqrt(32), q_start=np.int64(3), causal=np.True_)),
 ]
 
 
-@pytest.mark.parametrize("call", CALLS, ids=lambda c: f"{len(c['q'])}d-{np.dtype(c['dtype']).name}")
+@pytest.mark.parametrize("call", CALLS, ids=lambda c: f"{len(c['q'])}d-{np.dtype(c['dtype']).name}-{sorted(c['options'])[0]}")
 def test_repeat_spec_equals_full_validation(call):
     """Lk grows call after call (a decode loop): each repeat's spec is field for field the fresh one."""
     rng = np.random.default_rng(0)
@@ -77,6 +79,7 @@ def test_repeat_results_match_reference():
     (dict(scale=float("nan")), ValueError, "scale must be finite"),
     (dict(num_threads=0), ValueError, "num_threads must be >= 1"),
     (dict(dropout_p=1.5), ValueError, "dropout_p must be in"),
+    (dict(q_start=np.bool_(True)), TypeError, "q_start must be an int"),
 ])
 def test_repeat_keeps_every_error(bad, error, match):
     q = np.ones((1, 2, 1, 8), np.float32)

@@ -357,10 +357,11 @@ def resolve_threads(num_threads) -> int:
 # A decode loop calls attention() token after token with the same shapes (but a longer K / V), dtypes and
 # options: validating them anew cost ~45 us a call on a slow core (AMD EPYC Zen 1), more than the kernel
 # of a short cache and more than torch's whole SDPA call. A call whose every option is a plain value
-# (None, bool, int, float, str: no mask, slopes, sinks, scales, out or device) keeps the fields its validation
+# (None, bool, int, float, str, or a NumPy scalar such as ``1 / np.sqrt(D)``: no mask, slopes, sinks, scales, out
+# or device) keeps the fields its validation
 # produced, keyed by everything that validation read except the key length; a repeat swaps in its arrays, its
 # thread count and the one field that depends on Lk (the diagonal). Anything that raised was never kept.
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, str})
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, np.bool_, np.float64, np.float32, np.int64, np.int32})
 _REPEATS: dict = {}
 _MAX_REPEATS = 256
 
