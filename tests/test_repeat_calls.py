@@ -103,6 +103,21 @@ def test_repeat_refuses_mismatched_lengths_and_ranks():
         fusedattn.attention(q, k, np.ones((2, 8), np.float32))
 
 
+@pytest.mark.parametrize("mask", [True, np.True_, np.float64(0.0)], ids=["bool", "np.bool_", "np.float64"])
+def test_scalar_masks_are_never_kept(mask):
+    """A scalar mask is broadcast to each call's (Lq, Lk): calls with growing Lk must each get their own (found by
+    the property test when NumPy scalars first qualified)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 1, 8)).astype(np.float32)
+    _spec._REPEATS.clear()
+    for length in (3, 5, 2):
+        k, v = (rng.standard_normal((1, 2, length, 8)).astype(np.float32) for _ in range(2))
+        got = fusedattn.attention(q, k, v, mask=mask)
+        want = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), mask=mask)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)  # fp32 vs float64, <= 5 keys
+    assert not _spec._REPEATS
+
+
 def test_repeat_does_not_keep_arrays_or_random_dropout():
     """The kept fields hold no array of a call (no memory held), and dropout without a seed draws a new
     mask every call (never kept)."""

@@ -356,9 +356,9 @@ def resolve_threads(num_threads) -> int:
 
 # A decode loop calls attention() token after token with the same shapes (but a longer K / V), dtypes and
 # options: validating them anew cost ~45 us a call on a slow core (AMD EPYC Zen 1), more than the kernel
-# of a short cache and more than torch's whole SDPA call. A call whose every option is a plain value
-# (None, bool, int, float, str, or a NumPy scalar such as ``1 / np.sqrt(D)``: no mask, slopes, sinks, scales, out
-# or device) keeps the fields its validation
+# of a short cache and more than torch's whole SDPA call. A call without mask, slopes, sinks, scales, out or
+# score weight, whose other options are plain values (None, bool, int, float, str, or a NumPy scalar such as
+# ``1 / np.sqrt(D)``), keeps the fields its validation
 # produced, keyed by everything that validation read except the key length; a repeat swaps in its arrays, its
 # thread count and the one field that depends on Lk (the diagonal). Anything that raised was never kept.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, str, np.bool_, np.float64, np.float32, np.int64, np.int32})
@@ -419,9 +419,12 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
         args.update(_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
         return args
 
-    key = _repeat_key(q, k, v, (mask, causal, scale, window, alibi_slopes, softcap, q_start, k_start, dropout_p, seed,
-                                return_lse, out, out_dtype, precision, device, score_weight, additive, sinks,
-                                k_scale, v_scale))
+    # Array options are never kept, even scalar ones: a scalar mask (True, np.bool_) is broadcast to this call's
+    # (Lq, Lk), so its prepared view depends on the key length the key leaves out.
+    without_arrays = (mask is None and alibi_slopes is None and sinks is None and k_scale is None and v_scale is None
+                      and out is None and score_weight is None)
+    key = _repeat_key(q, k, v, (causal, scale, window, softcap, q_start, k_start, dropout_p, seed, return_lse,
+                                out_dtype, precision, device, additive)) if without_arrays else None
     kept = _REPEATS.get(key) if key is not None else None
     if kept is not None:
         spec = _repeat(kept, q, k, v, threads, user_args)
