@@ -358,9 +358,9 @@ def resolve_threads(num_threads) -> int:
 # options: validating them anew cost ~45 us a call on a slow core (AMD EPYC Zen 1), more than the kernel
 # of a short cache and more than torch's whole SDPA call. A call without mask, slopes, sinks, scales, out or
 # score weight, whose other options are plain values (None, bool, int, float, str, or a NumPy scalar such as
-# ``1 / np.sqrt(D)``), keeps the fields its validation
-# produced, keyed by everything that validation read except the key length; a repeat swaps in its arrays, its
-# thread count and the one field that depends on Lk (the diagonal). Anything that raised was never kept.
+# ``1 / np.sqrt(D)``), keeps the fields its validation produced, keyed by everything that validation read
+# except the key length; a repeat swaps in its arrays, its thread count and the one field that depends on Lk
+# (the diagonal). Anything that raised was never kept.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, str, np.bool_, np.float64, np.float32, np.int64, np.int32})
 _REPEATS: dict = {}
 _MAX_REPEATS = 256
@@ -374,8 +374,7 @@ def _repeat_key(q, k, v, options: tuple):
     if not _PLAIN_TYPES.issuperset(types) or not q.ndim == k.ndim == v.ndim or k.ndim < 2:
         return None
     k_shape, v_shape = k.shape, v.shape
-    return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype,
-            k_shape[-2] == 0) + options + types
+    return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype) + options + types
 
 
 def _repeat(kept, q, k, v, threads: int, user_args):
@@ -457,7 +456,7 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
                    precision=precision, num_threads=threads, out_dtype=resolved_out, return_lse=return_lse, out=out,
                    device=device, device_arrays=device_arrays, user_args=user_args, score_weight=weight,
                    packing=packing)
-    if key is not None and layout == "dense" and not device_arrays and fields["dropout_p"] == 0:
+    if key is not None and not device_arrays and fields["dropout_p"] == 0:  # key: no mask, so a dense layout
         _remember(key, spec, k.shape[-2], check_alignment(causal))
     return spec
 
