@@ -26,12 +26,15 @@ struct DimLanes {
   // run-time count (D > 256 in float32 on AVX-512, D > 128 on AVX2).
   static constexpr int kMaxScoreVecs = 16;
 
-  // Keys [k0, k0 + nk) of one kv head: key j at first + j * stride, or at pointers[j] (paged).
+  // Keys [k0, k0 + nk) of one kv head: key j at first + j * stride, or (paged) at pointers[j] + shift, the
+  // pointers listing another kv head's rows of the same keys (a pool token's heads are head_stride apart
+  // wherever its block lies, so one list serves every head of an item).
   template <class R>
   struct RowRun {
     const R* first;
     int64_t stride;
     const R* const* pointers;
+    int64_t shift = 0;
     ReadAhead* ahead = nullptr;  // told of the keys visited (null: no prefetch)
     FUSEDATTN_ALWAYS_INLINE void visit() const {
       if (ahead) ahead->visit();
@@ -43,7 +46,7 @@ struct DimLanes {
   };
   struct Listed {
     template <class R>
-    static const R* row(const RowRun<R>& rows, int64_t j) { return rows.pointers[j]; }
+    static const R* row(const RowRun<R>& rows, int64_t j) { return rows.pointers[j] + rows.shift; }
   };
 
   // Query heads per work item: one kv group, or every kv head of a batch entry when K / V are paged
@@ -78,12 +81,20 @@ struct DimLanes {
            (Vec::W >= kScoreRows && readers % kScoreRows == 0);
   }
 
+  // Paged rows [k0, k0 + nk) of kv head `head` listed for rows_in_place: once per sweep, not once per head
+  // (the per-head lists and calls cost paged bfloat16 decode 5-8%, AMD EPYC Zen 1).
   template <class R>
-  static RowRun<R> rows_in_place(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, int64_t nk,
-                                 const R** pointers) {
-    if (!t.paged()) return {t.row<const R>(batch, head, k0), t.row_stride, nullptr};
+  static void list_rows(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, int64_t nk, const R** pointers) {
     for_rows<const R>(t, batch, head, k0, nk, [&](int64_t j, const R* row) { pointers[j] = row; });
-    return {nullptr, 0, pointers};
+  }
+
+  // Keys from k0 of kv head `head`, read where they lie: strided, or the rows list_rows() listed for kv head
+  // listed_head, shifted.
+  template <class R>
+  static RowRun<R> rows_in_place(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, const R* const* listed,
+                                 int64_t listed_head) {
+    if (!t.paged()) return {t.row<const R>(batch, head, k0), t.row_stride, nullptr};
+    return {nullptr, 0, listed, (head - listed_head) * t.head_stride};
   }
 
   // The same keys widened (or gathered, for strided columns) into zero-padded rows of width_pad.
@@ -301,15 +312,30 @@ struct DimLanes {
   static constexpr int64_t kSharedKeys = 16;
   static int64_t keys_widened_at_a_time(int64_t readers, int64_t nk) { return readers > 1 ? kSharedKeys : nk; }
 
-  // The scores of `readers` query rows (q_rows, dim_pad apart) against keys [k0, k0 + nk) of one kv head.
+  // Keys per sweep over a paged item's kv heads (token_bytes: one token's K rows of those heads). A pool
+  // block holds all heads of its tokens: a few tokens' heads one after the other read each block in
+  // address order; head by head, the whole key block of one head read 512 bytes of every 4 KiB (float32
+  // paged g4 1.5x slower than contiguous, Zen 4). A sweep is kSweepBytes, at least kSharedKeys keys: 16
+  // float32 keys at D = 128 and 8 heads, as measured on Zen 4; 16-bit and int8 sweeps of 16 keys were
+  // mostly per-call cost (32 bfloat16 / 64 int8 keys: paged / contiguous 1.10-1.15 -> 1.01-1.07 for
+  // bfloat16 g1-g8, 1.12-1.21 -> 1.10-1.13 for int8, float32 unchanged; AMD EPYC Zen 1, 2 threads).
+  static constexpr int64_t kSweepBytes = 64 * 1024;
+  static int64_t keys_per_sweep(int64_t token_bytes) {
+    int64_t keys = kSharedKeys;
+    while (2 * keys <= kBlockK && 2 * keys * token_bytes <= kSweepBytes) keys *= 2;
+    return keys;
+  }
+
+  // The scores of `readers` query rows (q_rows, dim_pad apart) against keys [k0, k0 + nk) of one kv head
+  // (`listed`: paged K's rows of kv head listed_head, when read in place).
   template <class Vec>
   static void score_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, int64_t dim_pad,
                          bool in_place, const typename Vec::T* q_rows, int64_t readers, typename Vec::T* scores,
-                         typename Vec::T* pack, const void** pointers, ReadAhead* ahead) {
+                         typename Vec::T* pack, const KvStorage<Vec>* const* listed, int64_t listed_head, ReadAhead* ahead) {
     using S = KvStorage<Vec>;
     const int64_t vecs = dim_pad / Vec::W;
     if (in_place) {
-      RowRun<S> keys = rows_in_place<S>(p.k, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
+      RowRun<S> keys = rows_in_place<S>(p.k, batch, kv_head, k0, listed, listed_head);
       keys.ahead = ahead;
       const ScoreLoops<Vec, S> loops =
           p.k.paged() ? score_loops_for<Vec, S, Listed>(vecs) : score_loops_for<Vec, S, Strided>(vecs);
@@ -377,10 +403,11 @@ struct DimLanes {
   template <class Vec>
   static void accumulate_head(const AttnParams& p, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk,
                               int64_t value_dim_pad, bool in_place, const typename Vec::T* probs, int64_t readers,
-                              typename Vec::T* out, typename Vec::T* pack, const void** pointers, ReadAhead* ahead) {
+                              typename Vec::T* out, typename Vec::T* pack, const KvStorage<Vec>* const* listed,
+                              int64_t listed_head, ReadAhead* ahead) {
     using S = KvStorage<Vec>;
     if (in_place) {
-      RowRun<S> values = rows_in_place<S>(p.v, batch, kv_head, k0, nk, reinterpret_cast<const S**>(pointers));
+      RowRun<S> values = rows_in_place<S>(p.v, batch, kv_head, k0, listed, listed_head);
       values.ahead = ahead;
       if (p.v.paged()) return accumulate_rows<Vec, S, Listed>(values, nk, value_dim_pad, probs, readers, out);
       return accumulate_rows<Vec, S, Strided>(values, nk, value_dim_pad, probs, readers, out);
@@ -437,7 +464,8 @@ struct DimLanes {
     const int64_t group = p.heads_q / p.heads_kv, group_rows = group * block.nq;
     const int64_t kv_first = block.head0 / group, kv_count = block.heads / group;
     const T scale = static_cast<T>(p.scale);
-    const void** pointers = reinterpret_cast<const void**>(scratch);
+    using S = KvStorage<Vec>;
+    const S** listed = reinterpret_cast<const S**>(scratch);  // paged rows read in place: kv head kv_first's
     T* q_rows = scratch + pointer_slots<T>();
     T* scores = q_rows + rows * dim_pad;
     T* k_pack = scores + rows * kBlockK;
@@ -447,11 +475,7 @@ struct DimLanes {
     const T neg_inf = -std::numeric_limits<T>::infinity();
     const bool k_in_place = read_in_place<Vec>(p.k, dim, group_rows);
     const bool v_in_place = read_in_place<Vec>(p.v, p.value_dim, group_rows);
-    // Keys per sweep over the item's kv heads. A paged item holds every kv head, and a pool block holds
-    // all heads of its tokens: a few tokens' heads one after the other read each block in address order;
-    // head by head, the whole key block of one head read 512 bytes of every 4 KiB (fp32 paged g4 1.5x
-    // slower than contiguous, Zen 4).
-    const int64_t sweep = kv_count > 1 ? kSharedKeys : kBlockK;
+    const int64_t sweep = kv_count > 1 ? keys_per_sweep(kv_count * dim * static_cast<int64_t>(sizeof(S))) : kBlockK;
 
     // Q rows scaled, each element in the lane where the score loops' K reads put its key element.
     auto q_lane = [&](int64_t d) { return k_in_place ? RowReader<Vec, KvStorage<Vec>>::lane_of(d) : d; };
@@ -485,10 +509,11 @@ struct DimLanes {
           else
             prefetch_next(ReadAhead::kScores, p.v, p.value_dim, k0, min_i64(sweep, nk), nj * kv_count);
         }
+        if (k_in_place && p.k.paged()) list_rows<S>(p.k, block.batch, kv_first, k0 + j0, nj, listed);
         for (int64_t g = 0; g < kv_count; ++g) {
           const int64_t r0 = g * group_rows;
           score_head<Vec>(p, block.batch, kv_first + g, k0 + j0, nj, dim_pad, k_in_place, q_rows + r0 * dim_pad,
-                          group_rows, scores + r0 * kBlockK + j0, k_pack, pointers, ahead);
+                          group_rows, scores + r0 * kBlockK + j0, k_pack, listed, kv_first, ahead);
         }
       }
       for (int64_t g = 0; g < kv_count; ++g) {
@@ -547,10 +572,12 @@ struct DimLanes {
           else
             prefetch_next(ReadAhead::kValues, p.k, dim, k0 + kBlockK, min_i64(sweep, k_end - k0 - kBlockK), nj * kv_count);
         }
+        if (v_in_place && p.v.paged()) list_rows<S>(p.v, block.batch, kv_first, k0 + j0, nj, listed);
         for (int64_t g = 0; g < kv_count; ++g) {
           const int64_t r0 = g * group_rows;
           accumulate_head<Vec>(p, block.batch, kv_first + g, k0 + j0, nj, value_dim_pad, v_in_place,
-                               scores + r0 * kBlockK + j0, group_rows, acc.o + r0 * value_dim_pad, v_pack, pointers, ahead);
+                               scores + r0 * kBlockK + j0, group_rows, acc.o + r0 * value_dim_pad, v_pack, listed, kv_first,
+                               ahead);
         }
       }
     }
