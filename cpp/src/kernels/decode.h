@@ -81,8 +81,7 @@ struct DimLanes {
            (Vec::W >= kScoreRows && readers % kScoreRows == 0);
   }
 
-  // Paged rows [k0, k0 + nk) of kv head `head` listed for rows_in_place: once per sweep, not once per head
-  // (the per-head lists and calls cost paged bfloat16 decode 5-8%, AMD EPYC Zen 1).
+  // Paged rows [k0, k0 + nk) of kv head `head` listed for rows_in_place: once per sweep, not once per head.
   template <class R>
   static void list_rows(const StridedTensor& t, int64_t batch, int64_t head, int64_t k0, int64_t nk, const R** pointers) {
     for_rows<const R>(t, batch, head, k0, nk, [&](int64_t j, const R* row) { pointers[j] = row; });
@@ -317,8 +316,8 @@ struct DimLanes {
   // address order; head by head, the whole key block of one head read 512 bytes of every 4 KiB (float32
   // paged g4 1.5x slower than contiguous, Zen 4). A sweep is kSweepBytes, at least kSharedKeys keys: 16
   // float32 keys at D = 128 and 8 heads, as measured on Zen 4; 16-bit and int8 sweeps of 16 keys were
-  // mostly per-call cost (32 bfloat16 / 64 int8 keys: paged / contiguous 1.10-1.15 -> 1.01-1.07 for
-  // bfloat16 g1-g8, 1.12-1.21 -> 1.10-1.13 for int8, float32 unchanged; AMD EPYC Zen 1, 2 threads).
+  // mostly per-call cost (with rows listed once, 32 bfloat16 / 64 int8 keys: paged / contiguous bfloat16 g1
+  // 1.33-1.43 -> 0.96-1.26, int8 g1 1.25-1.28 -> 1.09-1.17; AMD EPYC Zen 1, 2 threads, docs/performance.md).
   static constexpr int64_t kSweepBytes = 64 * 1024;
   static int64_t keys_per_sweep(int64_t token_bytes) {
     int64_t keys = kSharedKeys;
