@@ -498,6 +498,29 @@ def test_fork_copy_on_write(rng):
         cache.seq_len(parent)
 
 
+def test_block_table_rows_follow_appends_forks_and_copies(rng):
+    """block_table() rows are each sequence's block ids in token order, zero-padded, int32: across the growth
+    of a sequence's id buffer (8 -> 16 -> 32 ids), a fork (shared ids) and a copy-on-write (new last id)."""
+    cache = PagedKVCache(1, 4, block_size=2)
+    history = {}
+    a, b = cache.add_sequence(), cache.add_sequence()
+    _append_random(rng, cache, history, [a, b], [41, 3])  # a: 21 blocks, the last half full
+    child = cache.fork(a)
+    history[child] = history[a]
+    table, lens = cache.block_table([a, b, child])
+    assert table.dtype == np.int32 and lens.dtype == np.int32 and table.shape == (3, 21)
+    np.testing.assert_array_equal(lens, [41, 3, 41])
+    np.testing.assert_array_equal(table[2], table[0])  # the fork shares every block
+    assert not table[1, 2:].any() and len(set(table[0]) | set(table[1, :2])) == 23
+    _append_random(rng, cache, history, [child], [1])  # copies the shared half block
+    after, _ = cache.block_table([a, child])
+    np.testing.assert_array_equal(after[0], table[0])
+    np.testing.assert_array_equal(after[1, :20], table[0, :20])
+    assert after[1, 20] not in set(table[0]) | set(table[1, :2])
+    q = randn(rng, (3, 2, 1, 4))
+    np.testing.assert_allclose(cache.attend(q, [a, b, child]), _expected(q, history, [a, b, child]), **tol(np.float32))
+
+
 def test_fork_at_block_boundary_shares_everything(rng):
     cache = PagedKVCache(1, 4, block_size=4)
     history = {}

@@ -9,7 +9,6 @@ Layout: the key cache is ``(num_blocks, block_size, Hkv, D)``, the value cache
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -257,10 +256,30 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
 # PagedKVCache
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
 class _Sequence:
-    blocks: list = field(default_factory=list)  # block ids in token order
-    length: int = 0
+    """A sequence's block ids in token order and its length. The ids live in an int32 buffer that grows by
+    doubling, so that attend() copies each row of its block table in one slice (from a Python list,
+    block_table() took ~600 us per decode step for 16 sequences of 4-16k tokens, AMD EPYC Zen 1)."""
+
+    __slots__ = ("_ids", "_count", "length")
+
+    def __init__(self, blocks=None, length=0):
+        ids = np.asarray(blocks if blocks is not None else [], np.int32)
+        self._ids = np.zeros(max(8, len(ids)), np.int32)
+        self._ids[:len(ids)] = ids
+        self._count = len(ids)
+        self.length = length
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """The block ids, a writable view (int32)."""
+        return self._ids[:self._count]
+
+    def add_block(self, block):
+        if self._count == len(self._ids):
+            self._ids = np.concatenate([self._ids, np.zeros(len(self._ids), np.int32)])
+        self._ids[self._count] = block
+        self._count += 1
 
 
 class PagedKVCache:
@@ -482,15 +501,14 @@ class PagedKVCache:
         """
         parent = self._seq(seq_id)
         child_id = self.add_sequence()
-        self._seqs[child_id] = _Sequence(list(parent.blocks), parent.length)
-        for block in parent.blocks:
-            self._refcount[block] += 1
+        self._seqs[child_id] = _Sequence(parent.blocks, parent.length)
+        self._refcount[parent.blocks] += 1  # a sequence's blocks are distinct
         return child_id
 
     def free(self, seq_id) -> None:
         """Forget ``seq_id``; its blocks return to the pool once no other sequence shares them."""
         seq = self._seq(seq_id)
-        for block in seq.blocks:
+        for block in seq.blocks.tolist():
             self._release(block)
         del self._seqs[int(seq_id)]
 
@@ -581,7 +599,7 @@ class PagedKVCache:
             self._release(old)
             seq.blocks[-1] = new
         while len(seq.blocks) * bs < seq.length + n:
-            seq.blocks.append(self._take_block())
+            seq.add_block(self._take_block())
         # Token t goes to block t // bs, slot t % bs: write block by block, each a (slots, Hkv, ...) slice.
         t = seq.length
         while t < seq.length + n:
@@ -606,8 +624,8 @@ class PagedKVCache:
         seqs = [self._seq(s, "seq_ids entry") for s in seq_ids]
         width = max([len(s.blocks) for s in seqs] + [1])
         table = np.zeros((len(seqs), width), np.int32)
-        for row, seq in zip(table, seqs):
-            row[:len(seq.blocks)] = seq.blocks
+        for row, seq in enumerate(seqs):
+            table[row, :len(seq.blocks)] = seq.blocks
         return table, np.array([s.length for s in seqs], np.int32)
 
     def gather(self, seq_id):
