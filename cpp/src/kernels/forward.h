@@ -85,14 +85,21 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   // a function of the shape alone, never of num_threads, so any thread count gives the same bits:
   // kSplitItems items (4 per thread up to 16 threads), none shorter than kMinSplitKeys keys (a split
   // costs a partial output row and its merge, noise against that many keys).
-  // Decode counts batch x kv heads whatever the row blocks, so that paged and contiguous K / V (paged
-  // items hold every kv head) split alike and give the same bits.
-  constexpr int64_t kSplitItems = 64, kMinSplitKeys = 512;
+  // Decode counts batch x kv heads whatever the row blocks, so that paged and contiguous K / V split alike
+  // and give the same bits. A paged item holds every kv head of a sequence, though, so counted that way one
+  // sequence with 8 kv heads made 8 paged items and left every thread beyond 8 idle: long caches are split
+  // further, up to kSplitItems per batch entry, in splits of at least kLongSplitKeys keys (where an item's
+  // start, its first unprefetched rows and its merge stay small: paged and contiguous decode within noise of
+  // the 8-split plan at 2 threads, 8 kv heads x 32768 and 131072 keys, AMD EPYC Zen 1; more threads not
+  // measured).
+  constexpr int64_t kSplitItems = 64, kMinSplitKeys = 512, kLongSplitKeys = 2048;
   const int64_t units = kDecode ? p.batch * p.heads_kv : plan.row_blocks;
+  int64_t wanted = units < kSplitItems ? min_i64(ceil_div(kSplitItems, std::max<int64_t>(units, 1)), p.len_k / kMinSplitKeys) : 1;
+  if (kDecode)
+    wanted = std::max(wanted, min_i64(ceil_div(kSplitItems, std::max<int64_t>(p.batch, 1)), p.len_k / kLongSplitKeys));
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
-  if (may_split_keys && units < kSplitItems && p.len_k >= 2 * kMinSplitKeys) {
-    const int64_t wanted = min_i64(ceil_div(kSplitItems, units), p.len_k / kMinSplitKeys);
+  if (may_split_keys && wanted > 1) {
     plan.keys_per_split = round_up(ceil_div(p.len_k, wanted), kBlockK);
     plan.k_splits = ceil_div(p.len_k, plan.keys_per_split);
   }
