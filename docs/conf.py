@@ -4,7 +4,7 @@ Build (from the repository root):  pip install ".[docs]" && python -m sphinx -W 
 
 The API reference is generated from the installed package's docstrings (autodoc + autosummary, Google-style
 Args/Returns read by napoleon); the gallery runs every ``examples/plot_*.py`` (and text_classification.py,
-translation_attention.py) at build time and shows its output and figures.
+translation_attention.py, paged_decoding.py) at build time and shows its output and figures.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class DiskPngScraper:
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
-    "filename_pattern": r"/(plot_\w+|text_classification|translation_attention)\.py$",
+    "filename_pattern": r"/(plot_\w+|text_classification|translation_attention|paged_decoding)\.py$",
     "ignore_pattern": r"(__init__|conftest|additive_vs_dot|dask_long_context|quickstart|train_tiny_transformer)\.py$",
     "image_scrapers": ("matplotlib", DiskPngScraper()),
     "reset_argv": lambda gallery_conf, script_vars: [],

@@ -52,7 +52,7 @@ def next_tokens(model, tokens, attended):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description="Serving-style decoding with a paged int8 KV cache.")
     parser.add_argument("--steps", type=int, default=300, help="decoding steps of the longest sequence")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
