@@ -94,9 +94,12 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   // measured).
   constexpr int64_t kSplitItems = 64, kMinSplitKeys = 512, kLongSplitKeys = 2048;
   const int64_t units = kDecode ? p.batch * p.heads_kv : plan.row_blocks;
-  int64_t wanted = units < kSplitItems ? min_i64(ceil_div(kSplitItems, std::max<int64_t>(units, 1)), p.len_k / kMinSplitKeys) : 1;
-  if (kDecode)
-    wanted = std::max(wanted, min_i64(ceil_div(kSplitItems, std::max<int64_t>(p.batch, 1)), p.len_k / kLongSplitKeys));
+  // Splits that bring `items` (work items before splitting) to kSplitItems, each of at least min_keys keys.
+  auto splits_for = [&](int64_t items, int64_t min_keys) {
+    return items >= kSplitItems ? 1 : min_i64(ceil_div(kSplitItems, std::max<int64_t>(items, 1)), p.len_k / min_keys);
+  };
+  int64_t wanted = splits_for(units, kMinSplitKeys);
+  if (kDecode) wanted = std::max(wanted, splits_for(p.batch, kLongSplitKeys));
   plan.k_splits = 1;
   plan.keys_per_split = round_up(p.len_k > 0 ? p.len_k : 1, kBlockK);
   if (may_split_keys && wanted > 1) {
