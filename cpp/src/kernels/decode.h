@@ -272,9 +272,11 @@ struct DimLanes {
       values.visit();
       const V prob = Vec::set1(probs[j]);
       const R* value = Addressing::row(values, j) + offset;
+      FUSEDATTN_UNROLL
       for (int c = 0; c < kReads; ++c) {
         V v[Reader::kVecs];
         Reader::load(value + c * Reader::kElements, v);
+        FUSEDATTN_UNROLL
         for (int i = 0; i < Reader::kVecs; ++i)
           acc[c * Reader::kVecs + i] = Vec::fmadd(prob, v[i], acc[c * Reader::kVecs + i]);
       }
@@ -285,12 +287,16 @@ struct DimLanes {
   // `vecs` vectors of an output row into registers in the value reader's lane order, and back.
   template <class Vec, class Reader>
   static void load_output(const typename Vec::T* out, int vecs, typename Vec::V* acc) {
+    FUSEDATTN_UNROLL
     for (int c = 0; c < vecs; ++c) acc[c] = Vec::load(out + c * Vec::W);
+    FUSEDATTN_UNROLL
     for (int c = 0; c < vecs; c += Reader::kVecs) Reader::natural_to_lanes(acc + c);
   }
   template <class Vec, class Reader>
   static void store_output(typename Vec::V* acc, int vecs, typename Vec::T* out) {
+    FUSEDATTN_UNROLL
     for (int c = 0; c < vecs; c += Reader::kVecs) Reader::lanes_to_natural(acc + c);
+    FUSEDATTN_UNROLL
     for (int c = 0; c < vecs; ++c) Vec::store(out + c * Vec::W, acc[c]);
   }
 
@@ -364,17 +370,22 @@ struct DimLanes {
     using Reader = RowReader<Vec, R>;
     static_assert(kSharedVecs<Vec> % Reader::kVecs == 0, "whole reads of the row");
     V acc[kSharedRows][kSharedVecs<Vec>];
+    FUSEDATTN_UNROLL
     for (int r = 0; r < kSharedRows; ++r) load_output<Vec, Reader>(out + r * value_dim_pad, kSharedVecs<Vec>, acc[r]);
     for (int64_t j = 0; j < nk; ++j) {
       values.visit();
       const R* value = Addressing::row(values, j) + offset;
       V v[kSharedVecs<Vec>];
+      FUSEDATTN_UNROLL
       for (int c = 0; c < kSharedVecs<Vec>; c += Reader::kVecs) Reader::load(value + c * Vec::W, v + c);
+      FUSEDATTN_UNROLL
       for (int r = 0; r < kSharedRows; ++r) {
         const V prob = Vec::set1(probs[r * kBlockK + j]);
+        FUSEDATTN_UNROLL
         for (int c = 0; c < kSharedVecs<Vec>; ++c) acc[r][c] = Vec::fmadd(prob, v[c], acc[r][c]);
       }
     }
+    FUSEDATTN_UNROLL
     for (int r = 0; r < kSharedRows; ++r) store_output<Vec, Reader>(acc[r], kSharedVecs<Vec>, out + r * value_dim_pad);
   }
 
