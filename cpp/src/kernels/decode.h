@@ -114,10 +114,21 @@ struct DimLanes {
     return {pack, width_pad, nullptr};
   }
 
-  // The per-key scales of int8 K or V for keys [k0, k0 + nk).
+  // The per-key scales of int8 K or V for keys [k0, k0 + nk) of kv heads [kv_first, kv_first + kv_count): head g's
+  // at out[g * kBlockK + j]. Read in memory order: token by token where a token's heads lie side by side (a pool;
+  // read head by head, each pass touched every line of the block's scales again), else head by head.
   template <class T>
-  static void key_scales(const StridedTensor& scales, int64_t batch, int64_t kv_head, int64_t k0, int64_t nk, T* out) {
-    for_rows<const float>(scales, batch, kv_head, k0, nk, [&](int64_t j, const float* scale) { out[j] = static_cast<T>(*scale); });
+  static void key_scales(const StridedTensor& scales, int64_t batch, int64_t kv_first, int64_t kv_count, int64_t k0,
+                         int64_t nk, T* out) {
+    if (scales.head_stride == 1 && kv_count > 1) {
+      for_rows<const float>(scales, batch, kv_first, k0, nk, [&](int64_t j, const float* token) {
+        for (int64_t g = 0; g < kv_count; ++g) out[g * kBlockK + j] = static_cast<T>(token[g]);
+      });
+      return;
+    }
+    for (int64_t g = 0; g < kv_count; ++g)
+      for_rows<const float>(scales, batch, kv_first + g, k0, nk,
+                            [&](int64_t j, const float* scale) { out[g * kBlockK + j] = static_cast<T>(*scale); });
   }
 
   // Register budgets. With 16 vector registers (AVX2) the Q row of a score does not stay in registers and a
@@ -449,11 +460,10 @@ struct DimLanes {
            t.row_stride == p.heads_kv * width;
   }
 
-  // Queues rows [r0, r0 + n) of (batch, head) of t, `width` elements of S each, for prefetching.
+  // Queues rows [r0, r0 + n) of (batch, head) of t, the first row_bytes of each, for prefetching.
   template <class S>
   static void queue_rows(ReadAhead& ahead, const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n,
-                         int64_t width) {
-    const int64_t row_bytes = ((width - 1) * t.col_stride + 1) * static_cast<int64_t>(sizeof(S));
+                         int64_t row_bytes) {
     const int64_t stride_bytes = t.row_stride * static_cast<int64_t>(sizeof(S));
     for (int64_t j = 0; j < n;) {
       const int64_t run = rows_in_run(t, r0 + j, n - j);
@@ -499,13 +509,29 @@ struct DimLanes {
     // block's V rows sweep by sweep, then the next block's K: while one is read, the next is prefetched.
     ReadAhead read_ahead;
     ReadAhead* ahead = reads_ahead(p.k.paged() || p.v.paged(), group_rows) ? &read_ahead : nullptr;
+    constexpr int64_t kElementBytes = sizeof(KvStorage<Vec>);
+    // int8 scales: one float per token and kv head; a pool's lie token-major (head_stride 1), the item's heads
+    // of a token side by side.
+    auto queue_scales = [&](const StridedTensor& t, int64_t first, int64_t n) {
+      if (t.head_stride == 1) return queue_rows<float>(*ahead, t, block.batch, kv_first, first, n, kv_count * 4);
+      for (int64_t g = 0; g < kv_count; ++g) queue_rows<float>(*ahead, t, block.batch, kv_first + g, first, n, 4);
+    };
+    // scale_keys: int8 scales of keys [first, first + scale_keys) queued too (the next block's, a phase ahead:
+    // unrequested, a pool's scales were read at DRAM latency, a block's pool blocks one after the other).
     auto prefetch_next = [&](ReadAhead::Phase phase, const StridedTensor& t, int64_t width, int64_t first, int64_t n,
-                             int64_t visits_hint) {
+                             int64_t visits_hint, int64_t scale_keys) {
       ahead->start(phase);
       if (whole_tokens(p, t, width, kv_count)) {
-        queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, 0, first, n, t.row_stride);
+        queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, 0, first, n, t.row_stride * kElementBytes);
       } else {
-        for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, width);
+        const int64_t row_bytes = ((width - 1) * t.col_stride + 1) * kElementBytes;
+        for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, row_bytes);
+      }
+      if constexpr (kInt8Kv<Vec>) {
+        if (scale_keys > 0) {
+          queue_scales(p.k_scale, first, scale_keys);
+          queue_scales(p.v_scale, first, scale_keys);
+        }
       }
       ahead->queued(visits_hint);
     };
@@ -515,9 +541,9 @@ struct DimLanes {
         const int64_t nj = min_i64(sweep, nk - j0);
         if (ahead) {
           if (j0 + sweep < nk)
-            prefetch_next(ReadAhead::kScores, p.k, dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count);
+            prefetch_next(ReadAhead::kScores, p.k, dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count, 0);
           else
-            prefetch_next(ReadAhead::kScores, p.v, p.value_dim, k0, min_i64(sweep, nk), nj * kv_count);
+            prefetch_next(ReadAhead::kScores, p.v, p.value_dim, k0, min_i64(sweep, nk), nj * kv_count, 0);
         }
         if (k_in_place && p.k.paged()) list_rows<S>(p.k, block.batch, kv_first, k0 + j0, nj, listed);
         for (int64_t g = 0; g < kv_count; ++g) {
@@ -526,11 +552,9 @@ struct DimLanes {
                           group_rows, scores + r0 * kBlockK + j0, k_pack, listed, kv_first, ahead);
         }
       }
-      for (int64_t g = 0; g < kv_count; ++g) {
-        if constexpr (kInt8Kv<Vec>) {
-          key_scales(p.k_scale, block.batch, kv_first + g, k0, nk, k_scales + g * kBlockK);
-          key_scales(p.v_scale, block.batch, kv_first + g, k0, nk, v_scales + g * kBlockK);
-        }
+      if constexpr (kInt8Kv<Vec>) {
+        key_scales(p.k_scale, block.batch, kv_first, kv_count, k0, nk, k_scales);
+        key_scales(p.v_scale, block.batch, kv_first, kv_count, k0, nk, v_scales);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* row_scores = scores + r * kBlockK;
@@ -578,9 +602,11 @@ struct DimLanes {
         const int64_t nj = min_i64(sweep, nk - j0);
         if (ahead) {
           if (j0 + sweep < nk)
-            prefetch_next(ReadAhead::kValues, p.v, p.value_dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count);
+            prefetch_next(ReadAhead::kValues, p.v, p.value_dim, k0 + j0 + sweep, min_i64(sweep, nk - j0 - sweep), nj * kv_count,
+                          0);
           else
-            prefetch_next(ReadAhead::kValues, p.k, dim, k0 + kBlockK, min_i64(sweep, k_end - k0 - kBlockK), nj * kv_count);
+            prefetch_next(ReadAhead::kValues, p.k, dim, k0 + kBlockK, min_i64(sweep, k_end - k0 - kBlockK), nj * kv_count,
+                          min_i64(kBlockK, k_end - k0 - kBlockK));
         }
         if (v_in_place && p.v.paged()) list_rows<S>(p.v, block.batch, kv_first, k0 + j0, nj, listed);
         for (int64_t g = 0; g < kv_count; ++g) {
