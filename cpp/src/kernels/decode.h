@@ -513,8 +513,9 @@ struct DimLanes {
     // int8 scales: one float per token and kv head; a pool's lie token-major (head_stride 1), the item's heads
     // of a token side by side.
     auto queue_scales = [&](const StridedTensor& t, int64_t first, int64_t n) {
-      if (t.head_stride == 1) return queue_rows<float>(*ahead, t, block.batch, kv_first, first, n, kv_count * 4);
-      for (int64_t g = 0; g < kv_count; ++g) queue_rows<float>(*ahead, t, block.batch, kv_first + g, first, n, 4);
+      constexpr int64_t kScaleBytes = sizeof(float);
+      if (t.head_stride == 1) return queue_rows<float>(*ahead, t, block.batch, kv_first, first, n, kv_count * kScaleBytes);
+      for (int64_t g = 0; g < kv_count; ++g) queue_rows<float>(*ahead, t, block.batch, kv_first + g, first, n, kScaleBytes);
     };
     // scale_keys: int8 scales of keys [first, first + scale_keys) queued too (the next block's, a phase ahead:
     // unrequested, a pool's scales were read at DRAM latency, a block's pool blocks one after the other).
