@@ -449,18 +449,23 @@ struct DimLanes {
   // for groups (float32 g4 23.4 -> 18.5 ms, as fast as contiguous rows).
   static bool reads_ahead(bool paged, int64_t group_rows) { return paged || group_rows > 1; }
 
-  // Whether the rows an item reads next are whole pool tokens: the item holds every kv head (a paged item
-  // does) and a token's heads lie back to back, as in vLLM's (num_blocks, block_size, Hkv, D) pools. Then the
-  // next sweep is queued token by token, in address order. Queued head by head, the requests walked each
-  // block once per kv head at the token stride (4 KiB for float32, D = 128, 8 heads), and paged one-row decode
-  // ran 1.3-1.8x slower than contiguous; token by token 1.1-1.5x, bfloat16 g4 1.2x -> 1.0x (AMD EPYC Zen 1,
-  // 2 threads, contiguous and paged alternating in one process).
-  static bool whole_tokens(const AttnParams& p, const StridedTensor& t, int64_t width, int64_t kv_count) {
-    return t.paged() && kv_count == p.heads_kv && t.col_stride == 1 && t.head_stride == width &&
-           t.row_stride == p.heads_kv * width;
+  // Queues rows [r0, r0 + n) of kv heads [kv_first, kv_first + kv_count) of t, `width` elements of S each, for
+  // prefetching. Where a token's heads lie side by side (head_stride is one head's row), as in vLLM's
+  // (num_blocks, block_size, Hkv, D) pools and their (num_blocks, block_size, Hkv) int8 scales, the item's heads
+  // of a token are one row: the requests follow the pool in address order. Queued head by head, they walked
+  // each block once per kv head at the token stride (4 KiB for float32, D = 128, 8 heads), and paged one-row
+  // decode ran 1.3-1.8x slower than contiguous; token by token 1.1-1.5x, bfloat16 g4 1.2x -> 1.0x (AMD EPYC
+  // Zen 1, 2 threads, contiguous and paged alternating in one process).
+  template <class S>
+  static void queue_item_rows(ReadAhead& ahead, const StridedTensor& t, int64_t batch, int64_t kv_first, int64_t kv_count,
+                              int64_t r0, int64_t n, int64_t width) {
+    const int64_t head_span = (width - 1) * t.col_stride + 1;  // elements from a head's first to its last
+    constexpr int64_t kBytes = sizeof(S);
+    if (t.head_stride == head_span) return queue_rows<S>(ahead, t, batch, kv_first, r0, n, kv_count * head_span * kBytes);
+    for (int64_t g = 0; g < kv_count; ++g) queue_rows<S>(ahead, t, batch, kv_first + g, r0, n, head_span * kBytes);
   }
 
-  // Queues rows [r0, r0 + n) of (batch, head) of t, the first row_bytes of each, for prefetching.
+  // Queues rows [r0, r0 + n) of (batch, head) of t, the first row_bytes of each.
   template <class S>
   static void queue_rows(ReadAhead& ahead, const StridedTensor& t, int64_t batch, int64_t head, int64_t r0, int64_t n,
                          int64_t row_bytes) {
@@ -509,29 +514,16 @@ struct DimLanes {
     // block's V rows sweep by sweep, then the next block's K: while one is read, the next is prefetched.
     ReadAhead read_ahead;
     ReadAhead* ahead = reads_ahead(p.k.paged() || p.v.paged(), group_rows) ? &read_ahead : nullptr;
-    constexpr int64_t kElementBytes = sizeof(KvStorage<Vec>);
-    // int8 scales: one float per token and kv head; a pool's lie token-major (head_stride 1), the item's heads
-    // of a token side by side.
-    auto queue_scales = [&](const StridedTensor& t, int64_t first, int64_t n) {
-      constexpr int64_t kScaleBytes = sizeof(float);
-      if (t.head_stride == 1) return queue_rows<float>(*ahead, t, block.batch, kv_first, first, n, kv_count * kScaleBytes);
-      for (int64_t g = 0; g < kv_count; ++g) queue_rows<float>(*ahead, t, block.batch, kv_first + g, first, n, kScaleBytes);
-    };
     // scale_keys: int8 scales of keys [first, first + scale_keys) queued too (the next block's, a phase ahead:
     // unrequested, a pool's scales were read at DRAM latency, a block's pool blocks one after the other).
     auto prefetch_next = [&](ReadAhead::Phase phase, const StridedTensor& t, int64_t width, int64_t first, int64_t n,
                              int64_t visits_hint, int64_t scale_keys) {
       ahead->start(phase);
-      if (whole_tokens(p, t, width, kv_count)) {
-        queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, 0, first, n, t.row_stride * kElementBytes);
-      } else {
-        const int64_t row_bytes = ((width - 1) * t.col_stride + 1) * kElementBytes;
-        for (int64_t g = 0; g < kv_count; ++g) queue_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first + g, first, n, row_bytes);
-      }
+      queue_item_rows<KvStorage<Vec>>(*ahead, t, block.batch, kv_first, kv_count, first, n, width);
       if constexpr (kInt8Kv<Vec>) {
         if (scale_keys > 0) {
-          queue_scales(p.k_scale, first, scale_keys);
-          queue_scales(p.v_scale, first, scale_keys);
+          queue_item_rows<float>(*ahead, p.k_scale, block.batch, kv_first, kv_count, first, scale_keys, 1);
+          queue_item_rows<float>(*ahead, p.v_scale, block.batch, kv_first, kv_count, first, scale_keys, 1);
         }
       }
       ahead->queued(visits_hint);
