@@ -12,7 +12,7 @@ namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // Decode layout: few queries, so the head dimension is in lanes. Each score is a dot product over D
 // (one FMA chain per key and row, W chains reduced together), the softmax runs along a row of keys, and
-// o(r, :) += p(r, j) * v(j, :) keeps up to kOutVecs vectors of the output row in registers. Every K/V
+// o(r, :) += p(r, j) * v(j, :) accumulates up to kOutVecs vectors of the output row per pass. Every K/V
 // element is loaded once per group of query rows, which is what a memory-bound decode step needs.
 //
 // Where a K / V row is read: in place, a plain load (compute type) or widened in registers (16-bit,
@@ -21,7 +21,12 @@ namespace fusedattn::FUSEDATTN_KERNEL_NS {
 // Rows are addressed by a stride, or key by key through the page table when K / V are paged (a pool
 // block may end anywhere).
 struct DimLanes {
-  static constexpr int kOutVecs = 8;
+  // 16: a value row of up to 16 vectors (D = 128 in float32 on AVX2, 256 on AVX-512) is read in one pass
+  // over the keys. In passes of 8, each pass read one half of every row of a key block from DRAM, and
+  // contiguous float32 one-row decode ran ~1.2x slower; one pass is faster even where 16 accumulators
+  // outgrow AVX2's 16 registers and a few live on the stack (16-bit, int8; AMD EPYC Zen 1,
+  // docs/performance.md).
+  static constexpr int kOutVecs = 16;
   // Largest head dimension, in vectors, with a compiled score loop; beyond it the dimension is a
   // run-time count (D > 256 in float32 on AVX-512, D > 128 on AVX2).
   static constexpr int kMaxScoreVecs = 16;
