@@ -24,7 +24,7 @@ struct alignas(64) TileConfig {  // the 64-byte LDTILECFG operand
   uint8_t rows[16] = {};
 };
 
-inline TileConfig uniform_tile_config() {
+constexpr TileConfig uniform_tile_config() {
   TileConfig config;
   config.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -33,6 +33,12 @@ inline TileConfig uniform_tile_config() {
   }
   return config;
 }
+// The operand LDTILECFG reads, in read-only data. GCC 12's _tile_loadconfig declares an asm operand of 8
+// bytes (a pointer's worth), so a configuration built on the stack could lose the stores of its other 56
+// bytes: the backward's work item loaded palette and rows with every column width zero, which the hardware
+// refuses with a #GP (a crash on a Xeon; the model builds its own configuration, so only a native run could
+// show it).
+inline constexpr TileConfig kUniformTileConfig = uniform_tile_config();
 
 #ifdef __AMX_TILE__
 // GCC's tile intrinsics paste the register number into the instruction's text, so it must be a literal:
@@ -54,10 +60,7 @@ inline TileConfig uniform_tile_config() {
   else op(3, 5, 7);
 
 struct NativeTiles {
-  static void configure() {
-    const TileConfig config = uniform_tile_config();
-    _tile_loadconfig(&config);
-  }
+  static void configure() { _tile_loadconfig(&kUniformTileConfig); }
   static void release() { _tile_release(); }
   template <int kTile>
   static void zero() {
@@ -88,7 +91,8 @@ struct NativeTiles {
 #endif
 
 // The software model: each instruction as the Intel SDM's pseudocode states it (vol. 2, TILELOADD,
-// TILESTORED, TILEZERO, TDPBF16PS, TDPFP16PS), on a per-thread register file. A shape the hardware would
+// TILESTORED, TILEZERO, TDPBF16PS, TDPFP16PS; for TDPBF16PS checked against a Xeon, see dot()), on a
+// per-thread register file. A shape the hardware would
 // refuse with #UD (a tile used before LDTILECFG, mismatched A / B / C shapes) aborts with a message:
 // for the kernels here that is a bug, never a user error.
 struct ModelTiles {
@@ -114,7 +118,7 @@ struct ModelTiles {
 
   static void configure() {  // LDTILECFG zeroes every tile
     RegisterFile& file = registers();
-    file.config = uniform_tile_config();
+    file.config = kUniformTileConfig;
     file.configured = true;
     std::memset(file.tile, 0, sizeof file.tile);
   }
@@ -158,8 +162,12 @@ struct ModelTiles {
     return std::fabs(x) < 1.17549435e-38f ? std::copysign(0.0f, x) : x;
   }
 
-  // C.row[m].fp32[n] += A.row[m].e[2k] * B.row[k].e[2n], then the same for 2k + 1 and 2n + 1, k ascending.
-  // A product of two 16-bit values is exact in fp32, so each step rounds once (RNE), as the SDM states.
+  // C.row[m].fp32[n] += even[n] + odd[n], where even[n] (odd[n]) starts at zero and takes the FMA of
+  // A.row[m].e[2k] * B.row[k].e[2n] (e[2k + 1] * e[2n + 1]) for k ascending: two fp32 accumulators per output,
+  // summed once at the end, as the SDM's current pseudocode has it (its older text folded both products into
+  // C one after the other; a Xeon gives these sums bit for bit on random tiles of depth 1, 2 and 16 pairs,
+  // the older ones in under a third of the cases at depth 16). Each step rounds once (RNE) and flushes an
+  // fp32 denormal to zero. TDPFP16PS is modelled the same way; no CPU here has AMX-FP16 to confirm it.
   template <int kC, int kA, int kB, class Widen>
   static void dot(Widen widen) {
     const TileConfig& c = config();
@@ -177,11 +185,13 @@ struct ModelTiles {
         b[r][e] = widen(b_bits);
       }
     for (int m = 0; m < c.rows[kC]; ++m) {
-      float row[kTileCols];
+      float row[kTileCols], lanes[2][kTileCols] = {};
       std::memcpy(row, file.tile[kC] + m * kTileBytes, sizeof row);
       for (int k = 0; k < depth_pairs; ++k)
         for (int half = 0; half < 2; ++half)
-          for (int n = 0; n < columns; ++n) row[n] = flush_denormal(row[n] + a[m][2 * k + half] * b[k][2 * n + half]);
+          for (int n = 0; n < columns; ++n)
+            lanes[half][n] = flush_denormal(std::fma(a[m][2 * k + half], b[k][2 * n + half], lanes[half][n]));
+      for (int n = 0; n < columns; ++n) row[n] = flush_denormal(row[n] + flush_denormal(lanes[0][n] + lanes[1][n]));
       std::memcpy(file.tile[kC] + m * kTileBytes, row, sizeof row);
     }
   }
