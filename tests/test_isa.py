@@ -53,7 +53,8 @@ def test_extension_is_built():
 def test_backend_info_keys_and_types():
     info = fusedattn.backend_info()
     assert set(info) == {"isa", "compiled_isas", "supported_isas", "num_threads", "openmp", "version", "cuda",
-                         "extension", "amx", "float32_precision"}
+                         "extension", "amx", "float32_precision", "decode_read_ahead"}
+    assert isinstance(info["decode_read_ahead"], bool)
     assert {"cpu", "os", "reason"} <= set(info["amx"])
     assert isinstance(info["amx"]["reason"], str)
     assert isinstance(info["isa"], str)

@@ -14,6 +14,8 @@ Tolerances (q / out dtype vs the float64 truth on standard-normal data, scaled s
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -249,6 +251,53 @@ def test_decode_groups_and_dims(isa, rng, group, d, dv, storage):
     out = _serving_call(q, k, v, **options)
     want, _ = reference(q, kd, vd, [lk] * b)
     assert_close(out, want, tol_of(dtype))
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_decode_read_ahead_changes_no_bit(isa, rng, storage):
+    """Decode's software read-ahead of contiguous one-row streams (on by default on Intel CPUs) only issues
+    prefetches: on and off give the same bits, through both the row loops (group 1) and the grouped ones."""
+    if storage == "bfloat16" and BF16 is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    dtype = BF16 if storage == "bfloat16" else np.float32
+    for group in (1, 4):
+        q = randn(rng, (2, 2 * group, 1, 128), dtype)
+        k, v = randn(rng, (2, 2, 700, 128), dtype), randn(rng, (2, 2, 700, 128), dtype)
+        options = {}
+        if storage == "int8":
+            (k, ks), (v, vs) = quantize(k), quantize(v)
+            options = dict(k_scale=ks, v_scale=vs)
+        runs = []
+        for mode in (True, False):
+            _backend.set_decode_read_ahead(mode)
+            try:
+                runs.append(_serving_call(q, k, v, return_lse=True, **options))
+            finally:
+                _backend.set_decode_read_ahead(None)
+        np.testing.assert_array_equal(runs[0][0], runs[1][0])
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_decode_read_ahead_switch():
+    import fusedattn
+
+    try:
+        for mode in (True, False):
+            _backend.set_decode_read_ahead(mode)
+            assert fusedattn.backend_info()["decode_read_ahead"] is mode
+    finally:
+        _backend.set_decode_read_ahead(None)
+    with pytest.raises(TypeError, match="mode must be True, False or None, got int"):
+        _backend.set_decode_read_ahead(1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's vendor from Linux's /proc/cpuinfo")
+def test_decode_read_ahead_default_follows_the_vendor():
+    import fusedattn
+
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    assert fusedattn.backend_info()["decode_read_ahead"] is intel
 
 
 def test_int8_noncontiguous(isa, rng):

@@ -533,6 +533,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_amx_emulation", &fusedattn::set_amx_emulation, py::arg("mode"),
         "Test switch: 1 runs the amx level on the software model of the tile instructions (any AVX-512 CPU), "
         "2 models AMX-FP16 too, 0 is the hardware.");
+  m.def("decode_read_ahead", &fusedattn::decode_read_ahead,
+        "Whether decode prefetches contiguous one-row K / V streams in software (default: on Intel CPUs).");
+  m.def("set_decode_read_ahead", &fusedattn::set_decode_read_ahead, py::arg("mode"),
+        "1 on, 0 off, -1 the CPU's default: decode's software prefetch of contiguous one-row K / V streams.");
   m.attr("MAX_HEAD_DIM") = fusedattn::kMaxHeadDim;  // the largest D and Dv: Python's checks read it here
   m.def("max_threads", &fusedattn::max_threads);
   m.def("openmp", &fusedattn::openmp_enabled);

@@ -99,7 +99,9 @@ void attention_forward(const AttnParams& p) {
     validate_pages(p, p.k_scale, "k_scale");
     validate_pages(p, p.v_scale, "v_scale");
   }
-  detail::run_forward_kernel(with_useful_threads(p));
+  AttnParams adjusted = with_useful_threads(p);
+  adjusted.read_ahead_streams = decode_read_ahead();
+  detail::run_forward_kernel(adjusted);
 }
 
 void attention_backward(const AttnParams& p) {

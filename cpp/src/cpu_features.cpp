@@ -245,6 +245,32 @@ void set_amx_emulation(int mode) {
     g_selected.store(static_cast<int>(best_supported_isa()), std::memory_order_relaxed);
 }
 
+namespace {
+bool cpu_is_intel() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;  // "Genu" "ineI" "ntel"
+#else
+  return false;
+#endif
+}
+std::atomic<int> g_decode_read_ahead{-1};
+}  // namespace
+
+bool decode_read_ahead() {
+  const int mode = g_decode_read_ahead.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+  static const bool by_default = cpu_is_intel();
+  return by_default;
+}
+
+void set_decode_read_ahead(int mode) {
+  if (mode < -1 || mode > 1)
+    throw std::invalid_argument("decode read-ahead: mode must be 1 (on), 0 (off) or -1 (the CPU's default)");
+  g_decode_read_ahead.store(mode, std::memory_order_relaxed);
+}
+
 bool amx_fp16_enabled() {
   const int emulation = g_amx_emulation.load();
   if (emulation) return emulation == 2;

@@ -71,6 +71,12 @@ def amx_status() -> dict:
     """What the amx level needs and has: ``compiled``, ``cpu`` (AMX-TILE + AMX-BF16), ``cpu_fp16``,
     ``native_fp16``, ``os`` (tile state granted), ``emulated`` (0, 1 or 2) and ``reason`` ('' when available)."""
 
+def decode_read_ahead() -> bool:
+    """Whether decode prefetches contiguous one-row K / V streams in software (default: on Intel CPUs)."""
+
+def set_decode_read_ahead(mode: int) -> None:
+    """1 on, 0 off, -1 the CPU's default: decode's software prefetch of contiguous one-row K / V streams."""
+
 def set_amx_emulation(mode: int) -> None:
     """Test switch: 1 runs the amx level on the software model of the tile instructions (any AVX-512 CPU),
     2 models AMX-FP16 too, 0 is the hardware. ``ValueError`` for other modes or a build without amx."""

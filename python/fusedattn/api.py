@@ -312,7 +312,7 @@ def backend_info() -> dict:
     (compiled and runnable on this CPU), ``num_threads``, ``openmp``, ``version``, ``cuda`` (a dict:
     ``built``, ``devices`` with each one's ``index``, ``name`` and ``compute_capability``, and ``error``
     saying why there are none), ``extension`` (False when running on the NumPy reference fallback),
-    ``amx`` and ``float32_precision``.
+    ``amx``, ``float32_precision`` and ``decode_read_ahead``.
 
     ``amx`` says what the ``amx`` level (Intel AMX tiles) needs and has: ``compiled`` (in this build),
     ``cpu`` (CPUID: AMX-TILE and AMX-BF16), ``cpu_fp16`` (AMX-FP16), ``native_fp16`` (float16 on
@@ -323,6 +323,9 @@ def backend_info() -> dict:
     ``float32_precision`` maps each ``precision=`` of :func:`attention` to what it runs as on the selected
     ISA: ``{"highest": "fp32 FMA", "high": "bf16x3 on AMX tiles", "medium": "bf16 on AMX tiles"}`` on
     ``amx``; elsewhere ``"high"`` and ``"medium"`` run as ``"highest"``.
+
+    ``decode_read_ahead``: whether decode prefetches contiguous one-row K / V streams in software (on by
+    default where the CPU is Intel's; :func:`fusedattn._backend.set_decode_read_ahead`).
 
     Example:
         >>> import fusedattn as fa
@@ -335,7 +338,7 @@ def backend_info() -> dict:
     if core is None:
         return {"isa": "reference", "compiled_isas": ["reference"], "supported_isas": ["reference"],
                 "num_threads": 1, "openmp": False, "version": __version__, "cuda": _cuda_info(),
-                "extension": False, "amx": _NO_EXTENSION_AMX.copy(),
+                "extension": False, "amx": _NO_EXTENSION_AMX.copy(), "decode_read_ahead": False,
                 "float32_precision": dict.fromkeys(PRECISIONS, "float64 NumPy reference (precision is ignored)")}
     isa = core.current_isa()
     return {
@@ -349,6 +352,7 @@ def backend_info() -> dict:
         "extension": True,
         "amx": dict(core.amx_status()),
         "float32_precision": _float32_precision(isa),
+        "decode_read_ahead": bool(core.decode_read_ahead()),
     }
 
 

@@ -43,6 +43,15 @@ AmxStatus amx_status();
 // AMX-FP16 too (float16 on TDPFP16PS); 0 is the hardware. std::invalid_argument for other modes.
 void set_amx_emulation(int mode);
 
+// Whether decode prefetches K / V rows that it reads one after the other (contiguous, one query row per kv
+// head) in software, as it always does for paged or re-read rows. By default where the CPU is Intel's: on
+// the Xeon measured the hardware prefetchers left contiguous one-row decode at 82-89% of the read bandwidth
+// and the software requests took it to 93-99%; on AMD (Zen 4) the requests cost 10-20% and on Zen 1 they
+// were within noise (docs/performance.md). set_decode_read_ahead: 1 on, 0 off, -1 the CPU's default;
+// std::invalid_argument for other modes.
+bool decode_read_ahead();
+void set_decode_read_ahead(int mode);
+
 // Validates `params` (std::invalid_argument on inconsistency) and runs the selected kernel.
 void attention_forward(const AttnParams& params);
 // Writes the softmax probabilities into params.weights (keys past the causal limit are left as given).

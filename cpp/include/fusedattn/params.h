@@ -123,6 +123,9 @@ struct AttnParams {
   const void* sinks = nullptr;
   Precision precision = Precision::kHighest;
   int num_threads = 1;
+  // Decode: prefetch K / V rows read one after the other (one query row per kv head, contiguous) too, not
+  // only paged or re-read ones. Set by attention_forward from decode_read_ahead() (dispatch.h).
+  bool read_ahead_streams = false;
 
   // Packed variable-length batches: per-sequence lengths (len_q / len_k are then the maxima) and
   // diagonal offsets. Null for dense batches, where every entry has len_q, len_k and diagonal_offset.

@@ -458,7 +458,12 @@ struct DimLanes {
   // prefetchers alone (the requests cost int8 and bfloat16 10-20%); GQA groups gained 10-45%, and a paged
   // pool, whose shuffled blocks no hardware prefetcher follows, 10-35% for one query row and up to 1.5x
   // for groups (float32 g4 23.4 -> 18.5 ms, as fast as contiguous rows).
-  static bool reads_ahead(bool paged, int64_t group_rows) { return paged || group_rows > 1; }
+  // Paged rows (no hardware prefetcher follows a page table) and GQA groups (a block re-read from cache
+  // sends no demand miss to DRAM meanwhile) always; contiguous one-row streams where the CPU's prefetchers
+  // fall short (AttnParams::read_ahead_streams).
+  static bool reads_ahead(const AttnParams& p, int64_t group_rows) {
+    return p.k.paged() || p.v.paged() || group_rows > 1 || p.read_ahead_streams;
+  }
 
   // Queues rows [r0, r0 + n) of kv heads [kv_first, kv_first + kv_count) of t, `width` elements of S each, for
   // prefetching. Where a token's heads lie side by side (head_stride is one head's row), as in vLLM's
@@ -524,7 +529,7 @@ struct DimLanes {
     // The loops read a sweep's K rows (every kv head of the item), then the next sweep's, ..., then the
     // block's V rows sweep by sweep, then the next block's K: while one is read, the next is prefetched.
     ReadAhead read_ahead;
-    ReadAhead* ahead = reads_ahead(p.k.paged() || p.v.paged(), group_rows) ? &read_ahead : nullptr;
+    ReadAhead* ahead = reads_ahead(p, group_rows) ? &read_ahead : nullptr;
     // scale_keys: int8 scales of keys [first, first + scale_keys) queued too (the next block's, a phase ahead:
     // unrequested, a pool's scales were read at DRAM latency, a block's pool blocks one after the other).
     auto prefetch_next = [&](ReadAhead::Phase phase, const StridedTensor& t, int64_t width, int64_t first, int64_t n,
