@@ -219,3 +219,16 @@ def test_amx_unavailable_is_explained():
     assert info["amx"]["reason"] in str(error.value)
     proc = _run_python(REPORT_SCRIPT, FUSEDATTN_ISA="amx")
     assert proc.returncode != 0 and "FUSEDATTN_ISA" in proc.stderr and info["amx"]["reason"] in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_env_var_sets_decode_read_ahead(value):
+    proc = _run_python(REPORT_SCRIPT, FUSEDATTN_DECODE_READ_AHEAD=value)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["decode_read_ahead"] is (value == "1")
+
+
+def test_env_var_rejects_bad_decode_read_ahead():
+    proc = _run_python(REPORT_SCRIPT, FUSEDATTN_DECODE_READ_AHEAD="yes")
+    assert proc.returncode != 0
+    assert "ValueError" in proc.stderr and "FUSEDATTN_DECODE_READ_AHEAD" in proc.stderr and "'yes'" in proc.stderr
