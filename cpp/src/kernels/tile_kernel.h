@@ -101,8 +101,7 @@ void transpose_copy(int64_t rows, int64_t cols, const Src* src, int64_t src_row,
           Vec::transpose(src + r * src_row + c, src_row, dst + c * dst_row + r, dst_row);
         } else {
           alignas(64) T block[W * W], block_t[W * W];
-          for (int i = 0; i < W; ++i)
-            for (int j = 0; j < W; ++j) block[i * W + j] = static_cast<T>(widen(src[(r + i) * src_row + c + j]));
+          for (int i = 0; i < W; ++i) widen_contiguous(src + (r + i) * src_row + c, W, block + i * W);
           Vec::transpose(block, W, block_t, W);
           for (int i = 0; i < W; ++i)
             for (int j = 0; j < W; ++j) narrow(dst + (c + i) * dst_row + r + j, block_t[i * W + j]);
