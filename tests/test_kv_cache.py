@@ -208,14 +208,15 @@ def _dequantised_attention(q, codes_k, scale_k, codes_v, scale_v, sinks=None):
     return p[..., :lk] @ v
 
 
+@pytest.mark.parametrize("q_dtype", [np.float32, np.float64])  # float64 q: computed in float64, float64 out
 @pytest.mark.parametrize("append_dtype", [np.float32, np.float64])
-def test_int8_cache_decoding(rng, append_dtype):
+def test_int8_cache_decoding(rng, append_dtype, q_dtype):
     from fusedattn import quantize_kv
 
     b, hq, hkv, d, dv, length = 2, 8, 2, 32, 16, 19
     k = randn(rng, (b, hkv, length, d), append_dtype)
     v = randn(rng, (b, hkv, length, dv), append_dtype)
-    q = randn(rng, (b, hq, length, d))
+    q = randn(rng, (b, hq, length, d), q_dtype)
     cache = KVCache(b, hkv, max_len=24, head_dim=d, value_dim=dv, dtype=np.int8)
     assert cache.quantized and cache.key_buffer.dtype == np.int8 and cache.key_scale_buffer.shape == (b, hkv, 24)
     (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
@@ -225,8 +226,8 @@ def test_int8_cache_decoding(rng, append_dtype):
         outs.append(cache.attend(q[:, :, start:stop]))
         expected = _dequantised_attention(q[:, :, start:stop], kq[:, :, :stop], ks[:, :, :stop], vq[:, :, :stop],
                                           vs[:, :, :stop])
-        assert outs[-1].dtype == np.float32
-        np.testing.assert_allclose(outs[-1], expected, **tol(np.float32))
+        assert outs[-1].dtype == q_dtype
+        np.testing.assert_allclose(outs[-1], expected, **tol(q_dtype))
     np.testing.assert_array_equal(cache.keys, kq)
     np.testing.assert_array_equal(cache.key_scales, ks)
     np.testing.assert_array_equal(cache.values, vq)
@@ -265,8 +266,9 @@ def test_int8_cache_errors(rng):
         cache.append(np.zeros((1, 1, 1, 2), np.float32), np.full((1, 1, 1, 2), np.inf, np.float32))
     assert len(cache) == 0  # nothing written
     cache.append(np.ones((1, 1, 1, 2)), np.ones((1, 1, 1, 2)))
-    with pytest.raises(TypeError, match=r"q must have dtype float32 with an int8 cache, got float64"):
-        cache.attend(np.zeros((1, 1, 1, 2)))
+    with pytest.raises(TypeError, match=r"q must have dtype float32, float64, float16 or bfloat16 \(ml_dtypes\) with an "
+                                        r"int8 cache, got int32"):
+        cache.attend(np.zeros((1, 1, 1, 2), np.int32))
     assert repr(cache) == "KVCache(batch=1, num_kv_heads=1, max_len=4, head_dim=2, dtype=int8, length=1)"
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fusedattn
-from conftest import randn, tol
+from conftest import HALF_DTYPE_PARAMS, randn, tol
 from fusedattn import reference
 from fusedattn.paged import PagedKVCache, check_paged_args
 from fusedattn.quant import quantize_kv
@@ -255,8 +255,8 @@ BAD_CALLS = [
      r"k_scale must have dtype float32, got float64"),
     (_int8_call()[0], dict(k_scale=np.ones((4, 3, 2), np.float32), v_scale=np.ones((4, 3), np.float32)), ValueError,
      r"v_scale must have shape \(num_blocks, block_size, Hkv\) = \(4, 3, 2\), got \(4, 3\)"),
-    (dict(_int8_call()[0], q=np.zeros((2, 4, 1, 8), np.float64)), _int8_call()[1], TypeError,
-     r"q must have dtype float32 with int8 caches, got float64"),
+    (dict(_int8_call()[0], q=np.zeros((2, 4, 1, 8), np.int32)), _int8_call()[1], TypeError,
+     r"q must have dtype float32, float64, float16 or bfloat16 \(ml_dtypes\) with int8 caches, got int32"),
     (_valid_call(), dict(alibi_slopes=np.ones(3, np.float32)), ValueError,
      r"alibi_slopes must have shape \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\), got \(3,\)"),
     (_valid_call(), dict(out=np.zeros((2, 4, 1, 8), np.float32)), ValueError,
@@ -349,6 +349,35 @@ def test_int8_paged_matches_dequantised(rng, group):
     np.testing.assert_allclose(out, ref_out, **tol(np.float32))
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], **tol(np.float32))
+
+
+@pytest.mark.parametrize("qdtype", [pytest.param(np.float64, id="f64")] + HALF_DTYPE_PARAMS)
+def test_int8_paged_any_query_dtype(rng, qdtype):
+    """A float64 q (NumPy's default) computes in float64 against the dequantised int8 pool; a 16-bit q in
+    float32, its output rounded to q's dtype (half an ulp: 2^-11 float16, 2^-9 bfloat16; atol = rtol =
+    2e-3 and 1.6e-2 leave room for the rounding of the 16-bit inputs' products in float32)."""
+    if qdtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    hkv, d, dv, bs = 2, 32, 16, 16
+    ks, vs, kq, vq, k_scale, v_scale, table, lens = _quantized_pool(rng, [0, 1, 20, 47], hkv, d, dv, bs)
+    q = randn(rng, (4, hkv * 4, 2, d), np.float64).astype(qdtype)
+    out, lse = fusedattn.attention_paged(q, kq, vq, table, lens, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+    ref_out, ref_lse = ref_paged(q.astype(np.float64), kq, vq, table, lens, k_scale=k_scale, v_scale=v_scale)
+    assert out.dtype == qdtype
+    limit = 1e-12 if qdtype is np.float64 else (2e-3 if qdtype is np.float16 else 1.6e-2)
+    np.testing.assert_allclose(out.astype(np.float64), ref_out, atol=limit, rtol=limit)
+    finite = np.isfinite(ref_lse)
+    lse_limit = 1e-12 if qdtype is np.float64 else 2e-5
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=lse_limit, rtol=lse_limit)
+    cache = PagedKVCache(hkv, d, value_dim=dv, block_size=bs, dtype=np.int8)
+    sid = cache.add_sequence()
+    cache.append(sid, ks[3], vs[3])
+    got = cache.attend(q[3:], [sid])
+    table3, lens3 = cache.block_table([sid])
+    want = ref_paged(q[3:].astype(np.float64), cache.key_cache, cache.value_cache, table3, lens3,
+                     k_scale=cache.key_scales, v_scale=cache.value_scales)[0]
+    assert got.dtype == qdtype
+    np.testing.assert_allclose(got.astype(np.float64), want, atol=limit, rtol=limit)
 
 
 def test_int8_error_within_the_scale_bound(rng):

@@ -347,6 +347,29 @@ def test_paged(isa, rng, block_size, lq, group, d, int8):
         assert_close(lse, want_lse, 2e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, BF16])
+@pytest.mark.parametrize("lq,group", [(1, 4), (3, 1), (1, 8)])
+def test_paged_int8_any_query_dtype(isa, rng, dtype, lq, group):
+    """int8 pools under a float64 (computed in float64) or 16-bit q (in float32, out rounded to q's dtype)."""
+    if dtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    hkv, d, block_size = 2, 40, 5
+    seq_lens = np.array([0, 1, 37, 150])
+    b, lk = len(seq_lens), int(seq_lens.max())
+    q = randn(rng, (b, hkv * group, lq, d), dtype)
+    (k8, ks), (v8, vs) = quantize(randn(rng, (b, hkv, lk, d))), quantize(randn(rng, (b, hkv, lk, d)))
+    kc, vc, table = make_paged(np.random.default_rng(5), k8, v8, seq_lens, block_size)
+    ksc, vsc, _ = make_paged(np.random.default_rng(5), ks[..., None], vs[..., None], seq_lens, block_size)
+    sinks = rng.standard_normal(hkv * group).astype(np.float64 if dtype is np.float64 else np.float32)
+    out, lse = _serving_call(q, kc, vc, block_table=table, seq_lens=seq_lens, k_scale=ksc[..., 0], v_scale=vsc[..., 0],
+                             sinks=sinks, causal="bottom_right", return_lse=True)
+    kd, vd = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
+    want_out, want_lse = reference(q, kd, vd, seq_lens, sinks=sinks, causal=True)
+    assert out.dtype == dtype
+    assert_close(out, want_out, tol_of(dtype))
+    assert_close(lse, want_lse, 1e-12 if dtype is np.float64 else 2e-5)
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_paged_equals_contiguous_decode(isa, rng, int8):
     """Decode reads the same elements in the same order from a pool as from contiguous K / V, and splits

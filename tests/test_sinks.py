@@ -157,8 +157,8 @@ def test_int8_validation_names_the_argument(rng):
         fa.attention(q, k8, v8, k_scale=ks)
     with pytest.raises(ValueError, match=r"k_scale must have shape \(2, 4, 6\)"):
         fa.attention(q, k8, v8, k_scale=ks[..., :5], v_scale=vs)
-    with pytest.raises(TypeError, match="q must be float32, float16 or bfloat16 with int8 k and v, got float64"):
-        fa.attention(q.astype(np.float64), k8, v8, k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match=r"q must have dtype float32, float64, float16 or bfloat16 \(ml_dtypes\), got int32"):
+        fa.attention(q.astype(np.int32), k8, v8, k_scale=ks, v_scale=vs)
     with pytest.raises(TypeError, match="k and v must both be int8"):
         fa.attention(q, k8, v, k_scale=ks, v_scale=vs)
 

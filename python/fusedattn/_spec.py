@@ -21,7 +21,7 @@ import numpy as np
 from . import _backend
 from .masks import BlockDiagonal
 from ._checks import (MAX_HEAD_DIM, UNBOUNDED, _is_float, _is_real, as_float_array, check_alignment, check_dropout,
-                      is_half_dtype, check_int, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
+                      check_int, check_kind, check_like, check_num_threads, check_out, check_out_dtype,
                       check_precision, check_score_weight, check_window, compute_dtype, is_causal)
 
 OPS = ("forward", "weights", "backward")
@@ -127,10 +127,11 @@ def _is_int8(x) -> bool:
     return dtype is not None and np.dtype(dtype) == _INT8
 
 
-def check_kv_scales(k, v, k_scale, v_scale, q_dtype, *, scale_shapes=None):
+def check_kv_scales(k, v, k_scale, v_scale, *, scale_shapes=None):
     """int8 k and v with their per-token scales (both or neither): float32 scales of k's / v's shape
-    without the last axis (or ``scale_shapes``), for a float32 / 16-bit q. Returns the scales as float32
-    arrays (views when they already are float32), or (None, None) for float k and v."""
+    without the last axis (or ``scale_shapes``), for a q of any float dtype (computed in float64 for a
+    float64 q, float32 otherwise). Returns the scales as float32 arrays (views when they already are
+    float32), or (None, None) for float k and v."""
     quantized = _is_int8(k) or _is_int8(v)
     if (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale must be given together (int8 k and v) or not at all, got "
@@ -145,8 +146,6 @@ def check_kv_scales(k, v, k_scale, v_scale, q_dtype, *, scale_shapes=None):
     if k_scale is None:
         raise ValueError("int8 k and v need their per-token scales: pass k_scale= and v_scale= (float32, k's and "
                          "v's shapes without the last axis; fusedattn.quantize_kv returns them)")
-    if not (q_dtype == np.float32 or is_half_dtype(q_dtype)):
-        raise TypeError(f"q must be float32, float16 or bfloat16 with int8 k and v, got {q_dtype}")
     scales = []
     for name, s, x, shape in (("k_scale", k_scale, k, None if scale_shapes is None else scale_shapes[0]),
                               ("v_scale", v_scale, v, None if scale_shapes is None else scale_shapes[1])):
@@ -181,7 +180,7 @@ def _prepare_core(q, k, v, *, mask, causal, scale, window, alibi_slopes, softcap
     q = as_float_array(q, "q")
     if _is_int8(k) or _is_int8(v) or k_scale is not None or v_scale is not None:
         k, v = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (k, v))
-        k_scale, v_scale = check_kv_scales(k, v, k_scale, v_scale, q.dtype)
+        k_scale, v_scale = check_kv_scales(k, v, k_scale, v_scale)
         for name, x in (("k", k), ("v", v)):
             if x.ndim < 2:
                 raise ValueError(f"{name} must have shape (L, D), (B, L, D) or (..., H, L, D) (at least 2 "
@@ -722,7 +721,7 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
         check_out(out, out_shape, q.dtype, (("q", q), ("key_cache", key_cache), ("value_cache", value_cache)))
     scales = (None, None)
     if key_cache.dtype == np.int8:
-        scales = check_kv_scales(key_cache, value_cache, k_scale, v_scale, q.dtype,
+        scales = check_kv_scales(key_cache, value_cache, k_scale, v_scale,
                                  scale_shapes=(key_cache.shape[:3], value_cache.shape[:3]))
     fields.update(q=q, k=key_cache, v=value_cache, mask=None, user_rank=4, out_shape=out_shape,
                   lse_shape=out_shape[:-1], sinks=check_sinks(sinks, hq, q.dtype), k_scale=scales[0],

@@ -76,8 +76,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, window=None, alib
             element's position, so it is the same at any thread count and the backward pass regenerates it.
         k_scale, v_scale: int8 ``k`` and ``v`` (quantised K/V, :func:`fusedattn.quantize_kv`) with one
             float32 scale per token and kv head, shaped like ``k`` / ``v`` without the last axis: the key is
-            ``k_scale * k``, dequantised inside the fused loop (never a float copy). q is then float32, float16
-            or bfloat16.
+            ``k_scale * k``, dequantised inside the fused loop (never a float copy). q may be any float dtype:
+            float64 q computes in float64, the others in float32; the output is q's dtype.
         return_lse: also return the log-sum-exp of each row's scaled, masked scores (before dropout), in
             the compute dtype (float32 for 16-bit inputs).
         out_dtype: None (the inputs' dtype) or float32 for float16 / bfloat16 inputs.

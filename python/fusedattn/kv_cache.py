@@ -31,7 +31,7 @@ class KVCache:
             kernel with float32 accumulation, the output in the cache's 16-bit dtype; or ``np.int8``:
             keys and values quantised on append by :func:`fusedattn.quantize_kv` (one float32 scale per
             token and kv head, a quarter of float32's bytes plus the scales), appended as any float dtype,
-            attended with float32 queries (float32 output); the kernel reads the int8 buffers and their
+            attended with queries of any float dtype (the output in q's dtype); the kernel reads the int8 buffers and their
             scales (``k_scale=`` / ``v_scale=``) and dequantises inside its loop, never in a copy.
 
     Buffers: :attr:`key_buffer` ``(batch, num_kv_heads, max_len, head_dim)`` and :attr:`value_buffer`
@@ -204,7 +204,8 @@ class KVCache:
         to an encoder's cached keys/values).
 
         Args:
-            q: ``(batch, Hq, Lq, head_dim)`` in the cache's dtype (float32 for an int8 cache), ``Hq`` a multiple
+            q: ``(batch, Hq, Lq, head_dim)`` in the cache's dtype (for an int8 cache any of float32, float64,
+                float16 and bfloat16: computed in float64 for float64 q, in float32 otherwise), ``Hq`` a multiple
                 of ``num_kv_heads``.
             causal: ``"bottom_right"`` (default), ``False``, or ``True``/``"top_left"`` as in
                 :func:`fusedattn.attention`.
@@ -218,7 +219,7 @@ class KVCache:
 
         Returns:
             ``(batch, Hq, Lq, value_dim)`` in the cache's dtype (float32 accumulation inside the kernel
-            for a 16-bit cache; float32 for an int8 cache). A query that sees no cached token (an empty cache, say) gets 0.
+            for a 16-bit cache; q's dtype for an int8 cache). A query that sees no cached token (an empty cache, say) gets 0.
 
         Example:
             >>> import numpy as np
@@ -231,8 +232,9 @@ class KVCache:
         if not isinstance(q, np.ndarray):
             q = np.asarray(q)
         if self.quantized:
-            if q.dtype != np.float32:
-                raise TypeError(f"q must have dtype float32 with an int8 cache, got {q.dtype}")
+            if not is_attention_dtype(q.dtype):
+                raise TypeError(f"q must have dtype float32, float64, float16 or bfloat16 (ml_dtypes) with an int8 "
+                                f"cache, got {q.dtype}")
         elif q.dtype != self.dtype:
             raise TypeError(f"q must have dtype {self.dtype} (the cache's dtype), got {q.dtype}")
         if q.ndim != 4 or q.shape[0] != self.batch or q.shape[3] != self.head_dim:
