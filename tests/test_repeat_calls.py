@@ -132,3 +132,49 @@ def test_repeat_does_not_keep_arrays_or_random_dropout():
     second = fusedattn.attention(q, k, v, dropout_p=0.5)
     assert not _spec._REPEATS
     assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 64), (3, 2, 16)], ids=["4d-gqa", "3d"])
+def test_repeat_int8_spec_equals_full_validation(shape, monkeypatch):
+    """int8 K / V with their scales, as KVCache(dtype=np.int8) passes them (views of longer buffers, Lk growing):
+    each repeat's spec is the fresh one, scales included, and the kept fields hold no scale array."""
+    repeats = []
+    real_repeat = _spec._repeat
+    monkeypatch.setattr(_spec, "_repeat", lambda *a, **kw: repeats.append(real_repeat(*a, **kw)) or repeats[-1])
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal(shape[:-3] + (8,) + shape[-2:] if len(shape) == 4 else shape).astype(np.float32)
+    lead = shape[:-3] + (shape[-3],) if len(shape) == 4 else shape[:-2]
+    k_all, k_scale_all = fusedattn.quantize_kv(rng.standard_normal(lead + (40, shape[-1])))
+    v_all, v_scale_all = fusedattn.quantize_kv(rng.standard_normal(lead + (40, shape[-1])))
+    _spec._REPEATS.clear()
+    for length in (5, 6, 11, 5):
+        args = (q, k_all[..., :length, :], v_all[..., :length, :])
+        scales = dict(k_scale=k_scale_all[..., :length], v_scale=v_scale_all[..., :length], causal="bottom_right")
+        repeat = _spec.prepare_attention(*args, **scales)
+        assert _spec._REPEATS, "an int8 call with float32 scales is kept"
+        ((template, _, _),) = _spec._REPEATS.values()
+        assert template["k_scale"] is None and template["v_scale"] is None
+        kept = dict(_spec._REPEATS)
+        _assert_same_spec(repeat, _fresh_spec(*args, **scales))
+        _spec._REPEATS.update(kept)
+    assert len(repeats) == 3 and all(spec is not None for spec in repeats)  # every call after the first
+
+
+def test_repeat_int8_keeps_every_error_and_conversion():
+    """After a kept int8 call: scales of another shape or missing are refused as by the full validation, float64
+    scales are converted (the same result), and float K / V with scales are refused."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    (k, ks), (v, vs) = (fusedattn.quantize_kv(rng.standard_normal((1, 2, 9, 16))) for _ in range(2))
+    _spec._REPEATS.clear()
+    first = fusedattn.attention(q, k, v, k_scale=ks, v_scale=vs)
+    np.testing.assert_array_equal(fusedattn.attention(q, k, v, k_scale=ks, v_scale=vs), first)
+    np.testing.assert_array_equal(fusedattn.attention(q, k, v, k_scale=ks.astype(np.float64), v_scale=vs), first)
+    with pytest.raises(ValueError, match=r"v_scale must have shape \(1, 2, 9\)"):
+        fusedattn.attention(q, k, v, k_scale=ks, v_scale=vs[..., :8])
+    with pytest.raises(ValueError, match="int8 k and v need their per-token scales"):
+        fusedattn.attention(q, k, v)
+    with pytest.raises(ValueError, match="k_scale / v_scale are for int8 k and v"):
+        fusedattn.attention(q, k.astype(np.float32), v.astype(np.float32), k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="v_scale must be a real"):
+        fusedattn.attention(q, k, v, k_scale=ks, v_scale=vs.astype(np.complex64))

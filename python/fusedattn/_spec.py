@@ -355,11 +355,12 @@ def resolve_threads(num_threads) -> int:
 
 # A decode loop calls attention() token after token with the same shapes (but a longer K / V), dtypes and
 # options: validating them anew cost ~45 us a call on a slow core (AMD EPYC Zen 1), more than the kernel
-# of a short cache and more than torch's whole SDPA call. A call without mask, slopes, sinks, scales, out or
-# score weight, whose other options are plain values (None, bool, int, float, str, or a NumPy scalar such as
-# ``1 / np.sqrt(D)``), keeps the fields its validation produced, keyed by everything that validation read
-# except the key length; a repeat swaps in its arrays, its thread count and the one field that depends on Lk
-# (the diagonal). Anything that raised was never kept.
+# of a short cache and more than torch's whole SDPA call. A call without mask, slopes, sinks, out or
+# score weight (int8 K / V's per-token scales are allowed: a repeat checks their dtype and shapes itself), whose
+# other options are plain values (None, bool, int, float, str, or a NumPy scalar such as ``1 / np.sqrt(D)``),
+# keeps the fields its validation produced, keyed by everything that validation read except the key length; a
+# repeat swaps in its arrays, its thread count and the one field that depends on Lk (the diagonal). Anything
+# that raised was never kept.
 _PLAIN_TYPES = frozenset({type(None), bool, int, float, str, np.bool_, np.float64, np.float32, np.int64, np.int32})
 _REPEATS: dict = {}
 _MAX_REPEATS = 256
@@ -376,12 +377,14 @@ def _repeat_key(q, k, v, options: tuple):
     return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype) + options + types
 
 
-def _repeat(kept, q, k, v, threads: int, user_args):
+def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None):
     """The spec of a repeated plain call: the kept fields with this call's arrays."""
     template, offset, lk_shift = kept
     lk = k.shape[-2]
     if v.shape[-2] != lk:  # the key left Lk out: a mismatch takes the full validation (and its message)
         return None
+    if k_scale is not None and not (_repeat_scale(k_scale, k) and _repeat_scale(v_scale, v)):
+        return None  # anything the full validation would convert or refuse takes it
     spec = object.__new__(AttentionSpec)
     values = spec.__dict__
     values.update(template)
@@ -389,15 +392,22 @@ def _repeat(kept, q, k, v, threads: int, user_args):
     if rank < 4:
         q, k, v = head_view(q, rank), head_view(k, rank), head_view(v, rank)
     values["q"], values["k"], values["v"] = q, k, v
+    if k_scale is not None:
+        values["k_scale"], values["v_scale"] = head_view(k_scale, rank), head_view(v_scale, rank)
     values["num_threads"], values["user_call"], values["diagonal_offset"] = threads, user_args, offset + lk_shift * lk
     return spec
+
+
+def _repeat_scale(scale, x) -> bool:
+    """Whether int8 x's scales are what check_kv_scales passes on unchanged: float32, x's shape less D."""
+    return type(scale) is np.ndarray and scale.dtype == np.float32 and scale.shape == x.shape[:-1]
 
 
 def _remember(key, spec, lk: int, top_left: bool) -> None:
     if len(_REPEATS) >= _MAX_REPEATS:
         _REPEATS.clear()
     template = dict(spec.__dict__)
-    template.update(q=None, k=None, v=None, user_call=None)  # never hold on to a call's arrays
+    template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, user_call=None)  # never hold a call's arrays
     lk_shift = 0 if top_left else 1
     _REPEATS[key] = (template, spec.diagonal_offset - lk_shift * lk, lk_shift)
 
@@ -419,13 +429,15 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
 
     # Array options are never kept, even scalar ones: a scalar mask (True, np.bool_) is broadcast to this call's
     # (Lq, Lk), so its prepared view depends on the key length the key leaves out.
-    without_arrays = (mask is None and alibi_slopes is None and sinks is None and k_scale is None and v_scale is None
-                      and out is None and score_weight is None)
+    # int8 K / V with both scales: `scaled` is part of the key, so int8 K / V without them never meet a kept spec.
+    scaled = k_scale is not None and v_scale is not None and _is_int8(k) and _is_int8(v)
+    without_arrays = (mask is None and alibi_slopes is None and sinks is None and out is None and score_weight is None
+                      and (scaled or (k_scale is None and v_scale is None)))
     key = _repeat_key(q, k, v, (causal, scale, window, softcap, q_start, k_start, dropout_p, seed, return_lse,
-                                out_dtype, precision, device, additive)) if without_arrays else None
+                                out_dtype, precision, device, additive, scaled)) if without_arrays else None
     kept = _REPEATS.get(key) if key is not None else None
     if kept is not None:
-        spec = _repeat(kept, q, k, v, threads, user_args)
+        spec = _repeat(kept, q, k, v, threads, user_args, *((k_scale, v_scale) if scaled else ()))
         if spec is not None:
             return spec
     precision = check_precision(precision)
