@@ -217,7 +217,8 @@ def attention_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal=
         q: ``(B, Hq, Lq, D)``; query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - Lq + i``
             (decoding: ``Lq = 1``; chunked prefill: the chunk's tokens, appended first). With
             ``seq_lens[b] < Lq`` the first queries of that sequence sit before its start and see no key.
-            The caches' dtype, or float32 for int8 caches.
+            The caches' dtype, or any float dtype for int8 caches (float64 computes in float64, the others
+            in float32).
         key_cache: ``(num_blocks, block_size, Hkv, D)``; value_cache: ``(num_blocks, block_size, Hkv, Dv)``.
         block_table: ``(B, max_blocks_per_seq)`` int32: row ``b`` lists sequence ``b``'s blocks in order.
         seq_lens: ``(B,)`` int32, the tokens cached per sequence (0 allowed).
