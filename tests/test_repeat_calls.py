@@ -178,3 +178,74 @@ def test_repeat_int8_keeps_every_error_and_conversion():
         fusedattn.attention(q, k.astype(np.float32), v.astype(np.float32), k_scale=ks, v_scale=vs)
     with pytest.raises(TypeError, match="v_scale must be a real"):
         fusedattn.attention(q, k, v, k_scale=ks, v_scale=vs.astype(np.complex64))
+
+
+# --- attention_paged (_spec._PAGED_REPEATS) -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8], ids=["f32", "int8"])
+def test_paged_repeat_spec_equals_full_validation(dtype, monkeypatch):
+    """A PagedKVCache decode loop (the table widens, the lengths grow, sequences fork): each repeat's spec is
+    field for field the full validation's, and the kept fields hold none of a call's arrays."""
+    from fusedattn.paged import PagedKVCache
+
+    full = []  # the full validations of the loop's calls (not of the fresh specs they are compared with)
+    real_check = fusedattn.paged.check_paged_args
+    monkeypatch.setattr(fusedattn.paged, "check_paged_args", lambda *a, **kw: full.append(1) or real_check(*a, **kw))
+    rng = np.random.default_rng(6)
+    cache = PagedKVCache(2, 16, block_size=4, num_blocks=64, dtype=dtype)
+    ids = [cache.add_sequence(), cache.add_sequence()]
+    cache.append(ids, *([rng.standard_normal((2, n, 16), dtype=np.float32) for n in (3, 9)] for _ in "kv"))
+    q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
+    _spec._PAGED_REPEATS.clear()
+    for step in range(6):
+        if step == 3:
+            ids[1] = cache.fork(ids[0])
+        cache.append(ids, *([rng.standard_normal((2, 1, 16), dtype=np.float32) for _ in ids] for _ in "kv"))
+        table, lens = cache.block_table(ids)
+        scales = dict(k_scale=cache.key_scales, v_scale=cache.value_scales) if dtype == np.int8 else {}
+        args = (q, cache.key_cache, cache.value_cache, table, lens)
+        full_before = len(full)
+        repeat = _spec.prepare_paged(*args, causal="bottom_right", scale=0.25, **scales)
+        assert len(full) - full_before == (1 if step == 0 else 0), step
+        ((template),) = _spec._PAGED_REPEATS.values()
+        for name in ("q", "k", "v", "k_scale", "v_scale", "block_table", "seq_lens"):
+            assert template[name] is None, name
+        kept = dict(_spec._PAGED_REPEATS)
+        _spec._PAGED_REPEATS.clear()
+        _assert_same_spec(repeat, _spec.prepare_paged(*args, causal="bottom_right", scale=0.25, **scales))
+        _spec._PAGED_REPEATS.clear()
+        _spec._PAGED_REPEATS.update(kept)
+
+
+def test_paged_repeat_keeps_every_error():
+    """After a kept paged call, every wrong table, length, scale or option is refused as by the full validation."""
+    rng = np.random.default_rng(7)
+    kc, vc = (rng.integers(-127, 128, (6, 4, 2, 8)).astype(np.int8) for _ in "kv")
+    ks, vs = (rng.random((6, 4, 2)).astype(np.float32) for _ in "kv")
+    q = rng.standard_normal((2, 4, 1, 8)).astype(np.float32)
+    table, lens = np.array([[5, 1, 0], [2, 0, 0]], np.int32), np.array([9, 3], np.int32)
+    good = dict(k_scale=ks, v_scale=vs)
+    _spec._PAGED_REPEATS.clear()
+    first = fusedattn.attention_paged(q, kc, vc, table, lens, **good)
+    np.testing.assert_array_equal(fusedattn.attention_paged(q, kc, vc, table, lens, **good), first)
+    assert _spec._PAGED_REPEATS
+    cases = [
+        (dict(block_table=np.array([[5, 7, 0], [2, 0, 0]], np.int32)), ValueError,
+         r"block_table\[0, 1\] = 7 is not a block of the pool"),
+        (dict(seq_lens=np.array([9, -1], np.int32)), ValueError, r"seq_lens must be >= 0, got seq_lens\[1\] = -1"),
+        (dict(seq_lens=np.array([13, 3], np.int32)), ValueError, r"seq_lens\[0\] = 13 exceeds"),
+        (dict(block_table=table.astype(np.float32)), TypeError, "block_table must be an integer array"),
+        (dict(block_table=table[:1]), ValueError, "block_table must have one row per sequence"),
+        (dict(seq_lens=lens[:1]), ValueError, r"seq_lens must have shape \(B,\) = \(2,\)"),
+        (dict(k_scale=ks[:, :3]), ValueError, r"k_scale must have shape \(num_blocks, block_size, Hkv\)"),
+        (dict(v_scale=vs.astype(np.float64)), TypeError, "v_scale must have dtype float32"),
+        (dict(k_scale=None, v_scale=None), ValueError, "int8 caches need their per-token scales"),
+        (dict(num_threads=0), ValueError, "num_threads must be >= 1"),
+        (dict(causal=True), ValueError, "causal must be 'bottom_right' or False"),
+    ]
+    for change, error, match in cases:
+        call = dict(block_table=table, seq_lens=lens, **good)
+        call.update(change)
+        with pytest.raises(error, match=match):
+            fusedattn.attention_paged(q, kc, vc, **call)
+    np.testing.assert_array_equal(fusedattn.attention_paged(q, kc, vc, table, lens, **good), first)

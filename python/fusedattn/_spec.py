@@ -711,14 +711,57 @@ def _device_stand_ins(q, k, v, mask):
 
 # --- paged K/V ---------------------------------------------------------------------------------------
 
+# A serving loop calls attention_paged() (PagedKVCache.attend) step after step with the same q, pools, dtypes and
+# options and a new table and lengths. As for attention() (see _REPEATS), a call without slopes, sinks or out,
+# whose options are plain values, keeps the fields its validation produced, keyed by everything that validation
+# read except the table and the lengths; a repeat checks those in full (_check_block_table: every block id a
+# sequence reads, as always) and int8 scales as check_kv_scales would pass them, and swaps in its arrays.
+_PAGED_REPEATS: dict = {}
+
+
+def _paged_repeat_key(q, key_cache, value_cache, k_scale, v_scale, options: tuple):
+    """The key of a plain paged call (see _PAGED_REPEATS), or None when the call does not qualify."""
+    if not (type(q) is type(key_cache) is type(value_cache) is np.ndarray):
+        return None
+    types = tuple(map(type, options))
+    if not _PLAIN_TYPES.issuperset(types):
+        return None
+    scaled = k_scale is not None
+    if scaled and not (key_cache.dtype == _INT8 and _repeat_scale(k_scale, key_cache) and
+                       _repeat_scale(v_scale, value_cache)):
+        return None  # scales the full validation converts or refuses
+    return (q.shape, q.dtype, key_cache.shape, key_cache.dtype, value_cache.shape, value_cache.dtype, scaled) + options + types
+
+
 def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="bottom_right", scale=None, window=None,
                   alibi_slopes=None, softcap=None, sinks=None, k_scale=None, v_scale=None, return_lse=False, out=None,
                   num_threads=None):
     """The spec of :func:`fusedattn.attention_paged`: k and v are the block pools, read through the table."""
-    from .paged import check_paged_args
+    from .paged import _check_block_table, check_paged_args
+
+    threads = resolve_threads(num_threads)
+
+    def user_args():  # the call as the NumPy fallback reruns it: the arrays as validated
+        return dict(q=q, key_cache=key_cache, value_cache=value_cache, block_table=table, seq_lens=lens,
+                    causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                    return_lse=return_lse, out=out, **_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
+
+    key = None
+    if alibi_slopes is None and sinks is None and out is None and (k_scale is None) == (v_scale is None):
+        key = _paged_repeat_key(q, key_cache, value_cache, k_scale, v_scale,
+                                (causal, scale, window, softcap, return_lse))
+    kept = _PAGED_REPEATS.get(key) if key is not None else None
+    if kept is not None:
+        num_blocks, block_size = key_cache.shape[:2]
+        table, lens = _check_block_table(block_table, seq_lens, q.shape[0], block_size, num_blocks)
+        spec = object.__new__(AttentionSpec)
+        values = spec.__dict__
+        values.update(kept)
+        values.update(q=q, k=key_cache, v=value_cache, k_scale=k_scale, v_scale=v_scale, block_table=table,
+                      seq_lens=lens.astype(np.int64), num_threads=threads, user_call=user_args)
+        return spec
 
     refuse_device_arrays("attention_paged", q, key_cache, value_cache)
-    threads = resolve_threads(num_threads)
     table, lens = check_paged_args(q, key_cache, value_cache, block_table, seq_lens, causal=causal, sinks=sinks,
                                    k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, out=out)
     q, key_cache, value_cache = (x if isinstance(x, np.ndarray) else np.asarray(x) for x in (q, key_cache, value_cache))
@@ -739,8 +782,13 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
                   lse_shape=out_shape[:-1], sinks=check_sinks(sinks, hq, q.dtype), k_scale=scales[0],
                   v_scale=scales[1], block_table=table, seq_lens=lens.astype(np.int64), dropout_p=0.0,
                   dropout_seed=0)
-    user_args = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_table=table, seq_lens=lens,
-                     causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                     return_lse=return_lse, out=out, **_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
-    return _finish(fields, op="forward", entry="attention_paged", layout="dense", precision="highest",
+    spec = _finish(fields, op="forward", entry="attention_paged", layout="dense", precision="highest",
                    num_threads=threads, out_dtype=q.dtype, return_lse=return_lse, out=out, user_args=user_args)
+    if key is not None:
+        if len(_PAGED_REPEATS) >= _MAX_REPEATS:
+            _PAGED_REPEATS.clear()
+        template = dict(spec.__dict__)  # never hold on to a call's arrays
+        template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, block_table=None, seq_lens=None,
+                        user_call=None)
+        _PAGED_REPEATS[key] = template
+    return spec

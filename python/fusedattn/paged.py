@@ -164,7 +164,13 @@ def check_paged_args(q, key_cache, value_cache, block_table, seq_lens, *, causal
         if not out.flags.writeable:
             raise ValueError("out must be writeable")
 
-    # -- block_table / seq_lens ----------------------------------------------------------------
+    return _check_block_table(block_table, seq_lens, b, block_size, num_blocks)
+
+
+def _check_block_table(block_table, seq_lens, b, block_size, num_blocks):
+    """The index half of :func:`check_paged_args`, for ``b`` sequences of a pool of ``num_blocks`` blocks of
+    ``block_size`` tokens: shapes, dtypes, lengths and every block id a sequence reads. Run on every call,
+    the repeats of a kept validation included (a decode loop's table and lengths change each step)."""
     block_table = _index_array(block_table, "block_table", 2, lambda: f"(B={b}, max_blocks_per_seq)")
     seq_lens = _index_array(seq_lens, "seq_lens", 1, lambda: f"(B,) = ({b},)")
     if block_table.shape[0] != b:
