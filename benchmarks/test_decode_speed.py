@@ -7,10 +7,10 @@ equivalent (float32 K/V for the int8 rows: what torch would read without a quant
   K/V, 0.54 GB bfloat16, 0.27 GB int8 + 8 MB of scales), GQA groups of 1, 4 and 8 query heads per kv head.
 * ``paged-…-g4``: the same data in a (num_blocks, 16, Hkv, D) pool, blocks shuffled, read through the table.
 * ``ragged16-…-g4``: 16 sequences of 4096..16383 keys (a shuffled paged pool), ``attention_paged``.
-* ``step-float32-g4-lk{64,1024}``, ``step-int8-g4-lk64``, ``step-paged-{float32,int8}-g4-lk64``
-  (``test_decode_step``): one decode step against a short cache (32 query heads over 8 kv heads, D=128), where
-  the time per call, not the bandwidth, is what a serving loop sees: ``us`` and ``speedup_vs_torch`` (torch's
-  tensors made beforehand, as for every row).
+* ``step-float32-g4-lk{64,1024}``, ``step-int8-g4-lk64``, ``step-paged-{float32,int8}-g4-lk64``,
+  ``step-paged-int8-sinks-g4-lk64`` (``test_decode_step``): one decode step against a short cache (32 query
+  heads over 8 kv heads, D=128), where the time per call, not the bandwidth, is what a serving loop sees:
+  ``us`` and ``speedup_vs_torch`` (torch's tensors made beforehand, as for every row).
 
 ``extra_info``: ``ms`` (best round), ``gbs`` (K/V/scale bytes read over the time), ``pct_of_bandwidth``
 (of the machine's read bandwidth, measured by ``fusedattn bench``'s probe in the same session) and
@@ -143,29 +143,37 @@ def _torch_time(torch, storage, group, lengths):
 STEP_LENGTHS = (64, 1024)
 
 
-STEP_CASES = ([("contig", "float32", n) for n in STEP_LENGTHS] + [("contig", "int8", STEP_LENGTHS[0])]
-              + [("paged", s, STEP_LENGTHS[0]) for s in ("float32", "int8")])
+STEP_CASES = ([("contig", "float32", n, False) for n in STEP_LENGTHS] + [("contig", "int8", STEP_LENGTHS[0], False)]
+              + [("paged", s, STEP_LENGTHS[0], False) for s in ("float32", "int8")]
+              + [("paged", "int8", STEP_LENGTHS[0], True)])
 
 
-@pytest.mark.parametrize(("layout", "storage", "length"), [
-    pytest.param(*c, id=f"step-{'paged-' if c[0] == 'paged' else ''}{c[1]}-g4-lk{c[2]}") for c in STEP_CASES])
-def test_decode_step(benchmark, layout, storage, length, threads, torch_module):
+def _step_id(layout, storage, length, sinks):
+    return f"step-{'paged-' if layout == 'paged' else ''}{storage}{'-sinks' if sinks else ''}-g4-lk{length}"
+
+
+@pytest.mark.parametrize(("layout", "storage", "length", "sinks"),
+                         [pytest.param(*c, id=_step_id(*c)) for c in STEP_CASES])
+def test_decode_step(benchmark, layout, storage, length, sinks, threads, torch_module):
     """One token's attention against a short cache, called as a decode loop calls it (same shapes and
     options every step): the per-call cost of validation and dispatch shows here, not in the rows above.
-    int8: the cache quantised, with its scales; paged: ``attention_paged`` on a pool of 16-token blocks
-    (torch: SDPA on the contiguous float32 equivalent, every row)."""
+    int8: the cache quantised, with its scales; paged: ``attention_paged`` on a pool of 16-token blocks;
+    sinks: gpt-oss's per-head sink logits passed every step (torch: SDPA on the contiguous float32
+    equivalent, without sinks, every row)."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, HKV * 4, 1, D), dtype=np.float32)
     k, v = (rng.standard_normal((1, HKV, length, D), dtype=np.float32) for _ in "kv")
+    options = {"sinks": rng.standard_normal(HKV * 4).astype(np.float32)} if sinks else {}
     if layout == "paged":
         paged_q, pool, scales = _make(storage, [length], 4, paged=True)
-        run = lambda: fusedattn.attention_paged(paged_q, *pool, num_threads=threads, **scales)  # noqa: E731
+        run = lambda: fusedattn.attention_paged(paged_q, *pool, num_threads=threads, **scales, **options)  # noqa: E731
     else:
         kv, scales = (k, v), {}
         if storage == "int8":
             (k8, k_scale), (v8, v_scale) = fusedattn.quantize_kv(k), fusedattn.quantize_kv(v)
             kv, scales = (k8, v8), {"k_scale": k_scale, "v_scale": v_scale}
-        run = lambda: fusedattn.attention(q, *kv, causal="bottom_right", num_threads=threads, **scales)  # noqa: E731
+        run = lambda: fusedattn.attention(  # noqa: E731
+            q, *kv, causal="bottom_right", num_threads=threads, **scales, **options)
     best = _bench.run_benchmark(benchmark, run, target_s=0.5, min_reps=200)
     if best is None:
         return

@@ -249,3 +249,45 @@ def test_paged_repeat_keeps_every_error():
         with pytest.raises(error, match=match):
             fusedattn.attention_paged(q, kc, vc, **call)
     np.testing.assert_array_equal(fusedattn.attention_paged(q, kc, vc, table, lens, **good), first)
+
+
+def test_repeat_with_sinks(monkeypatch):
+    """gpt-oss decoding passes its sinks every step: dense and paged repeats keep their validation with sinks,
+    check the sinks' values each call, and convert or refuse anything else as the full validation does."""
+    from fusedattn.paged import PagedKVCache
+
+    full = []
+    real_dense, real_paged = _spec._prepare_core, fusedattn.paged.check_paged_args
+    monkeypatch.setattr(_spec, "_prepare_core", lambda *a, **kw: full.append("dense") or real_dense(*a, **kw))
+    monkeypatch.setattr(fusedattn.paged, "check_paged_args", lambda *a, **kw: full.append("paged") or real_paged(*a, **kw))
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    k_all, v_all = (rng.standard_normal((1, 2, 20, 16)).astype(np.float32) for _ in "kv")
+    cache = PagedKVCache(2, 16, block_size=4)
+    seq = cache.add_sequence()
+    _spec._REPEATS.clear()
+    _spec._PAGED_REPEATS.clear()
+    for length in (3, 4, 9):
+        k, v = k_all[:, :, :length], v_all[:, :, :length]
+        cache.append(seq, k[0, :, cache.seq_len(seq):], v[0, :, cache.seq_len(seq):])
+        dense = fusedattn.attention(q, k, v, causal="bottom_right", sinks=sinks)
+        paged = cache.attend(q, [seq], sinks=sinks)
+        want = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                                   causal="bottom_right", sinks=sinks.astype(np.float64))
+        np.testing.assert_allclose(dense, want, atol=2e-5, rtol=2e-5)  # fp32 vs float64, <= 9 keys
+        np.testing.assert_allclose(paged, want, atol=2e-5, rtol=2e-5)
+    assert full == ["dense", "paged"]  # the second and third steps took the kept paths
+    k, v = k_all[:, :, :9], v_all[:, :, :9]
+    table, lens = cache.block_table([seq])
+    pool = (cache.key_cache, cache.value_cache, table, lens)
+    for bad, error, match in [(np.array([0.0, np.nan, 0.0, 0.0], np.float32), ValueError, "sinks must be finite"),
+                              (sinks[:3], ValueError, r"sinks must have shape \(Hq,\) = \(4,\)")]:
+        with pytest.raises(error, match=match):
+            fusedattn.attention(q, k, v, causal="bottom_right", sinks=bad)
+        with pytest.raises(error, match=match):
+            fusedattn.attention_paged(q, *pool, sinks=bad)
+    # float64 or strided sinks are converted by the full validation: the same results
+    for other in (sinks.astype(np.float64), np.repeat(sinks, 2)[::2]):
+        np.testing.assert_array_equal(fusedattn.attention(q, k, v, causal="bottom_right", sinks=other), dense)
+        np.testing.assert_array_equal(fusedattn.attention_paged(q, *pool, sinks=other), paged)

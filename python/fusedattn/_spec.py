@@ -355,8 +355,8 @@ def resolve_threads(num_threads) -> int:
 
 # A decode loop calls attention() token after token with the same shapes (but a longer K / V), dtypes and
 # options: validating them anew cost ~45 us a call on a slow core (AMD EPYC Zen 1), more than the kernel
-# of a short cache and more than torch's whole SDPA call. A call without mask, slopes, sinks, out or
-# score weight (int8 K / V's per-token scales are allowed: a repeat checks their dtype and shapes itself), whose
+# of a short cache and more than torch's whole SDPA call. A call without mask, slopes, out or score weight
+# (sinks and int8 K / V's per-token scales are allowed: a repeat checks them itself, values included), whose
 # other options are plain values (None, bool, int, float, str, or a NumPy scalar such as ``1 / np.sqrt(D)``),
 # keeps the fields its validation produced, keyed by everything that validation read except the key length; a
 # repeat swaps in its arrays, its thread count and the one field that depends on Lk (the diagonal). Anything
@@ -377,7 +377,7 @@ def _repeat_key(q, k, v, options: tuple):
     return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype) + options + types
 
 
-def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None):
+def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None, sinks=None):
     """The spec of a repeated plain call: the kept fields with this call's arrays."""
     template, offset, lk_shift = kept
     lk = k.shape[-2]
@@ -391,11 +391,28 @@ def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None):
     rank = template["user_rank"]
     if rank < 4:
         q, k, v = head_view(q, rank), head_view(k, rank), head_view(v, rank)
+    if sinks is not None:
+        if not _repeat_sinks(sinks, q.shape[-3], q.dtype):
+            return None
+        values["sinks"] = sinks
     values["q"], values["k"], values["v"] = q, k, v
     if k_scale is not None:
         values["k_scale"], values["v_scale"] = head_view(k_scale, rank), head_view(v_scale, rank)
     values["num_threads"], values["user_call"], values["diagonal_offset"] = threads, user_args, offset + lk_shift * lk
     return spec
+
+
+_COMPUTE_DTYPES: dict = {}  # q's dtype -> compute_dtype(q's dtype), which costs ~2 us a call
+
+
+def _repeat_sinks(sinks, hq: int, dtype) -> bool:
+    """Whether check_sinks passes ``sinks`` on unchanged: a contiguous (Hq,) array of finite logits in the
+    compute dtype (a sink changes per call only if the caller changes it, so its values are checked each time)."""
+    wanted = _COMPUTE_DTYPES.get(dtype)
+    if wanted is None:
+        wanted = _COMPUTE_DTYPES.setdefault(dtype, compute_dtype(dtype))
+    return (type(sinks) is np.ndarray and sinks.shape == (hq,) and sinks.dtype == wanted
+            and sinks.flags.c_contiguous and bool(np.isfinite(sinks).all()))
 
 
 def _repeat_scale(scale, x) -> bool:
@@ -407,7 +424,7 @@ def _remember(key, spec, lk: int, top_left: bool) -> None:
     if len(_REPEATS) >= _MAX_REPEATS:
         _REPEATS.clear()
     template = dict(spec.__dict__)
-    template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, user_call=None)  # never hold a call's arrays
+    template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, sinks=None, user_call=None)  # no call's arrays
     lk_shift = 0 if top_left else 1
     _REPEATS[key] = (template, spec.diagonal_offset - lk_shift * lk, lk_shift)
 
@@ -431,13 +448,14 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
     # (Lq, Lk), so its prepared view depends on the key length the key leaves out.
     # int8 K / V with both scales: `scaled` is part of the key, so int8 K / V without them never meet a kept spec.
     scaled = k_scale is not None and v_scale is not None and _is_int8(k) and _is_int8(v)
-    without_arrays = (mask is None and alibi_slopes is None and sinks is None and out is None and score_weight is None
+    without_arrays = (mask is None and alibi_slopes is None and out is None and score_weight is None
                       and (scaled or (k_scale is None and v_scale is None)))
-    key = _repeat_key(q, k, v, (causal, scale, window, softcap, q_start, k_start, dropout_p, seed, return_lse,
-                                out_dtype, precision, device, additive, scaled)) if without_arrays else None
+    options = (causal, scale, window, softcap, q_start, k_start, dropout_p, seed, return_lse, out_dtype, precision,
+               device, additive, scaled, sinks is not None)
+    key = _repeat_key(q, k, v, options) if without_arrays else None
     kept = _REPEATS.get(key) if key is not None else None
     if kept is not None:
-        spec = _repeat(kept, q, k, v, threads, user_args, *((k_scale, v_scale) if scaled else ()))
+        spec = _repeat(kept, q, k, v, threads, user_args, *((k_scale, v_scale) if scaled else (None, None)), sinks)
         if spec is not None:
             return spec
     precision = check_precision(precision)
@@ -712,10 +730,10 @@ def _device_stand_ins(q, k, v, mask):
 # --- paged K/V ---------------------------------------------------------------------------------------
 
 # A serving loop calls attention_paged() (PagedKVCache.attend) step after step with the same q, pools, dtypes and
-# options and a new table and lengths. As for attention() (see _REPEATS), a call without slopes, sinks or out,
+# options and a new table and lengths. As for attention() (see _REPEATS), a call without slopes or out,
 # whose options are plain values, keeps the fields its validation produced, keyed by everything that validation
 # read except the table and the lengths; a repeat checks those in full (_check_block_table: every block id a
-# sequence reads, as always) and int8 scales as check_kv_scales would pass them, and swaps in its arrays.
+# sequence reads, as always), int8 scales and sinks as the full checks would pass them, and swaps in its arrays.
 _PAGED_REPEATS: dict = {}
 
 
@@ -730,7 +748,8 @@ def _paged_repeat_key(q, key_cache, value_cache, k_scale, v_scale, options: tupl
     if scaled and not (key_cache.dtype == _INT8 and _repeat_scale(k_scale, key_cache) and
                        _repeat_scale(v_scale, value_cache)):
         return None  # scales the full validation converts or refuses
-    return (q.shape, q.dtype, key_cache.shape, key_cache.dtype, value_cache.shape, value_cache.dtype, scaled) + options + types
+    arrays = (q.shape, q.dtype, key_cache.shape, key_cache.dtype, value_cache.shape, value_cache.dtype, scaled)
+    return arrays + options + types
 
 
 def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="bottom_right", scale=None, window=None,
@@ -747,18 +766,18 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
                     return_lse=return_lse, out=out, **_given(sinks=sinks, k_scale=k_scale, v_scale=v_scale))
 
     key = None
-    if alibi_slopes is None and sinks is None and out is None and (k_scale is None) == (v_scale is None):
+    if alibi_slopes is None and out is None and (k_scale is None) == (v_scale is None):
         key = _paged_repeat_key(q, key_cache, value_cache, k_scale, v_scale,
-                                (causal, scale, window, softcap, return_lse))
+                                (causal, scale, window, softcap, return_lse, sinks is not None))
     kept = _PAGED_REPEATS.get(key) if key is not None else None
-    if kept is not None:
+    if kept is not None and (sinks is None or _repeat_sinks(sinks, q.shape[1], q.dtype)):
         num_blocks, block_size = key_cache.shape[:2]
         table, lens = _check_block_table(block_table, seq_lens, q.shape[0], block_size, num_blocks)
         spec = object.__new__(AttentionSpec)
         values = spec.__dict__
         values.update(kept)
-        values.update(q=q, k=key_cache, v=value_cache, k_scale=k_scale, v_scale=v_scale, block_table=table,
-                      seq_lens=lens.astype(np.int64), num_threads=threads, user_call=user_args)
+        values.update(q=q, k=key_cache, v=value_cache, k_scale=k_scale, v_scale=v_scale, sinks=sinks,
+                      block_table=table, seq_lens=lens.astype(np.int64), num_threads=threads, user_call=user_args)
         return spec
 
     refuse_device_arrays("attention_paged", q, key_cache, value_cache)
@@ -788,7 +807,7 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
         if len(_PAGED_REPEATS) >= _MAX_REPEATS:
             _PAGED_REPEATS.clear()
         template = dict(spec.__dict__)  # never hold on to a call's arrays
-        template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, block_table=None, seq_lens=None,
-                        user_call=None)
+        template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, sinks=None, block_table=None,
+                        seq_lens=None, user_call=None)
         _PAGED_REPEATS[key] = template
     return spec
