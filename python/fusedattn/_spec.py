@@ -366,15 +366,21 @@ _REPEATS: dict = {}
 _MAX_REPEATS = 256
 
 
+def _plain_options(options: tuple):
+    """``options`` and their types, as part of a kept call's key, or None when one is not a plain value."""
+    types = tuple(map(type, options))  # the types too: 1 == 1.0 == True, but check_int refuses True
+    return options + types if _PLAIN_TYPES.issuperset(types) else None
+
+
 def _repeat_key(q, k, v, options: tuple):
     """The cache key of a plain call (see _REPEATS), or None when the call does not qualify."""
     if type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
         return None
-    types = tuple(map(type, options))  # the types too: 1 == 1.0 == True, but check_int refuses True
-    if not _PLAIN_TYPES.issuperset(types) or not q.ndim == k.ndim == v.ndim or k.ndim < 2:
+    plain = _plain_options(options)
+    if plain is None or not q.ndim == k.ndim == v.ndim or k.ndim < 2:
         return None
     k_shape, v_shape = k.shape, v.shape
-    return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype) + options + types
+    return (q.shape, q.dtype, k_shape[:-2], k_shape[-1], k.dtype, v_shape[:-2], v_shape[-1], v.dtype) + plain
 
 
 def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None, sinks=None):
@@ -402,16 +408,10 @@ def _repeat(kept, q, k, v, threads: int, user_args, k_scale=None, v_scale=None, 
     return spec
 
 
-_COMPUTE_DTYPES: dict = {}  # q's dtype -> compute_dtype(q's dtype), which costs ~2 us a call
-
-
 def _repeat_sinks(sinks, hq: int, dtype) -> bool:
     """Whether check_sinks passes ``sinks`` on unchanged: a contiguous (Hq,) array of finite logits in the
     compute dtype (a sink changes per call only if the caller changes it, so its values are checked each time)."""
-    wanted = _COMPUTE_DTYPES.get(dtype)
-    if wanted is None:
-        wanted = _COMPUTE_DTYPES.setdefault(dtype, compute_dtype(dtype))
-    return (type(sinks) is np.ndarray and sinks.shape == (hq,) and sinks.dtype == wanted
+    return (type(sinks) is np.ndarray and sinks.shape == (hq,) and sinks.dtype == compute_dtype(dtype)
             and sinks.flags.c_contiguous and bool(np.isfinite(sinks).all()))
 
 
@@ -420,11 +420,21 @@ def _repeat_scale(scale, x) -> bool:
     return type(scale) is np.ndarray and scale.dtype == np.float32 and scale.shape == x.shape[:-1]
 
 
-def _remember(key, spec, lk: int, top_left: bool) -> None:
-    if len(_REPEATS) >= _MAX_REPEATS:
-        _REPEATS.clear()
+# The fields a repeat swaps in: a kept template never holds on to a call's arrays.
+_CALL_FIELDS = ("q", "k", "v", "k_scale", "v_scale", "sinks", "block_table", "seq_lens", "user_call")
+
+
+def _template(store: dict, spec) -> dict:
+    """spec's fields without the call's arrays, to keep in ``store`` (emptied when full)."""
+    if len(store) >= _MAX_REPEATS:
+        store.clear()
     template = dict(spec.__dict__)
-    template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, sinks=None, user_call=None)  # no call's arrays
+    template.update(dict.fromkeys(_CALL_FIELDS))
+    return template
+
+
+def _remember(key, spec, lk: int, top_left: bool) -> None:
+    template = _template(_REPEATS, spec)
     lk_shift = 0 if top_left else 1
     _REPEATS[key] = (template, spec.diagonal_offset - lk_shift * lk, lk_shift)
 
@@ -455,7 +465,7 @@ def prepare_attention(q, k, v, *, mask=None, causal=False, scale=None, window=No
     key = _repeat_key(q, k, v, options) if without_arrays else None
     kept = _REPEATS.get(key) if key is not None else None
     if kept is not None:
-        spec = _repeat(kept, q, k, v, threads, user_args, *((k_scale, v_scale) if scaled else (None, None)), sinks)
+        spec = _repeat(kept, q, k, v, threads, user_args, k_scale, v_scale, sinks)  # a key without scaled: both None
         if spec is not None:
             return spec
     precision = check_precision(precision)
@@ -739,17 +749,14 @@ _PAGED_REPEATS: dict = {}
 
 def _paged_repeat_key(q, key_cache, value_cache, k_scale, v_scale, options: tuple):
     """The key of a plain paged call (see _PAGED_REPEATS), or None when the call does not qualify."""
-    if not (type(q) is type(key_cache) is type(value_cache) is np.ndarray):
-        return None
-    types = tuple(map(type, options))
-    if not _PLAIN_TYPES.issuperset(types):
+    plain = _plain_options(options)
+    if plain is None or not (type(q) is type(key_cache) is type(value_cache) is np.ndarray):
         return None
     scaled = k_scale is not None
     if scaled and not (key_cache.dtype == _INT8 and _repeat_scale(k_scale, key_cache) and
                        _repeat_scale(v_scale, value_cache)):
         return None  # scales the full validation converts or refuses
-    arrays = (q.shape, q.dtype, key_cache.shape, key_cache.dtype, value_cache.shape, value_cache.dtype, scaled)
-    return arrays + options + types
+    return (q.shape, q.dtype, key_cache.shape, key_cache.dtype, value_cache.shape, value_cache.dtype, scaled) + plain
 
 
 def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="bottom_right", scale=None, window=None,
@@ -804,10 +811,5 @@ def prepare_paged(q, key_cache, value_cache, block_table, seq_lens, *, causal="b
     spec = _finish(fields, op="forward", entry="attention_paged", layout="dense", precision="highest",
                    num_threads=threads, out_dtype=q.dtype, return_lse=return_lse, out=out, user_args=user_args)
     if key is not None:
-        if len(_PAGED_REPEATS) >= _MAX_REPEATS:
-            _PAGED_REPEATS.clear()
-        template = dict(spec.__dict__)  # never hold on to a call's arrays
-        template.update(q=None, k=None, v=None, k_scale=None, v_scale=None, sinks=None, block_table=None,
-                        seq_lens=None, user_call=None)
-        _PAGED_REPEATS[key] = template
+        _PAGED_REPEATS[key] = _template(_PAGED_REPEATS, spec)
     return spec

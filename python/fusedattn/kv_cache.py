@@ -31,8 +31,9 @@ class KVCache:
             kernel with float32 accumulation, the output in the cache's 16-bit dtype; or ``np.int8``:
             keys and values quantised on append by :func:`fusedattn.quantize_kv` (one float32 scale per
             token and kv head, a quarter of float32's bytes plus the scales), appended as any float dtype,
-            attended with queries of any float dtype (the output in q's dtype); the kernel reads the int8 buffers and their
-            scales (``k_scale=`` / ``v_scale=``) and dequantises inside its loop, never in a copy.
+            attended with queries of any float dtype (the output in q's dtype); the kernel reads the int8
+            buffers and their scales (``k_scale=`` / ``v_scale=``) and dequantises inside its loop, never in a
+            copy.
 
     Buffers: :attr:`key_buffer` ``(batch, num_kv_heads, max_len, head_dim)`` and :attr:`value_buffer`
     ``(batch, num_kv_heads, max_len, value_dim)``; int8 caches also :attr:`key_scale_buffer` and
@@ -219,7 +220,8 @@ class KVCache:
 
         Returns:
             ``(batch, Hq, Lq, value_dim)`` in the cache's dtype (float32 accumulation inside the kernel
-            for a 16-bit cache; q's dtype for an int8 cache). A query that sees no cached token (an empty cache, say) gets 0.
+            for a 16-bit cache; q's dtype for an int8 cache). A query that sees no cached token (an empty cache,
+            say) gets 0.
 
         Example:
             >>> import numpy as np

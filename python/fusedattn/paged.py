@@ -50,8 +50,8 @@ def check_paged_args(q, key_cache, value_cache, block_table, seq_lens, *, causal
     sequence uses. Errors name the argument, what was expected and what was received.
 
     Args:
-        q: ``(B, Hq, Lq, D)``; the caches' dtype (float caches), or any of float32, float64, float16 and bfloat16
-            with int8 caches (computed in float64 for float64 q, in float32 otherwise).
+        q: ``(B, Hq, Lq, D)``; the caches' dtype (float caches), or any of float32, float64, float16 and
+            bfloat16 with int8 caches (computed in float64 for float64 q, in float32 otherwise).
         key_cache: ``(num_blocks, block_size, Hkv, D)``, float32 / float64 / float16 / bfloat16 or int8.
         value_cache: ``(num_blocks, block_size, Hkv, Dv)``, the key cache's dtype.
         block_table: ``(B, max_blocks_per_seq)`` integers. Only the first ``ceil(seq_lens[b] / block_size)``
@@ -656,7 +656,8 @@ class PagedKVCache:
 
         Args:
             q: ``(len(seq_ids), Hq, Lq, D)``, Hq a multiple of ``num_kv_heads``; the cache's dtype, or
-                any float dtype (float32, float64, float16, bfloat16) for an int8 cache. One ``Lq`` for all: decoding steps (``Lq = 1``) or equal chunks.
+                any float dtype (float32, float64, float16, bfloat16) for an int8 cache. One ``Lq`` for all:
+                decoding steps (``Lq = 1``) or equal chunks.
             seq_ids: the sequences, in q's batch order.
             **kwargs: passed on to :func:`fusedattn.attention_paged`: ``causal``, ``scale``, ``window``,
                 ``alibi_slopes``, ``softcap``, ``sinks`` (``(Hq,)``), ``return_lse``, ``out``, ``num_threads``.

@@ -41,7 +41,8 @@ def is_half_dtype(dtype) -> bool:
         (True, False)
     """
     dtype = np.dtype(dtype)
-    return dtype == np.float16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
+    # The size first: dtype.name builds a string (~1.6 us), and this runs in every decode step's checks.
+    return dtype == np.float16 or (dtype.itemsize == 2 and dtype.name == "bfloat16")
 
 
 def compute_dtype(dtype) -> np.dtype:
