@@ -287,6 +287,80 @@ def test_validation_accepts_and_normalises():
     check_paged_args(**int8_args, **scales)
 
 
+INDEX_ERRORS = [case for case in BAD_CALLS if "seq_lens" in case[3] or "block_table" in case[3]]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,pattern", INDEX_ERRORS, ids=[str(i) for i in range(len(INDEX_ERRORS))])
+def test_index_errors_without_the_compiled_check(args, kwargs, exc, pattern, monkeypatch):
+    """Where the extension is missing, the NumPy checks alone raise every index error (they also name the
+    fault when the compiled pass finds one)."""
+    monkeypatch.setattr(fusedattn._backend, "_core", None)
+    with pytest.raises(exc, match=pattern):
+        check_paged_args(**args, **kwargs)
+
+
+def _indices_valid_oracle(table, lens, block_size, num_blocks):
+    if (lens < 0).any() or (lens > table.shape[1] * block_size).any():
+        return False
+    used = np.arange(table.shape[1])[None, :] < -(-lens.astype(np.int64) // block_size)[:, None]
+    return bool(((table >= 0) & (table < num_blocks) | ~used).all())
+
+
+def test_compiled_index_check_matches_numpy(rng):
+    """_core.paged_indices_valid, the one pass a decode step pays for its table, against the NumPy
+    definition: random tables whose faults (ids -1 / num_blocks / INT32 extremes, lengths -1 / capacity + 1)
+    sit in used entries or in padding, lengths at 0 and at capacity, empty batches."""
+    core = fusedattn._backend._core
+    if core is None:
+        pytest.skip("needs the compiled extension (fusedattn._core)")
+    extremes = np.array([-1, -(2**31), 2**31 - 1], np.int64)
+    verdicts = []
+    for trial in range(400):
+        b, max_blocks, block_size = int(rng.integers(0, 5)), int(rng.integers(1, 40)), int(rng.integers(1, 20))
+        num_blocks = int(rng.integers(1, 64))
+        table = rng.integers(0, num_blocks, (b, max_blocks)).astype(np.int32)
+        lens = rng.integers(0, max_blocks * block_size + 1, b).astype(np.int32)
+        if b and trial % 4 == 1:  # a length at an edge, or just past one
+            lens[rng.integers(b)] = rng.choice([0, max_blocks * block_size, -1, max_blocks * block_size + 1])
+        if b and trial % 2 == 0:  # a bad id somewhere: in a used entry or in padding
+            bad = rng.choice(np.concatenate([extremes, [num_blocks]]))
+            table[rng.integers(b), rng.integers(max_blocks)] = bad
+        expected = _indices_valid_oracle(table, lens, block_size, num_blocks)
+        assert core.paged_indices_valid(table, lens, block_size, num_blocks) is expected, (table, lens, block_size)
+        verdicts.append(expected)
+    assert 50 < sum(verdicts) < 350  # both answers drawn often
+
+
+def test_int32_tables_take_the_compiled_check(monkeypatch):
+    """int32 C-contiguous tables and lengths (PagedKVCache's) are checked by the compiled pass and returned as
+    they are; other dtypes and strided views by NumPy (and converted)."""
+    core = fusedattn._backend._core
+    if core is None:
+        pytest.skip("needs the compiled extension (fusedattn._core)")
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+        def paged_indices_valid(self, *args):
+            calls.append(args)
+            return core.paged_indices_valid(*args)
+
+    monkeypatch.setattr(fusedattn._backend, "_core", Spy())
+    args = _valid_call()
+    table, lens = check_paged_args(**args)
+    assert len(calls) == 1 and table is args["block_table"] and lens is args["seq_lens"]
+    wide = np.zeros((2, 6), np.int32)
+    wide[:, ::2] = args["block_table"]
+    for changes in (dict(block_table=args["block_table"].astype(np.int64)), dict(seq_lens=args["seq_lens"].astype(np.int64)),
+                    dict(block_table=wide[:, ::2])):
+        table, lens = check_paged_args(**_with(**changes))
+        assert len(calls) == 1, changes
+        np.testing.assert_array_equal(table, args["block_table"])
+        assert table.dtype == lens.dtype == np.int32 and table.flags.c_contiguous
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_kv
 # ---------------------------------------------------------------------------------------------

@@ -484,6 +484,31 @@ void attention_backward(const py::object& spec, const py::array& dout, const py:
   fusedattn::attention_backward(p);
 }
 
+// Whether a paged call's lengths and used block ids are in range: every seq_lens[b] in [0, max_blocks x
+// block_size] and every entry a sequence reads (the first ceil(seq_lens[b] / block_size) of its row) a block
+// of the pool. One pass over int32 arrays in place: a decode step then pays one call where NumPy took four
+// reductions (~4 us). False sends the caller to its NumPy checks, which name the entry at fault.
+bool paged_indices_valid(const py::array_t<int32_t, py::array::c_style>& block_table,
+                         const py::array_t<int32_t, py::array::c_style>& seq_lens, int64_t block_size, int64_t num_blocks) {
+  if (block_table.ndim() != 2 || seq_lens.ndim() != 1 || block_table.shape(0) != seq_lens.shape(0) || block_size < 1)
+    throw std::invalid_argument("paged_indices_valid: expected block_table (B, max_blocks), seq_lens (B,), block_size >= 1");
+  const int64_t batch = seq_lens.shape(0), max_blocks = block_table.shape(1);
+  const int32_t* table = block_table.data();
+  const int32_t* lengths = seq_lens.data();
+  // A negative id reads as a huge unsigned one. No early exit and an integer flag, so that the loop vectorises
+  // (SSE2: 0.9 us for 8192 entries; a bool flag or a min / max pair 2.6-3.6 us).
+  const uint32_t pool = static_cast<uint32_t>(std::min<int64_t>(num_blocks, INT32_MAX));
+  uint32_t outside = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = lengths[b];
+    if (length < 0 || length > max_blocks * block_size) return false;
+    const int32_t* row = table + b * max_blocks;
+    const int64_t used = (length + block_size - 1) / block_size;
+    for (int64_t i = 0; i < used; ++i) outside |= static_cast<uint32_t>(row[i]) >= pool ? 1u : 0u;
+  }
+  return outside == 0;
+}
+
 std::vector<std::string> names(const std::vector<fusedattn::Isa>& isas) {
   std::vector<std::string> result;
   for (fusedattn::Isa isa : isas) result.emplace_back(fusedattn::isa_name(isa));
@@ -503,6 +528,10 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dscore_weight"),
         "Gradients of a call spec's forward into dq, dk, dv (and dscore_weight for additive scores); "
         "deterministic at any thread count.");
+  m.def("paged_indices_valid", &paged_indices_valid, py::arg("block_table"), py::arg("seq_lens"), py::arg("block_size"),
+        py::arg("num_blocks"),
+        "Whether every length of a paged call is in [0, max_blocks x block_size] and every block id a sequence reads "
+        "is in [0, num_blocks): C-contiguous int32 block_table (B, max_blocks) and seq_lens (B,).");
   m.def("compiled_isas", [] { return names(fusedattn::compiled_isas()); });
   m.def("supported_isas", [] { return names(fusedattn::supported_isas()); });
   m.def("current_isa", [] { return std::string(fusedattn::isa_name(fusedattn::current_isa())); });

@@ -14,6 +14,7 @@ import numpy as np
 
 import fusedattn  # fusedattn.attention / attention_paged are looked up at call time
 
+from . import _backend
 from ._checks import MAX_HEAD_DIM, check_positive_int as _check_positive_int, is_attention_dtype
 from .quant import quantize_kv
 
@@ -29,6 +30,9 @@ def _as_array(x, name):
         except Exception as exc:
             raise TypeError(f"{name} must be an array; could not convert {type(x).__name__}: {exc}") from None
     return x
+
+
+_INT32 = np.dtype(np.int32)  # native int32: the one dtype instance such arrays share
 
 
 def _index_array(x, name, ndim, shape_text):
@@ -178,6 +182,12 @@ def _check_block_table(block_table, seq_lens, b, block_size, num_blocks):
                          f"got {block_table.shape}")
     if seq_lens.shape[0] != b:
         raise ValueError(f"seq_lens must have shape (B,) = ({b},), got {seq_lens.shape}")
+    # The common case (int32 arrays in place, as PagedKVCache and serving engines keep them) is checked in one
+    # compiled pass; anything else, or a fault, takes the NumPy checks below, which also name the fault.
+    core = _backend._core
+    if (core is not None and block_table.dtype is _INT32 and seq_lens.dtype is _INT32 and block_table.flags.c_contiguous
+            and seq_lens.flags.c_contiguous and core.paged_indices_valid(block_table, seq_lens, block_size, num_blocks)):
+        return block_table, seq_lens
     max_blocks = block_table.shape[1]
     capacity = max_blocks * block_size
     if b and seq_lens.min() < 0:
