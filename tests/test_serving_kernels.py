@@ -370,13 +370,15 @@ def test_paged_int8_any_query_dtype(isa, rng, dtype, lq, group):
     assert_close(lse, want_lse, 1e-12 if dtype is np.float64 else 2e-5)
 
 
+@pytest.mark.parametrize("lengths", [(9000, 1, 700), (300, 1, 57)], ids=["long", "short"])
 @pytest.mark.parametrize("int8", [False, True])
-def test_paged_equals_contiguous_decode(isa, rng, int8):
+def test_paged_equals_contiguous_decode(isa, rng, int8, lengths):
     """Decode reads the same elements in the same order from a pool as from contiguous K / V, and splits
-    the keys alike (the split counts batch x kv heads either way): the same bits, with every bias on."""
-    seq_lens = np.array([9000, 1, 700])
+    the keys alike (the split counts batch x kv heads either way): the same bits, with every bias on. Long
+    paged sequences run as one work item per sequence (every kv head), short ones per kv group."""
+    seq_lens = np.array(lengths)
     q = randn(rng, (3, 8, 1, 64))
-    k, v = randn(rng, (3, 2, 9000, 64)), randn(rng, (3, 2, 9000, 64))
+    k, v = randn(rng, (3, 2, max(lengths), 64)), randn(rng, (3, 2, max(lengths), 64))
     kw = dict(seq_lens=seq_lens, sinks=rng.standard_normal(8).astype(np.float32), softcap=5.0, window=(3000, 0),
               alibi_slopes=np.linspace(0.001, 0.01, 8), return_lse=True)
     if int8:
@@ -415,6 +417,28 @@ def test_one_long_paged_sequence_splits_beyond_its_kv_heads(isa, rng):
         np.testing.assert_array_equal(paged(threads)[0], out)
 
 
+def test_short_paged_sequence_shares_its_kv_heads_among_threads(isa, rng):
+    """One sequence of 480 keys (too short for key splits), 8 kv heads, on 2 and 3 threads: its work items are
+    its kv groups, not the whole sequence (DimLanes::heads_per_item), and give the bits of one thread's single
+    item and of contiguous K / V; against the float64 truth with the float32 tolerance (2e-5, the module's
+    argument)."""
+    q = randn(rng, (1, 32, 1, 128))
+    k, v = randn(rng, (1, 8, 480, 128)), randn(rng, (1, 8, 480, 128))
+    kc, vc, table = make_paged(rng, k, v, [480], 16)
+    paged = lambda t: _serving_call(q, kc, vc, block_table=table, seq_lens=[480], num_threads=t, return_lse=True)
+    out, lse = paged(1)
+    expected_out, expected_lse = reference(q, k, v, [480])
+    assert_close(out, expected_out, 2e-5)
+    assert_close(lse, expected_lse, 2e-5)
+    for threads in (2, 3):
+        got_out, got_lse = paged(threads)
+        np.testing.assert_array_equal(got_out, out)
+        np.testing.assert_array_equal(got_lse, lse)
+        dense_out, dense_lse = _serving_call(q, k, v, seq_lens=[480], num_threads=threads, return_lse=True)
+        np.testing.assert_array_equal(got_out, dense_out)
+        np.testing.assert_array_equal(got_lse, dense_lse)
+
+
 def test_paged_bad_block_id_is_refused(rng):
     q = randn(rng, (1, 2, 1, 8))
     kc, vc = randn(rng, (4, 16, 2, 8)), randn(rng, (4, 16, 2, 8))
@@ -427,7 +451,7 @@ def test_paged_bad_block_id_is_refused(rng):
 
 
 # ------------------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("case", ["dense", "gqa_prefill", "paged_int8"])
+@pytest.mark.parametrize("case", ["dense", "gqa_prefill", "paged_int8", "paged_short"])
 def test_bit_identical_at_any_thread_count(isa, rng, case):
     """The key split is a function of the shape: 1, 2, 3 and 8 threads give the same bits."""
     if case == "dense":
@@ -436,6 +460,10 @@ def test_bit_identical_at_any_thread_count(isa, rng, case):
     elif case == "gqa_prefill":
         q, k, v = randn(rng, (1, 4, 9, 40)), randn(rng, (1, 1, 2100, 40)), randn(rng, (1, 1, 2100, 40))
         call = lambda t: _serving_call(q, k, v, causal="bottom_right", num_threads=t, return_lse=True)
+    elif case == "paged_short":  # one item per sequence on 1 thread, one per kv group on more (enough work for 3)
+        q, k, v = randn(rng, (1, 32, 1, 128)), randn(rng, (1, 8, 480, 128)), randn(rng, (1, 8, 480, 128))
+        kc, vc, table = make_paged(rng, k, v, [480], 16)
+        call = lambda t: _serving_call(q, kc, vc, block_table=table, seq_lens=[480], num_threads=t, return_lse=True)
     else:
         seq_lens = np.array([4100, 17])
         q = randn(rng, (2, 8, 1, 32))

@@ -86,7 +86,7 @@ ForwardPlan<Vec> make_plan(const AttnParams& p, bool may_split_keys) {
   // kSplitItems items (4 per thread up to 16 threads), none shorter than kMinSplitKeys keys (a split
   // costs a partial output row and its merge, noise against that many keys).
   // Decode counts batch x kv heads whatever the row blocks, so that paged and contiguous K / V split alike
-  // and give the same bits. A paged item holds every kv head of a sequence, though, so counted that way one
+  // and give the same bits. A long paged item holds every kv head of a sequence, though, so counted that way one
   // sequence with 8 kv heads made 8 paged items and left every thread beyond 8 idle: long caches are split
   // further, up to kSplitItems per batch entry, in splits of at least kLongSplitKeys keys (where an item's
   // start, its first unprefetched rows and its merge stay small: paged and contiguous decode within noise of

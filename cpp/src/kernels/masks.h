@@ -6,7 +6,8 @@ namespace fusedattn::FUSEDATTN_KERNEL_NS {
 
 // The rows of a work item: `heads` consecutive query heads x queries [q0, q0 + nq) of one batch entry.
 // Prefill items hold one head and up to kBlockQ queries; decode items hold every query head that shares
-// one kv head (grouped-query attention), so each K/V element is read once for the whole group.
+// one kv head (grouped-query attention), so each K/V element is read once for the whole group, or every kv
+// head of a long paged sequence (DimLanes::heads_per_item).
 struct RowBlock {
   int64_t batch, head0, heads, q0, nq;
   int64_t rows() const { return heads * nq; }
