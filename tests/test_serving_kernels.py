@@ -374,8 +374,9 @@ def test_paged_int8_any_query_dtype(isa, rng, dtype, lq, group):
 @pytest.mark.parametrize("int8", [False, True])
 def test_paged_equals_contiguous_decode(isa, rng, int8, lengths):
     """Decode reads the same elements in the same order from a pool as from contiguous K / V, and splits
-    the keys alike (the split counts batch x kv heads either way): the same bits, with every bias on. Long
-    paged sequences run as one work item per sequence (every kv head), short ones per kv group."""
+    the keys alike (the split counts batch x kv heads either way): the same bits, with every bias on, for
+    long sequences (split keys) and short ones. Short paged work items cut per kv group:
+    test_short_paged_sequence_shares_its_kv_heads_among_threads."""
     seq_lens = np.array(lengths)
     q = randn(rng, (3, 8, 1, 64))
     k, v = randn(rng, (3, 2, max(lengths), 64)), randn(rng, (3, 2, max(lengths), 64))
@@ -451,7 +452,7 @@ def test_paged_bad_block_id_is_refused(rng):
 
 
 # ------------------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("case", ["dense", "gqa_prefill", "paged_int8", "paged_short"])
+@pytest.mark.parametrize("case", ["dense", "gqa_prefill", "paged_int8"])
 def test_bit_identical_at_any_thread_count(isa, rng, case):
     """The key split is a function of the shape: 1, 2, 3 and 8 threads give the same bits."""
     if case == "dense":
@@ -460,10 +461,6 @@ def test_bit_identical_at_any_thread_count(isa, rng, case):
     elif case == "gqa_prefill":
         q, k, v = randn(rng, (1, 4, 9, 40)), randn(rng, (1, 1, 2100, 40)), randn(rng, (1, 1, 2100, 40))
         call = lambda t: _serving_call(q, k, v, causal="bottom_right", num_threads=t, return_lse=True)
-    elif case == "paged_short":  # one item per sequence on 1 thread, one per kv group on more (enough work for 3)
-        q, k, v = randn(rng, (1, 32, 1, 128)), randn(rng, (1, 8, 480, 128)), randn(rng, (1, 8, 480, 128))
-        kc, vc, table = make_paged(rng, k, v, [480], 16)
-        call = lambda t: _serving_call(q, kc, vc, block_table=table, seq_lens=[480], num_threads=t, return_lse=True)
     else:
         seq_lens = np.array([4100, 17])
         q = randn(rng, (2, 8, 1, 32))
